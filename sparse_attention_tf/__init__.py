@@ -1,0 +1,19 @@
+"""sparse_attention_tf: Sparse Transformer attention for TensorFlow 2 / Keras 3.
+
+Layers of the library, each building on the one before:
+  patterns   which keys each query may attend to (NumPy, static)
+  layout     block layouts -> lookup tables for the kernels
+  ops        the C++ block-sparse ops and their gradients
+  reference  the same computation in plain TF ops (and dense attention)
+  attention  `sparse_attention`, the function users call
+"""
+
+from sparse_attention_tf import patterns
+from sparse_attention_tf.attention import sparse_attention
+from sparse_attention_tf.patterns import (BigBird, Custom, Dense, Fixed, Local, Longformer,
+                                          Strided)
+
+__version__ = "0.1.0"
+
+__all__ = ["sparse_attention", "patterns", "Dense", "Local", "Strided", "Fixed", "Longformer",
+           "BigBird", "Custom"]

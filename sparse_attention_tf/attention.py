@@ -1,0 +1,169 @@
+"""`sparse_attention`: the one function users call.
+
+    out = sparse_attention(q, k, v, Fixed(stride=128, summary=32))
+
+q, k, v are `[batch, seq, heads, head_dim]`, the layout of
+`keras.ops.dot_product_attention`. The result equals dense softmax attention
+under `pattern.mask(seq)` for every query row that sees at least one key;
+rows that see none (all their keys padded) are 0.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Optional
+
+import numpy as np
+import tensorflow as tf
+
+from sparse_attention_tf import ops as ops_lib
+from sparse_attention_tf import patterns as patterns_lib
+from sparse_attention_tf import reference
+
+IMPLEMENTATIONS = ("auto", "custom_op", "reference", "dense")
+_FLOAT_DTYPES = (tf.float32, tf.bfloat16, tf.float16)
+_warned_fallback = False
+
+
+def resolve_implementation(implementation: str) -> str:
+  """Maps "auto" to "custom_op" when the op library loads, else "reference"."""
+  global _warned_fallback
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}.")
+  if implementation != "auto":
+    return implementation
+  if ops_lib.is_available():
+    return "custom_op"
+  if not _warned_fallback:
+    _warned_fallback = True
+    warnings.warn("sparse_attention_tf: custom op library not found, using the pure-TF "
+                  "reference implementation (slower). Build it with `bash scripts/setup.sh`.",
+                  RuntimeWarning, stacklevel=3)
+  return "reference"
+
+
+def _check_inputs(query, key, value, pattern, block_size, key_padding_mask, implementation):
+  for name, t in (("query", query), ("key", key), ("value", value)):
+    if t.shape.rank != 4:
+      raise ValueError(f"{name} must have rank 4 [batch, seq, heads, head_dim], got shape "
+                       f"{t.shape}.")
+  if query.shape[1:3] != key.shape[1:3] or query.shape[1:3] != value.shape[1:3]:
+    raise ValueError(f"query, key and value must agree on seq and heads, got {query.shape}, "
+                     f"{key.shape}, {value.shape}.")
+  if query.shape[3] != key.shape[3]:
+    raise ValueError(f"query and key must have the same head_dim, got {query.shape[3]} and "
+                     f"{key.shape[3]}.")
+  if query.dtype != key.dtype or query.dtype != value.dtype:
+    raise ValueError(f"query, key and value must have one dtype, got {query.dtype.name}, "
+                     f"{key.dtype.name}, {value.dtype.name}.")
+  allowed = _FLOAT_DTYPES + ((tf.float64,) if implementation != "custom_op" else ())
+  if query.dtype not in allowed:
+    raise ValueError(f"dtype {query.dtype.name} is not supported by implementation "
+                     f"{implementation!r}; use one of {[d.name for d in allowed]}.")
+  seq, heads = query.shape[1], query.shape[2]
+  if seq is None or heads is None or query.shape[3] is None:
+    raise ValueError(f"seq, heads and head_dim must be known statically (the block layout "
+                     f"depends on them), got shape {query.shape}.")
+  if heads % pattern.num_heads:
+    raise ValueError(f"the number of heads ({heads}) must be a multiple of the pattern's heads "
+                     f"({pattern.num_heads}) for {pattern!r}.")
+  if key_padding_mask is not None:
+    if key_padding_mask.shape.rank != 2 or key_padding_mask.shape[1] != seq:
+      raise ValueError(f"key_padding_mask must have shape [batch, {seq}], got "
+                       f"{key_padding_mask.shape}.")
+
+
+def _part_heads(part, heads: int, pattern_heads: int) -> np.ndarray:
+  """Attention heads (indices into H) that a plan part covers."""
+  if part.heads is None:
+    return np.arange(heads)
+  return np.array([h for h in range(heads) if h % pattern_heads in part.heads])
+
+
+def _table_tensors(part) -> ops_lib.TableTensors:
+  """Table tensors of a part; cached on the part when executing eagerly."""
+  if not tf.executing_eagerly() or tf.inside_function():
+    return ops_lib.TableTensors(part.tables)
+  cached = part.__dict__.get("_tensors")
+  if cached is None:
+    cached = ops_lib.TableTensors(part.tables)
+    object.__setattr__(part, "_tensors", cached)
+  return cached
+
+
+def _custom_op_attention(q, k, v, part, scale, key_padding_mask):
+  t = _table_tensors(part)
+  if key_padding_mask is None:
+    key_padding_mask = tf.ones(tf.shape(q)[:2], tf.bool)                  # (B, N)
+  scores = ops_lib.sdd(q, k, *t.all_tables, block_size=t.block_size)      # (B, G, Z, b, b)
+  probs = ops_lib.softmax(scores, t.blocks, t.row_offsets, t.mask_index, t.masks,
+                          key_padding_mask, scale=scale)                  # (B, G, Z, b, b)
+  return ops_lib.dsd(probs, v, *t.all_tables)                             # (B, N, H, Dv)
+
+
+def sparse_attention(query, key, value, pattern, block_size: int = 32,
+                     scale: Optional[float] = None, key_padding_mask=None,
+                     implementation: str = "auto"):
+  """Block-sparse softmax attention under a sparsity pattern.
+
+  Args:
+    query: `[batch, seq, heads, head_dim]`.
+    key: `[batch, seq, heads, head_dim]`.
+    value: `[batch, seq, heads, value_dim]`.
+    pattern: a `sparse_attention_tf.patterns.Pattern` (or its serialized dict).
+      Head h uses the pattern's head `h % pattern.num_heads`.
+    block_size: kernel block size, one of 16, 32, 64, 128; must divide seq.
+    scale: multiplies `q . k`; default `1 / sqrt(head_dim)`.
+    key_padding_mask: optional `[batch, seq]`, True (or 1) for real keys and
+      False for padding.
+    implementation: `"custom_op"` (C++ kernels), `"reference"` (pure TF on the
+      kept blocks), `"dense"` (full masked attention, O(N^2), for checking) or
+      `"auto"` (the custom op if its library loads, else the reference, with
+      one warning).
+
+  Returns:
+    `[batch, seq, heads, value_dim]` in the input dtype. Rows that see no key
+    are 0.
+
+  Raises:
+    ValueError: for shapes, dtypes or pattern parameters that do not fit.
+  """
+  pattern = patterns_lib.deserialize(pattern)
+  query, key, value = (tf.convert_to_tensor(t) for t in (query, key, value))
+  if key_padding_mask is not None:
+    key_padding_mask = tf.convert_to_tensor(key_padding_mask)
+  implementation = resolve_implementation(implementation)
+  _check_inputs(query, key, value, pattern, block_size, key_padding_mask, implementation)
+  seq, heads, head_dim = (int(d) for d in query.shape[1:])
+  scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+  if key_padding_mask is not None:
+    key_padding_mask = tf.cast(key_padding_mask, tf.bool)
+
+  plan = pattern.plan(seq, block_size)   # validates seq / block / pattern parameters
+  if implementation == "dense":
+    return reference.dense_attention(query, key, value, pattern.mask(seq), scale,
+                                     key_padding_mask)
+
+  outputs, head_order = [], []
+  for part in plan.parts:
+    idx = _part_heads(part, heads, pattern.num_heads)
+    q, k, v, kp = query, key, value, key_padding_mask
+    if len(idx) != heads:                                                 # a subset of heads
+      q, k, v = (tf.gather(t, idx, axis=2) for t in (q, k, v))
+    if part.transpose is not None:                                        # column-major grid
+      perm = patterns_lib.transpose_permutation(seq, part.transpose)
+      q, k, v = (tf.gather(t, perm, axis=1) for t in (q, k, v))
+      kp = None if kp is None else tf.gather(kp, perm, axis=1)
+    if implementation == "custom_op":
+      out = _custom_op_attention(q, k, v, part, scale, kp)
+    else:
+      out = reference.blocksparse_attention(q, k, v, part.tables, scale, kp)
+    if part.transpose is not None:
+      out = tf.gather(out, np.argsort(perm), axis=1)
+    outputs.append(out)
+    head_order.append(idx)
+  if len(outputs) == 1:
+    return outputs[0]
+  out = tf.concat(outputs, axis=2)                                        # heads grouped by part
+  return tf.gather(out, np.argsort(np.concatenate(head_order)), axis=2)

@@ -1,0 +1,180 @@
+"""Thin wrappers of the C++ block-sparse ops, and their gradients.
+
+The op library is loaded lazily, on first use, from the first of:
+  1. `$SPARSE_ATTENTION_TF_OPS` (a path to the .so),
+  2. the package folder (where `scripts/setup.sh` copies the Bazel build),
+  3. `bazel-bin/custom_ops/` and `build/` of a source checkout (Bazel, make).
+
+Letters: B batch, N sequence, H heads, D head dim, b block size, Z kept
+blocks, G = H / Hl groups of heads sharing one layout head (see layout.py).
+
+Ops (all take float32, bfloat16 or float16 and accumulate in float32):
+  sdd(a, b)        [B,N,H,D] x [B,N,H,D] -> [B,G,Z,b,b]   A_I . B_J^T on kept blocks
+  dsd(p, x)        [B,G,Z,b,b] x [B,N,H,D] -> [B,N,H,D]   out_I = sum_J P_IJ . X_J
+  dsd_t(p, x)      [B,G,Z,b,b] x [B,N,H,D] -> [B,N,H,D]   out_J = sum_I P_IJ^T . X_I
+  softmax(x)       [B,G,Z,b,b] -> [B,G,Z,b,b]             row softmax with masks
+The three products are closed under differentiation (each one's gradient is
+made of the other two), as in openai/blocksparse.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import threading
+from typing import Optional
+
+import numpy as np
+import tensorflow as tf
+
+from sparse_attention_tf import layout as layout_lib
+
+LIBRARY_NAME = "_sparse_attention_ops.so"
+_ENV_VAR = "SPARSE_ATTENTION_TF_OPS"
+
+_lock = threading.Lock()
+_module = None
+_load_error: Optional[str] = None
+
+
+def library_candidates() -> list:
+  """Paths tried, in order, to load the op library."""
+  package = pathlib.Path(__file__).resolve().parent
+  root = package.parent
+  paths = []
+  if os.environ.get(_ENV_VAR):
+    paths.append(pathlib.Path(os.environ[_ENV_VAR]))
+  paths += [package / LIBRARY_NAME, root / "bazel-bin" / "custom_ops" / LIBRARY_NAME,
+            root / "build" / LIBRARY_NAME]
+  return paths
+
+
+def load_library():
+  """Loads the op library once; returns the op module, or None if none loads."""
+  global _module, _load_error
+  with _lock:
+    if _module is not None or _load_error is not None:
+      return _module
+    errors = []
+    for path in library_candidates():
+      if not path.exists():
+        continue
+      try:
+        _module = tf.load_op_library(str(path))
+        return _module
+      except (tf.errors.NotFoundError, OSError) as e:  # wrong TF ABI, missing symbols
+        errors.append(f"{path}: {e}")
+    tried = ", ".join(str(p) for p in library_candidates())
+    _load_error = (f"The sparse_attention_tf op library could not be loaded (tried {tried}"
+                   + (f"; errors: {'; '.join(errors)}" if errors else "") +
+                   "). Build it with `bash scripts/setup.sh` (Bazel) or `make ops`, or set "
+                   f"${_ENV_VAR} to the .so.")
+    return None
+
+
+def is_available() -> bool:
+  """True if the custom ops can be used in this process."""
+  return load_library() is not None
+
+
+def library_path() -> Optional[str]:
+  """The path of the loaded library (None if not loaded)."""
+  if not is_available():
+    return None
+  for path in library_candidates():
+    if path.exists():
+      return str(path)
+  return None
+
+
+def _ops():
+  module = load_library()
+  if module is None:
+    raise RuntimeError(_load_error)
+  return module
+
+
+# --- lookup tables as tensors -------------------------------------------------
+class TableTensors:
+  """The int32 / bool tensors of one `BlockTables`, made once and reused."""
+
+  def __init__(self, tables: layout_lib.BlockTables):
+    self.tables = tables
+    self.block_size = tables.block_size
+    self.blocks = tf.constant(tables.blocks, tf.int32)
+    self.row_offsets = tf.constant(tables.row_offsets, tf.int32)
+    self.col_offsets = tf.constant(tables.col_offsets, tf.int32)
+    self.col_blocks = tf.constant(tables.col_blocks, tf.int32)
+    self.mask_index = tf.constant(tables.mask_index, tf.int32)
+    self.masks = tf.constant(tables.masks, tf.bool)
+
+  @property
+  def all_tables(self):
+    return (self.blocks, self.row_offsets, self.col_offsets, self.col_blocks)
+
+
+# --- raw ops ------------------------------------------------------------------
+def sdd(a, b, blocks, row_offsets, col_offsets, col_blocks, block_size: int):
+  """[B,N,H,D] x [B,N,H,D] -> [B,G,Z,b,b]: A_I . B_J^T on each kept block."""
+  return _ops().sparse_attention_blocksparse_sdd(
+      a, b, blocks, row_offsets, col_offsets, col_blocks, block_size=block_size)
+
+
+def dsd(p, x, blocks, row_offsets, col_offsets, col_blocks):
+  """[B,G,Z,b,b] x [B,N,H,D] -> [B,N,H,D]: out_I = sum_J P_IJ . X_J."""
+  return _ops().sparse_attention_blocksparse_dsd(p, x, blocks, row_offsets, col_offsets,
+                                                 col_blocks)
+
+
+def dsd_t(p, x, blocks, row_offsets, col_offsets, col_blocks):
+  """[B,G,Z,b,b] x [B,N,H,D] -> [B,N,H,D]: out_J = sum_I P_IJ^T . X_I."""
+  return _ops().sparse_attention_blocksparse_dsd_t(p, x, blocks, row_offsets, col_offsets,
+                                                   col_blocks)
+
+
+def softmax(x, blocks, row_offsets, mask_index, masks, key_padding_mask, scale: float):
+  """Row softmax of scale * x over visible elements; masked and empty rows give 0.
+
+  key_padding_mask: bool [B, N], True for real keys.
+  """
+  return _ops().sparse_attention_blocksparse_softmax(
+      x, blocks, row_offsets, mask_index, masks, key_padding_mask, scale=scale)
+
+
+def softmax_grad(y, dy, row_offsets, scale: float):
+  return _ops().sparse_attention_blocksparse_softmax_grad(y, dy, row_offsets, scale=scale)
+
+
+# --- gradients ------------------------------------------------------------------
+_NO_TABLE_GRADS = (None, None, None, None)
+
+
+@tf.RegisterGradient("SparseAttention>BlocksparseSdd")
+def _sdd_grad(op, dc):
+  a, b, *tables = op.inputs
+  da = dsd(dc, b, *tables)      # dA_I = sum_J dC_IJ . B_J
+  db = dsd_t(dc, a, *tables)    # dB_J = sum_I dC_IJ^T . A_I
+  return (da, db) + _NO_TABLE_GRADS
+
+
+@tf.RegisterGradient("SparseAttention>BlocksparseDsd")
+def _dsd_grad(op, dout):
+  p, x, *tables = op.inputs
+  dp = sdd(dout, x, *tables, block_size=int(p.shape[-1]))  # dP_IJ = dOut_I . X_J^T
+  dx = dsd_t(p, dout, *tables)                              # dX_J = sum_I P_IJ^T . dOut_I
+  return (dp, dx) + _NO_TABLE_GRADS
+
+
+@tf.RegisterGradient("SparseAttention>BlocksparseDsdT")
+def _dsd_t_grad(op, dout):
+  p, x, *tables = op.inputs
+  dp = sdd(x, dout, *tables, block_size=int(p.shape[-1]))  # dP_IJ = X_I . dOut_J^T
+  dx = dsd(p, dout, *tables)                                # dX_I = sum_J P_IJ . dOut_J
+  return (dp, dx) + _NO_TABLE_GRADS
+
+
+@tf.RegisterGradient("SparseAttention>BlocksparseSoftmax")
+def _softmax_grad(op, dy):
+  y = op.outputs[0]
+  dx = softmax_grad(y, dy, op.inputs[2], scale=op.get_attr("scale"))
+  return (dx, None, None, None, None, None)
