@@ -5,7 +5,7 @@
 #include <cstring>
 #include <limits>
 
-#include "custom_ops/cc/kernels/tile_gemm.h"
+#include "custom_ops/cc/kernels/simd.h"
 
 namespace sparse_attention {
 namespace {
@@ -112,7 +112,7 @@ void SddRows(const Problem& p, const float* a, const float* b_t, float* out, int
       const int64_t j = p.t.blocks[3 * z + 2];
       float* tile = out + p.sparse_offset(w.b, w.g, z);                            // [b, b]
       std::memset(tile, 0, p.tile() * sizeof(float));
-      TileGemmAccumulate(bs, bs, p.head_dim, a_rows, row_stride, 1, bt_head + j * bs, p.seq,
+      Simd().gemm(bs, bs, p.head_dim, a_rows, row_stride, 1, bt_head + j * bs, p.seq,
                          tile, bs);
     }
   }
@@ -128,7 +128,7 @@ void DsdRows(const Problem& p, const float* probs, const float* x, float* out, i
     ZeroRows(out_rows, bs, row_stride, p.head_dim);
     for (int64_t z = p.t.row_offsets[row]; z < p.t.row_offsets[row + 1]; ++z) {
       const int64_t j = p.t.blocks[3 * z + 2];
-      TileGemmAccumulate(bs, p.head_dim, bs, probs + p.sparse_offset(w.b, w.g, z), bs, 1,
+      Simd().gemm(bs, p.head_dim, bs, probs + p.sparse_offset(w.b, w.g, z), bs, 1,
                          x + p.dense_offset(w.b, j * bs, head), row_stride, out_rows, row_stride);
     }
   }
@@ -145,7 +145,7 @@ void DsdTColumns(const Problem& p, const float* probs, const float* x, float* ou
     for (int64_t k = p.t.col_offsets[col]; k < p.t.col_offsets[col + 1]; ++k) {
       const int64_t z = p.t.col_blocks[k], i = p.t.blocks[3 * z + 1];
       // P^T: element (r, k) of the transposed tile is probs[k * bs + r].
-      TileGemmAccumulate(bs, p.head_dim, bs, probs + p.sparse_offset(w.b, w.g, z), 1, bs,
+      Simd().gemm(bs, p.head_dim, bs, probs + p.sparse_offset(w.b, w.g, z), 1, bs,
                          x + p.dense_offset(w.b, i * bs, head), row_stride, out_rows, row_stride);
     }
   }
@@ -153,52 +153,48 @@ void DsdTColumns(const Problem& p, const float* probs, const float* x, float* ou
 
 void SoftmaxRows(const Problem& p, const SoftmaxMasks& m, float scale, const float* x,
                  float* y, int64_t begin, int64_t end) {
+  const SimdKernels& simd = Simd();
   const int64_t bs = p.block, nb = p.t.num_blocks;
-  const float kNegInf = -std::numeric_limits<float>::infinity();
+  std::vector<uint8_t> keep(bs);
   for (int64_t u = begin; u < end; ++u) {
     const Unit w = SplitUnit(p, u);
     const int64_t row = w.h * nb + w.i;
     const int64_t z0 = p.t.row_offsets[row], z1 = p.t.row_offsets[row + 1];
     for (int64_t i = 0; i < bs; ++i) {
-      // Visibility of element jj of block z for query row i.
-      auto row_mask = [&](int64_t z) -> const bool* {
-        const int32_t mi = m.mask_index[z];
-        return mi < 0 ? nullptr : m.masks + (mi * bs + i) * bs;
-      };
-      auto key_mask = [&](int64_t z) -> const bool* {
-        return m.key_padding ? m.key_padding + w.b * p.seq + p.t.blocks[3 * z + 2] * bs : nullptr;
-      };
-      float mx = kNegInf;
-      for (int64_t z = z0; z < z1; ++z) {
-        const float* xr = x + p.sparse_offset(w.b, w.g, z) + i * bs;
-        const bool* mr = row_mask(z);
-        const bool* kr = key_mask(z);
-        for (int64_t jj = 0; jj < bs; ++jj)
-          if ((!mr || mr[jj]) && (!kr || kr[jj])) mx = std::max(mx, scale * xr[jj]);
-      }
-      float sum = 0.f;
+      // Pass 1: y = scale * x on visible elements, -inf elsewhere; row max.
+      float mx = -std::numeric_limits<float>::infinity();
       for (int64_t z = z0; z < z1; ++z) {
         const int64_t off = p.sparse_offset(w.b, w.g, z) + i * bs;
-        const bool* mr = row_mask(z);
-        const bool* kr = key_mask(z);
-        for (int64_t jj = 0; jj < bs; ++jj) {
-          const bool visible = mx != kNegInf && (!mr || mr[jj]) && (!kr || kr[jj]);
-          const float e = visible ? std::exp(scale * x[off + jj] - mx) : 0.f;
-          y[off + jj] = e;
-          sum += e;
+        const int32_t mi = m.mask_index[z];
+        const bool* tile_row = mi < 0 ? nullptr : m.masks + (mi * bs + i) * bs;
+        const bool* keys =
+            m.key_padding ? m.key_padding + w.b * p.seq + p.t.blocks[3 * z + 2] * bs : nullptr;
+        const uint8_t* k = nullptr;
+        if (tile_row != nullptr || keys != nullptr) {
+          for (int64_t jj = 0; jj < bs; ++jj)
+            keep[jj] = (!tile_row || tile_row[jj]) && (!keys || keys[jj]);
+          k = keep.data();
         }
+        mx = std::max(mx, simd.scale_mask_max(x + off, k, scale, y + off, bs));
       }
-      const float inv = sum > 0.f ? 1.f / sum : 0.f;
-      for (int64_t z = z0; z < z1; ++z) {
-        float* yr = y + p.sparse_offset(w.b, w.g, z) + i * bs;
-        for (int64_t jj = 0; jj < bs; ++jj) yr[jj] *= inv;
+      if (mx == -std::numeric_limits<float>::infinity()) {  // no visible key: a row of zeros
+        for (int64_t z = z0; z < z1; ++z)
+          std::memset(y + p.sparse_offset(w.b, w.g, z) + i * bs, 0, bs * sizeof(float));
+        continue;
       }
+      // Pass 2: exponentials and their sum; pass 3: normalise.
+      float sum = 0.f;
+      for (int64_t z = z0; z < z1; ++z)
+        sum += simd.exp_sum(y + p.sparse_offset(w.b, w.g, z) + i * bs, mx, bs);
+      const float inv = 1.f / sum;
+      for (int64_t z = z0; z < z1; ++z) simd.scale(y + p.sparse_offset(w.b, w.g, z) + i * bs, inv, bs);
     }
   }
 }
 
 void SoftmaxGradRows(const Problem& p, float scale, const float* y, const float* dy, float* dx,
                      int64_t begin, int64_t end) {
+  const SimdKernels& simd = Simd();
   const int64_t bs = p.block, nb = p.t.num_blocks;
   for (int64_t u = begin; u < end; ++u) {
     const Unit w = SplitUnit(p, u);
@@ -208,11 +204,11 @@ void SoftmaxGradRows(const Problem& p, float scale, const float* y, const float*
       float dot = 0.f;
       for (int64_t z = z0; z < z1; ++z) {
         const int64_t off = p.sparse_offset(w.b, w.g, z) + i * bs;
-        for (int64_t jj = 0; jj < bs; ++jj) dot += y[off + jj] * dy[off + jj];
+        dot += simd.dot(y + off, dy + off, bs);
       }
       for (int64_t z = z0; z < z1; ++z) {
         const int64_t off = p.sparse_offset(w.b, w.g, z) + i * bs;
-        for (int64_t jj = 0; jj < bs; ++jj) dx[off + jj] = scale * y[off + jj] * (dy[off + jj] - dot);
+        simd.softmax_grad(y + off, dy + off, dot, scale, dx + off, bs);
       }
     }
   }

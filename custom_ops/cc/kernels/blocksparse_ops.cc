@@ -12,7 +12,7 @@
 #include "tensorflow/core/framework/tensor.h"
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
-#include "tensorflow/core/util/work_sharder.h"
+#include "tensorflow/core/platform/threadpool.h"
 
 namespace sparse_attention {
 
@@ -35,12 +35,21 @@ Status Invalid(const Args&... args) {
 
 std::string ShapeString(const Tensor& t) { return t.shape().DebugString(); }
 
-// Runs fn(begin, end) over [0, units) on TF's intra-op thread pool.
+// Runs fn(begin, end) over [0, units) on TF's intra-op thread pool, in fixed
+// chunks of about 1/16 of a thread's share: rows of a pattern differ a lot in
+// cost (a causal row near the end keeps many more blocks), and small chunks
+// taken on demand keep the threads evenly busy.
 void ParallelUnits(OpKernelContext* ctx, int64_t units, int64_t cost_per_unit,
                    const std::function<void(int64_t, int64_t)>& fn) {
   if (units <= 0) return;
-  const auto& threads = *ctx->device()->tensorflow_cpu_worker_threads();
-  tensorflow::Shard(threads.num_threads, threads.workers, units, cost_per_unit, fn);
+  auto* pool = ctx->device()->tensorflow_cpu_worker_threads()->workers;
+  const int64_t threads = pool->NumThreads();
+  if (threads <= 1 || units * cost_per_unit < 20000) {
+    fn(0, units);
+    return;
+  }
+  const int64_t chunk = std::max<int64_t>(1, units / (16 * threads));
+  pool->ParallelFor(units, tsl::thread::ThreadPool::SchedulingParams::Fixed(chunk), fn);
 }
 
 // A float32 view of an input: the tensor itself, or a converted copy.

@@ -1,0 +1,181 @@
+// Body of the SIMD primitives (see simd.h), included once per instruction set
+// by simd.cc inside a `#pragma GCC target` region and a namespace of its own.
+// No include guard: included several times on purpose.
+//
+// Written with GCC vector extensions (16 floats per vector) rather than
+// intrinsics, so one text serves every target.
+
+// 16 floats: one AVX-512 register, two AVX2 registers, four SSE registers.
+typedef float v16 __attribute__((vector_size(64), aligned(4)));
+typedef int32_t v16i __attribute__((vector_size(64), aligned(4)));
+
+inline __attribute__((always_inline)) v16 Load(const float* p) {
+  return *reinterpret_cast<const v16*>(p);
+}
+inline __attribute__((always_inline)) void Store(float* p, v16 v) {
+  *reinterpret_cast<v16*>(p) = v;
+}
+
+// R rows x (16 * NV) columns of C kept in registers over the whole k loop.
+template <int R, int NV>
+inline __attribute__((always_inline)) void MicroTile(
+    int64_t k, const float* __restrict a, int64_t ars, int64_t aks,
+    const float* __restrict b, int64_t ldb, float* __restrict c, int64_t ldc) {
+  v16 acc[R][NV];
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) acc[r][v] = Load(c + r * ldc + 16 * v);
+  for (int64_t kk = 0; kk < k; ++kk) {
+    v16 bv[NV];
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) bv[v] = Load(b + kk * ldb + 16 * v);
+    const float* ak = a + kk * aks;
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) {
+      const float s = ak[r * ars];
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) acc[r][v] += s * bv[v];
+    }
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) Store(c + r * ldc + 16 * v, acc[r][v]);
+}
+
+// All rows of one column panel of width 16 * NV.
+template <int NV>
+inline __attribute__((always_inline)) void Panel(
+    int64_t m, int64_t k, const float* a, int64_t ars, int64_t aks,
+    const float* b, int64_t ldb, float* c, int64_t ldc) {
+  constexpr int R = 16 / NV;  // 16 accumulator registers on AVX-512
+  int64_t r = 0;
+  for (; r + R <= m; r += R)
+    MicroTile<R, NV>(k, a + r * ars, ars, aks, b, ldb, c + r * ldc, ldc);
+  for (; r < m; ++r) MicroTile<1, NV>(k, a + r * ars, ars, aks, b, ldb, c + r * ldc, ldc);
+}
+
+
+void Gemm(int64_t m, int64_t n, int64_t k, const float* a, int64_t ars, int64_t aks,
+          const float* b, int64_t ldb, float* c, int64_t ldc) {
+  int64_t col = 0;
+  for (; col + 64 <= n; col += 64) Panel<4>(m, k, a, ars, aks, b + col, ldb, c + col, ldc);
+  if (col + 32 <= n) {
+    Panel<2>(m, k, a, ars, aks, b + col, ldb, c + col, ldc);
+    col += 32;
+  }
+  if (col + 16 <= n) {
+    Panel<1>(m, k, a, ars, aks, b + col, ldb, c + col, ldc);
+    col += 16;
+  }
+  if (col < n) {  // fewer than 16 columns left: plain loops
+    sparse_attention::GemmReference(m, n - col, k, a, ars, aks, b + col, ldb, c + col, ldc);
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Row operations of the softmax.
+
+constexpr float kNegInf = -__builtin_inff();
+
+// exp(x) for x <= 0 (Cephes-style: x = n ln2 + r, polynomial in r, times 2^n);
+// relative error ~1e-7; x below -87.3 (and -inf) gives 0, NaN stays NaN.
+inline __attribute__((always_inline)) v16 ExpNonPositive(v16 x) {
+  const v16 lo = x < -87.3f ? (v16){} + -87.3f : x;                  // avoid 2^n underflow
+  const v16 t = lo * 1.44269504088896341f;
+  const v16 n = (t + 12582912.0f) - 12582912.0f;                     // round to nearest
+  v16 r = lo - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  v16 p = (v16){} + 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const v16i bits = (__builtin_convertvector(n, v16i) + 127) << 23;  // 2^n
+  v16 scale;
+  __builtin_memcpy(&scale, &bits, sizeof(scale));
+  const v16 e = p * scale;
+  return x < -87.3f ? (v16){} : e;
+}
+
+inline float ExpNonPositiveScalar(float x) {
+  v16 v = (v16){} + x;
+  return ExpNonPositive(v)[0];
+}
+
+inline __attribute__((always_inline)) float HorizontalSum(v16 v) {
+  float s = 0.f;
+#pragma GCC unroll 16
+  for (int i = 0; i < 16; ++i) s += v[i];
+  return s;
+}
+
+inline __attribute__((always_inline)) float HorizontalMax(v16 v) {
+  float s = v[0];
+#pragma GCC unroll 16
+  for (int i = 1; i < 16; ++i) s = v[i] > s ? v[i] : s;
+  return s;
+}
+
+float ScaleMaskMax(const float* x, const uint8_t* keep, float scale, float* y, int64_t n) {
+  v16 mx = (v16){} + kNegInf;
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) {
+    v16 v = Load(x + j) * scale;
+    if (keep != nullptr) {
+      v16i k;
+#pragma GCC unroll 16
+      for (int i = 0; i < 16; ++i) k[i] = keep[j + i];
+      v = k != 0 ? v : (v16){} + kNegInf;
+    }
+    Store(y + j, v);
+    mx = v > mx ? v : mx;
+  }
+  float m = HorizontalMax(mx);
+  for (; j < n; ++j) {
+    const float v = (keep == nullptr || keep[j]) ? scale * x[j] : kNegInf;
+    y[j] = v;
+    m = v > m ? v : m;
+  }
+  return m;
+}
+
+float ExpSum(float* y, float shift, int64_t n) {
+  v16 acc = (v16){};
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) {
+    const v16 e = ExpNonPositive(Load(y + j) - shift);
+    Store(y + j, e);
+    acc += e;
+  }
+  float s = HorizontalSum(acc);
+  for (; j < n; ++j) {
+    y[j] = ExpNonPositiveScalar(y[j] - shift);
+    s += y[j];
+  }
+  return s;
+}
+
+void Scale(float* y, float s, int64_t n) {
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) Store(y + j, Load(y + j) * s);
+  for (; j < n; ++j) y[j] *= s;
+}
+
+float Dot(const float* x, const float* y, int64_t n) {
+  v16 acc = (v16){};
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) acc += Load(x + j) * Load(y + j);
+  float s = HorizontalSum(acc);
+  for (; j < n; ++j) s += x[j] * y[j];
+  return s;
+}
+
+void SoftmaxGrad(const float* y, const float* dy, float dot, float scale, float* dx, int64_t n) {
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) Store(dx + j, Load(y + j) * (Load(dy + j) - dot) * scale);
+  for (; j < n; ++j) dx[j] = scale * y[j] * (dy[j] - dot);
+}
