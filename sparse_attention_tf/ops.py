@@ -87,6 +87,14 @@ def library_path() -> Optional[str]:
   return None
 
 
+def simd_isa() -> str:
+  """Which build of the CPU kernels runs here: "avx512", "avx2" or "baseline".
+
+  `$SPARSE_ATTENTION_TF_ISA` (read when the library loads) can ask for a lower one.
+  """
+  return _ops().sparse_attention_simd_isa().numpy().decode()
+
+
 def _ops():
   module = load_library()
   if module is None:

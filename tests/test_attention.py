@@ -187,3 +187,33 @@ def test_library_loads_from_each_build(path):
   proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                         timeout=300)
   assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("isa", ["avx2", "baseline"])
+def test_every_simd_build_is_correct(ops, isa):
+  """The AVX2 and baseline builds of the primitives (forced by env) match float64."""
+  code = (
+      "import numpy as np, tensorflow as tf, sparse_attention_tf as sat\n"
+      "from sparse_attention_tf import ops\n"
+      "from tests import npref\n"
+      "assert ops.simd_isa() == %r, ops.simd_isa()\n"
+      "rng = np.random.default_rng()\n"
+      "for pattern, n, b, d in [(sat.Fixed(32, 8), 128, 16, 24), (sat.Local(40), 128, 32, 64),\n"
+      "                         (sat.Dense(), 128, 64, 40)]:\n"
+      "  q, k, v = (tf.constant(rng.standard_normal((2, n, 3, d)), tf.float32) for _ in range(3))\n"
+      "  kp = rng.random((2, n)) > 0.2\n"
+      "  dout = rng.standard_normal((2, n, 3, d))\n"
+      "  ref, grads = npref.attention(q, k, v, pattern.mask(n), 0.3, kp, dout)\n"
+      "  with tf.GradientTape() as tape:\n"
+      "    tape.watch([q, k, v])\n"
+      "    out = sat.sparse_attention(q, k, v, pattern, block_size=b, scale=0.3,\n"
+      "                               key_padding_mask=kp, implementation='custom_op')\n"
+      "    loss = tf.reduce_sum(out * dout)\n"
+      "  assert npref.rel_err(out, ref) <= 1e-5\n"
+      "  for g, r in zip(tape.gradient(loss, [q, k, v]), grads):\n"
+      "    assert npref.rel_err(g, r) <= 1e-5\n"
+      "print('ok')\n") % isa
+  env = dict(os.environ, SPARSE_ATTENTION_TF_ISA=isa, PYTHONPATH=str(ROOT))
+  proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                        timeout=300)
+  assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-2000:]

@@ -7,6 +7,7 @@
 #include <string>
 
 #include "custom_ops/cc/kernels/blocksparse_cpu.h"
+#include "custom_ops/cc/kernels/simd.h"
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/register_types.h"
 #include "tensorflow/core/framework/tensor.h"
@@ -407,6 +408,18 @@ class SoftmaxGradOp : public OpKernel {
  private:
   float scale_;
 };
+
+// Reports which build of the SIMD primitives this CPU runs.
+class SimdIsaOp : public OpKernel {
+ public:
+  explicit SimdIsaOp(OpKernelConstruction* ctx) : OpKernel(ctx) {}
+  void Compute(OpKernelContext* ctx) override {
+    Tensor* out = nullptr;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({}), &out));
+    out->scalar<tensorflow::tstring>()() = Simd().isa;
+  }
+};
+REGISTER_KERNEL_BUILDER(Name("SparseAttention>SimdIsa").Device(DEVICE_CPU), SimdIsaOp);
 
 #define REGISTER(T)                                                                        \
   REGISTER_KERNEL_BUILDER(                                                                 \

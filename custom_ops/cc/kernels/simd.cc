@@ -1,5 +1,8 @@
 #include "custom_ops/cc/kernels/simd.h"
 
+#include <cstdlib>
+#include <string>
+
 namespace sparse_attention {
 namespace {
 
@@ -24,13 +27,17 @@ namespace baseline {
 #define SPARSE_ATTENTION_KERNELS(ns) \
   SimdKernels { #ns, ns::Gemm, ns::ScaleMaskMax, ns::ExpSum, ns::Scale, ns::Dot, ns::SoftmaxGrad }
 
+// The best build this CPU runs; $SPARSE_ATTENTION_TF_ISA ("avx2", "baseline")
+// may ask for a lower one, so that tests exercise every build on one machine.
 SimdKernels Select() {
   __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
-      __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq"))
-    return SPARSE_ATTENTION_KERNELS(avx512);
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
-    return SPARSE_ATTENTION_KERNELS(avx2);
+  const char* env = std::getenv("SPARSE_ATTENTION_TF_ISA");
+  const std::string want = env ? env : "";
+  const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+                      __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq");
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (avx512 && (want.empty() || want == "avx512")) return SPARSE_ATTENTION_KERNELS(avx512);
+  if (avx2 && want != "baseline") return SPARSE_ATTENTION_KERNELS(avx2);
   return SPARSE_ATTENTION_KERNELS(baseline);
 }
 #undef SPARSE_ATTENTION_KERNELS
