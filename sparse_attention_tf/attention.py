@@ -51,6 +51,11 @@ def _check_inputs(query, key, value, pattern, block_size, key_padding_mask, impl
   if query.shape[1:3] != key.shape[1:3] or query.shape[1:3] != value.shape[1:3]:
     raise ValueError(f"query, key and value must agree on seq and heads, got {query.shape}, "
                      f"{key.shape}, {value.shape}.")
+  batches = {name: t.shape[0] for name, t in (("query", query), ("key", key), ("value", value),
+                                               ("key_padding_mask", key_padding_mask))
+             if t is not None and t.shape.rank in (2, 4) and t.shape[0] is not None}
+  if len(set(batches.values())) > 1:
+    raise ValueError(f"batch sizes differ: {batches}.")
   if query.shape[3] != key.shape[3]:
     raise ValueError(f"query and key must have the same head_dim, got {query.shape[3]} and "
                      f"{key.shape[3]}.")
@@ -62,9 +67,12 @@ def _check_inputs(query, key, value, pattern, block_size, key_padding_mask, impl
     raise ValueError(f"dtype {query.dtype.name} is not supported by implementation "
                      f"{implementation!r}; use one of {[d.name for d in allowed]}.")
   seq, heads = query.shape[1], query.shape[2]
-  if seq is None or heads is None or query.shape[3] is None:
+  if seq is None or heads is None or query.shape[3] is None or value.shape[3] is None:
     raise ValueError(f"seq, heads and head_dim must be known statically (the block layout "
-                     f"depends on them), got shape {query.shape}.")
+                     f"depends on them), got shapes {query.shape} and {value.shape}.")
+  if min(query.shape[1:]) < 1 or value.shape[3] < 1:
+    raise ValueError(f"seq, heads, head_dim and value_dim must be >= 1, got shapes "
+                     f"{query.shape} and {value.shape}.")
   if heads % pattern.num_heads:
     raise ValueError(f"the number of heads ({heads}) must be a multiple of the pattern's heads "
                      f"({pattern.num_heads}) for {pattern!r}.")

@@ -311,8 +311,11 @@ class SoftmaxOp : public OpKernel {
     const int64_t nb = seq / block;
     const int64_t layout_heads = (row_offsets.dim_size(0) - 1) / nb;
     Problem p;
-    OP_REQUIRES_OK(ctx, MakeProblem(x.dim_size(0), seq, x.dim_size(1) * std::max<int64_t>(1, layout_heads),
-                                    1, block, ctx->input(1), row_offsets, nullptr, nullptr, &p));
+    const Status made = MakeProblem(x.dim_size(0), seq, x.dim_size(1) * std::max<int64_t>(1, layout_heads),
+                                    1, block, ctx->input(1), row_offsets, nullptr, nullptr, &p);
+    OP_REQUIRES(ctx, made.ok(),
+                Invalid(made.message(), " (the sequence length ", seq,
+                        " is read from key_padding_mask [batch, seq]: check its length)"));
     OP_REQUIRES_OK(ctx, CheckSparse(x, "x", p));
     OP_REQUIRES_OK(ctx, CheckTable(mask_index, "mask_index", 1));
     OP_REQUIRES_OK(ctx, CheckTable(masks, "masks", 3));

@@ -1,0 +1,862 @@
+"""Error handling: every malformed input gives a clear error, never a crash.
+
+* Raw ops: corrupt one input (a shape, a table entry, an attribute) at a time
+  and expect `tf.errors.InvalidArgumentError` (eager) whose message names the
+  problem; a few of the same cases inside `tf.function`.
+* Fuzzing: hypothesis throws random shapes and int32 tables at every raw op,
+  in a subprocess (a segfault or abort would otherwise kill pytest). Each
+  call must succeed or raise InvalidArgumentError / ValueError.
+* `sparse_attention`: bad arguments raise ValueError naming the parameter.
+* Finally a valid call still works after all of the above.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO_ROOT)
+
+import tensorflow as tf  # noqa: E402
+
+from sparse_attention_tf import sparse_attention  # noqa: E402
+from sparse_attention_tf.patterns import Fixed, Strided  # noqa: E402
+
+# The base problem: 2 layout heads (Fixed with 2 head groups), H = 4 heads so
+# G = 2 groups, N = 128, block 16 (Nb = 8), batch 2, head_dim 8.
+B, N, H, D, BS = 2, 128, 4, 8, 16
+NB = N // BS
+PATTERN = Fixed(32, 8, heads=2, head_groups=2)
+
+ERRORS = (tf.errors.InvalidArgumentError, ValueError)
+
+
+def _tables():
+  t = PATTERN.plan(N, BS).parts[0].tables
+  assert t.num_layout_heads == 2 and t.nnz > 4 and t.masks.shape[0] >= 1
+  return t
+
+
+TABLES = _tables()
+HL, Z, M = TABLES.num_layout_heads, TABLES.nnz, TABLES.masks.shape[0]
+G = H // HL
+
+
+def _base(op: str) -> dict:
+  """Valid numpy inputs of a raw op, by input name (deterministic values)."""
+  rng = np.random.default_rng(0)
+  t = TABLES
+  dense = lambda: rng.standard_normal((B, N, H, D)).astype(np.float32)
+  sparse = lambda: rng.standard_normal((B, G, Z, BS, BS)).astype(np.float32)
+  tables = dict(blocks=t.blocks.copy(), row_offsets=t.row_offsets.copy(),
+                col_offsets=t.col_offsets.copy(), col_blocks=t.col_blocks.copy())
+  if op == "sdd":
+    return dict(a=dense(), b=dense(), **tables, block_size=BS)
+  if op in ("dsd", "dsd_t"):
+    return dict(p=sparse(), x=dense(), **tables)
+  if op == "softmax":
+    return dict(x=sparse(), blocks=t.blocks.copy(), row_offsets=t.row_offsets.copy(),
+                mask_index=t.mask_index.copy(), masks=t.masks.copy(),
+                key_padding_mask=np.ones((B, N), bool), scale=0.5)
+  if op == "softmax_grad":
+    return dict(y=sparse(), dy=sparse(), row_offsets=t.row_offsets.copy(), scale=0.5)
+  raise KeyError(op)
+
+
+_ORDER = {
+    "sdd": ("a", "b", "blocks", "row_offsets", "col_offsets", "col_blocks"),
+    "dsd": ("p", "x", "blocks", "row_offsets", "col_offsets", "col_blocks"),
+    "dsd_t": ("p", "x", "blocks", "row_offsets", "col_offsets", "col_blocks"),
+    "softmax": ("x", "blocks", "row_offsets", "mask_index", "masks", "key_padding_mask"),
+    "softmax_grad": ("y", "dy", "row_offsets"),
+}
+_ATTRS = {"sdd": ("block_size",), "softmax": ("scale",), "softmax_grad": ("scale",)}
+
+
+def _call(ops, op: str, args: dict):
+  tensors = [tf.convert_to_tensor(args[k]) for k in _ORDER[op]]
+  attrs = {k: args[k] for k in _ATTRS.get(op, ())}
+  return getattr(ops, op)(*tensors, **attrs)
+
+
+# --- mutations: each returns a modified copy of the inputs --------------------
+def _set(**changes):
+  def f(args):
+    out = dict(args)
+    for k, v in changes.items():
+      out[k] = v(out[k]) if callable(v) else v
+    return out
+  return f
+
+
+def _entry(name, index, value):
+  """Sets args[name][index] = value (value may be a function of args)."""
+  def f(args):
+    out = dict(args)
+    arr = np.array(out[name], copy=True)
+    arr[index] = value(args) if callable(value) else value
+    out[name] = arr
+    return out
+  return f
+
+
+def _swap_rows(name, i, j):
+  def f(args):
+    out = dict(args)
+    arr = np.array(out[name], copy=True)
+    arr[[i, j]] = arr[[j, i]]
+    out[name] = arr
+    return out
+  return f
+
+
+def _dense_pair(fn, names=("a", "b")):
+  """Applies fn to both dense operands of sdd (they must agree)."""
+  return _set(**{n: fn for n in names})
+
+
+def _first_row_boundary(offsets):
+  """Index r (0 < r < len-1) with offsets[r-1] < offsets[r] < offsets[r+1]."""
+  for r in range(1, len(offsets) - 1):
+    if offsets[r - 1] < offsets[r] < offsets[r + 1]:
+      return r
+  raise AssertionError("no interior boundary in the tables")
+
+
+_RB = _first_row_boundary(TABLES.row_offsets)
+_CB = _first_row_boundary(TABLES.col_offsets)
+I32_MAX, I32_MIN = np.iinfo(np.int32).max, np.iinfo(np.int32).min
+
+# Corruptions of the four tables, shared by sdd, dsd and dsd_t: (id, mutation, keyword).
+BLOCK_CASES = [
+    ("blocks_rank1", _set(blocks=lambda a: a.reshape(-1)), r"blocks must have rank 2"),
+    ("blocks_rank3", _set(blocks=lambda a: a[None]), r"blocks must have rank 2"),
+    ("blocks_second_dim_2", _set(blocks=lambda a: a[:, :2]), r"blocks must have shape \[nnz, 3\]"),
+    ("blocks_second_dim_4", _set(blocks=lambda a: np.pad(a, ((0, 0), (0, 1)))),
+     r"blocks must have shape \[nnz, 3\]"),
+    ("blocks_h_negative", _entry("blocks", (0, 0), -1), r"blocks\[0\].*out of range"),
+    ("blocks_h_too_large", _entry("blocks", (-1, 0), HL), r"blocks\[\d+\].*out of range"),
+    ("blocks_h_int32_max", _entry("blocks", (-1, 0), I32_MAX), r"blocks\[\d+\].*out of range"),
+    ("blocks_i_negative", _entry("blocks", (0, 1), -1), r"blocks\[0\].*out of range"),
+    ("blocks_i_too_large", _entry("blocks", (-1, 1), NB), r"blocks\[\d+\].*out of range"),
+    ("blocks_i_int32_min", _entry("blocks", (3, 1), I32_MIN), r"blocks\[3\].*out of range"),
+    ("blocks_j_negative", _entry("blocks", (2, 2), -1), r"blocks\[2\].*out of range"),
+    ("blocks_j_too_large", _entry("blocks", (-1, 2), NB), r"blocks\[\d+\].*out of range"),
+    ("blocks_j_int32_max", _entry("blocks", (1, 2), I32_MAX), r"blocks\[1\].*out of range"),
+    ("blocks_unsorted", _swap_rows("blocks", 1, 2), r"blocks must be sorted"),
+    ("blocks_duplicate", _entry("blocks", 1, lambda a: a["blocks"][0]),
+     r"blocks must be sorted .*without repeats"),
+    ("blocks_fewer_rows", _set(blocks=lambda a: a[:-1]),
+     r"row_offsets\[\d+\] must equal the number of blocks|col_blocks must have one entry per block"),
+    ("row_offsets_rank2", _set(row_offsets=lambda a: a[None]), r"row_offsets must have rank 1"),
+    ("row_offsets_empty", _set(row_offsets=lambda a: a[:0]), r"row_offsets must have"),
+    ("row_offsets_one_entry", _set(row_offsets=lambda a: a[:1]), r"row_offsets must have"),
+    ("row_offsets_too_long", _set(row_offsets=lambda a: np.append(a, a[-1])), r"row_offsets must have"),
+    ("row_offsets_too_short", _set(row_offsets=lambda a: a[:-1]), r"row_offsets must have"),
+    ("row_offsets_not_from_0", _entry("row_offsets", 0, 1), r"row_offsets\[0\] must be 0"),
+    ("row_offsets_not_to_nnz", _entry("row_offsets", -1, Z - 1), rf"row_offsets\[{HL * NB}\] must equal"),
+    ("row_offsets_past_nnz", _entry("row_offsets", -1, Z + 1), rf"row_offsets\[{HL * NB}\] must equal"),
+    ("row_offsets_decreasing", _entry("row_offsets", _RB, lambda a: a["row_offsets"][_RB + 1] + 1),
+     r"row_offsets\[\d+\] is smaller than row_offsets\[\d+\]"),
+    ("row_offsets_negative", _entry("row_offsets", 1, -5), r"row_offsets\[\d+\] is smaller"),
+    ("row_offsets_inconsistent", _entry("row_offsets", _RB, lambda a: a["row_offsets"][_RB] + 1),
+     r"row_offsets do not match blocks"),
+]
+COLUMN_CASES = [
+    ("col_offsets_rank2", _set(col_offsets=lambda a: a[None]), r"col_offsets must have rank 1"),
+    ("col_offsets_too_short", _set(col_offsets=lambda a: a[:-1]), rf"col_offsets must have {HL * NB + 1} entries"),
+    ("col_offsets_too_long", _set(col_offsets=lambda a: np.append(a, a[-1])),
+     rf"col_offsets must have {HL * NB + 1} entries"),
+    ("col_offsets_not_from_0", _entry("col_offsets", 0, 1), r"col_offsets\[0\] must be 0"),
+    ("col_offsets_not_to_nnz", _entry("col_offsets", -1, Z - 1), rf"col_offsets\[{HL * NB}\] must equal"),
+    ("col_offsets_decreasing", _entry("col_offsets", _CB, lambda a: a["col_offsets"][_CB + 1] + 1),
+     r"col_offsets\[\d+\] is smaller than col_offsets\[\d+\]"),
+    ("col_offsets_inconsistent", _entry("col_offsets", _CB, lambda a: a["col_offsets"][_CB] + 1),
+     r"col_offsets/col_blocks do not match blocks"),
+    ("col_blocks_rank0", _set(col_blocks=lambda a: a[0]), r"col_blocks must have rank 1"),
+    ("col_blocks_too_short", _set(col_blocks=lambda a: a[:-1]), r"col_blocks must have one entry per block"),
+    ("col_blocks_too_long", _set(col_blocks=lambda a: np.append(a, 0).astype(np.int32)),
+     r"col_blocks must have one entry per block"),
+    ("col_blocks_negative", _entry("col_blocks", 0, -1), r"col_blocks\[0\] = -1 is not a block index"),
+    ("col_blocks_nnz", _entry("col_blocks", 0, Z), rf"col_blocks\[0\] = {Z} is not a block index"),
+    ("col_blocks_int32_min", _entry("col_blocks", 3, I32_MIN), r"col_blocks\[3\] = .* is not a block index"),
+    ("col_blocks_repeated", _entry("col_blocks", 1, lambda a: a["col_blocks"][0]),
+     r"col_blocks\[\d+\] repeats block"),
+    ("col_blocks_permuted", _swap_rows("col_blocks", 0, -1), r"col_offsets/col_blocks do not match blocks"),
+    ("col_blocks_row_order", _set(col_blocks=lambda a: np.arange(Z, dtype=np.int32)),
+     r"col_offsets/col_blocks do not match blocks"),
+]
+
+
+def _assert_invalid(ops, op, args, pattern):
+  with pytest.raises(tf.errors.InvalidArgumentError) as info:
+    out = _call(ops, op, args)
+    np.asarray(out)  # only reached if no error: make the failure message show it
+  assert re.search(pattern, info.value.message), info.value.message
+
+
+# --- 1. raw ops, eager ---------------------------------------------------------
+@pytest.mark.parametrize("op", ["sdd", "dsd", "dsd_t"])
+@pytest.mark.parametrize("case", BLOCK_CASES + COLUMN_CASES, ids=lambda c: c[0])
+def test_product_ops_reject_bad_tables(ops, op, case):
+  _, mutate, pattern = case
+  _assert_invalid(ops, op, mutate(_base(op)), pattern)
+
+
+@pytest.mark.parametrize("case", BLOCK_CASES, ids=lambda c: c[0])
+def test_softmax_rejects_bad_tables(ops, case):
+  _, mutate, pattern = case
+  args = mutate(_base("softmax"))
+  if case[0] == "blocks_fewer_rows":   # mask_index must follow blocks, or it is reported first
+    args["mask_index"] = args["mask_index"][:-1]
+  _assert_invalid(ops, "softmax", args, pattern)
+
+
+def test_valid_base_inputs_run(ops):
+  """The unmodified inputs are valid, so each case above tests only its corruption."""
+  for op in _ORDER:
+    out = np.asarray(_call(ops, op, _base(op)))
+    assert np.isfinite(out).all()
+
+
+SDD_CASES = [
+    ("a_rank3", _dense_pair(lambda a: a[0]), r"a must have rank 4"),
+    ("a_rank5", _dense_pair(lambda a: a[None]), r"a must have rank 4"),
+    ("a_b_head_dim", _set(b=lambda a: a[..., :4]), r"a and b must have the same shape"),
+    ("a_b_batch", _set(b=lambda a: a[:1]), r"a and b must have the same shape"),
+    ("a_b_seq", _set(b=lambda a: a[:, :64]), r"a and b must have the same shape"),
+    ("b_rank3", _set(b=lambda a: a[0]), r"a and b must have the same shape"),
+    ("seq_not_multiple", _dense_pair(lambda a: a[:, :120]), r"not a multiple of the block size 16"),
+    ("seq_shorter_than_block", _dense_pair(lambda a: a[:, :8]), r"not a multiple of the block size"),
+    ("seq_zero", _dense_pair(lambda a: a[:, :0]), r"seq, heads and head_dim >= 1"),
+    ("heads_zero", _dense_pair(lambda a: a[:, :, :0]), r"seq, heads and head_dim >= 1"),
+    ("head_dim_zero", _dense_pair(lambda a: a[..., :0]), r"seq, heads and head_dim >= 1"),
+    ("heads_not_multiple_of_layout_heads", _dense_pair(lambda a: a[:, :, :3]),
+     r"2 layout heads, which must divide the number of heads 3"),
+    ("block_size_mismatch", _set(block_size=32), r"blocks|row_offsets"),
+    ("block_size_not_dividing", _set(block_size=48), r"not a multiple of the block size 48"),
+]
+
+
+@pytest.mark.parametrize("case", SDD_CASES, ids=lambda c: c[0])
+def test_sdd_rejects_bad_operands(ops, case):
+  _, mutate, pattern = case
+  _assert_invalid(ops, "sdd", mutate(_base("sdd")), pattern)
+
+
+def test_sdd_rejects_bad_block_size_attr(ops):
+  args = _base("sdd")
+  for bad in (0, -16):
+    with pytest.raises(ERRORS, match=r"block_size"):
+      _call(ops, "sdd", dict(args, block_size=bad))
+
+
+def test_ops_reject_bad_dtypes(ops):
+  args = _base("sdd")
+  with pytest.raises((tf.errors.InvalidArgumentError, TypeError), match=r"int32|int64"):
+    _call(ops, "sdd", dict(args, blocks=args["blocks"].astype(np.int64)))
+  with pytest.raises((tf.errors.InvalidArgumentError, TypeError, tf.errors.NotFoundError),
+                     match=r"double|float64"):
+    _call(ops, "sdd", dict(args, a=args["a"].astype(np.float64), b=args["b"].astype(np.float64)))
+
+
+DSD_CASES = [
+    ("x_rank3", _set(x=lambda a: a[0]), r"x must have rank 4"),
+    ("x_rank5", _set(x=lambda a: a[None]), r"x must have rank 4"),
+    ("p_rank4", _set(p=lambda a: a[0]), r"p must have rank 5"),
+    ("p_rank6", _set(p=lambda a: a[None]), r"p must have rank 5"),
+    ("p_batch", _set(p=lambda a: a[:1]), r"p has shape \[1,2,\d+,16,16\] but the tables expect \[2, 2,"),
+    ("p_groups", _set(p=lambda a: a[:, :1]), r"p has shape .* but the tables expect"),
+    ("p_nnz", _set(p=lambda a: a[:, :, :-1]), r"p has shape .* but the tables expect"),
+    ("p_nnz_zero", _set(p=lambda a: a[:, :, :0]), r"p has shape .* but the tables expect"),
+    ("p_last_dim", _set(p=lambda a: a[..., :8]), r"p has shape .* but the tables expect"),
+    ("p_block_zero", _set(p=lambda a: a[:, :, :, :0, :0]), r"block size must be >= 1"),
+    ("p_block_not_dividing", _set(p=lambda a: np.zeros(a.shape[:3] + (24, 24), np.float32)),
+     r"not a multiple of the block size 24"),
+    ("x_seq_not_multiple", _set(x=lambda a: a[:, :120]), r"not a multiple of the block size 16"),
+    ("x_batch", _set(x=lambda a: a[:1]), r"p has shape .* but the tables expect \[1,"),
+    ("x_heads_not_multiple_of_layout_heads", _set(x=lambda a: a[:, :, :3]),
+     r"2 layout heads, which must divide the number of heads 3"),
+    ("x_heads_other_groups", _set(x=lambda a: np.concatenate([a, a], axis=2)),
+     r"p has shape .* but the tables expect \[2, 4,"),
+    ("x_head_dim_zero", _set(x=lambda a: a[..., :0]), r"seq, heads and head_dim >= 1"),
+]
+
+
+@pytest.mark.parametrize("op", ["dsd", "dsd_t"])
+@pytest.mark.parametrize("case", DSD_CASES, ids=lambda c: c[0])
+def test_dsd_rejects_bad_operands(ops, op, case):
+  _, mutate, pattern = case
+  _assert_invalid(ops, op, mutate(_base(op)), pattern)
+
+
+SOFTMAX_CASES = [
+    ("x_rank4", _set(x=lambda a: a[0]), r"x must have rank 5"),
+    ("x_nnz", _set(x=lambda a: a[:, :, :-1]), r"x has shape .* but the tables expect"),
+    ("x_last_dim", _set(x=lambda a: a[..., :8]), r"x has shape .* but the tables expect"),
+    ("x_block_not_dividing", _set(x=lambda a: np.zeros(a.shape[:3] + (24, 24), np.float32)),
+     r"not a multiple of the block size 24"),
+    ("x_batch", _set(x=lambda a: a[:1]), r"key_padding_mask must have shape \[batch, seq\] with batch 1"),
+    ("key_padding_mask_rank1", _set(key_padding_mask=lambda a: a[0]), r"key_padding_mask must have shape"),
+    ("key_padding_mask_rank3", _set(key_padding_mask=lambda a: a[None]), r"key_padding_mask must have shape"),
+    ("key_padding_mask_batch", _set(key_padding_mask=lambda a: a[:1]),
+     r"key_padding_mask must have shape \[batch, seq\] with batch 2, got \[1,128\]"),
+    ("key_padding_mask_seq_zero", _set(key_padding_mask=lambda a: a[:, :0]), r"key_padding_mask must have seq >= 1"),
+    ("key_padding_mask_seq_not_multiple", _set(key_padding_mask=lambda a: a[:, :120]),
+     r"key_padding_mask length 120 is not a multiple of the block size 16"),
+    ("mask_index_rank2", _set(mask_index=lambda a: a[None]), r"mask_index must have rank 1"),
+    ("mask_index_too_short", _set(mask_index=lambda a: a[:-1]), r"mask_index must have one entry per block"),
+    ("mask_index_too_long", _set(mask_index=lambda a: np.append(a, -1).astype(np.int32)), r"mask_index must have one entry per block"),
+    ("mask_index_below_minus_1", _entry("mask_index", 0, -2), r"mask_index\[0\] = -2 must be -1"),
+    ("mask_index_int32_min", _entry("mask_index", 2, I32_MIN), r"mask_index\[2\] = -2147483648 must be -1"),
+    ("mask_index_num_masks", _entry("mask_index", -1, M), rf"mask_index\[\d+\] = {M} must be -1 \(full block\) or in \[0, {M}\)"),
+    ("mask_index_int32_max", _entry("mask_index", 1, I32_MAX), r"mask_index\[1\] = 2147483647"),
+    ("mask_index_no_masks", _set(masks=lambda a: a[:0]), r"mask_index\[\d+\] = \d+ must be -1 \(full block\) or in \[0, 0\)"),
+    ("masks_rank2", _set(masks=lambda a: a[0]), r"masks must have rank 3"),
+    ("masks_tile_shape", _set(masks=lambda a: a[:, :, :8]), r"masks must have shape \[num_masks, 16, 16\]"),
+    ("masks_tile_transposed_shape", _set(masks=lambda a: np.ones((M, 8, 32), bool)),
+     r"masks must have shape \[num_masks, 16, 16\]"),
+]
+
+
+@pytest.mark.parametrize("case", SOFTMAX_CASES, ids=lambda c: c[0])
+def test_softmax_rejects_bad_operands(ops, case):
+  _, mutate, pattern = case
+  _assert_invalid(ops, "softmax", mutate(_base("softmax")), pattern)
+
+
+@pytest.mark.parametrize("length", [N // 2, 2 * N])
+def test_softmax_key_padding_mask_of_other_length(ops, length):
+  """A [B, N'] mask (N' a multiple of the block, but not the tables' N) is rejected.
+
+  The softmax has no dense operand, so key_padding_mask is its only source of
+  N; the error should say that the mask does not fit the tables.
+  """
+  args = _base("softmax")
+  args["key_padding_mask"] = np.ones((B, length), bool)
+  _assert_invalid(ops, "softmax", args, r"key_padding_mask")
+
+
+SOFTMAX_GRAD_CASES = [
+    ("y_rank4", _set(y=lambda a: a[0], dy=lambda a: a[0]), r"y must have rank 5"),
+    ("dy_rank4", _set(dy=lambda a: a[0]), r"y and dy must have the same shape"),
+    ("dy_batch", _set(dy=lambda a: a[:1]), r"y and dy must have the same shape"),
+    ("dy_nnz", _set(dy=lambda a: a[:, :, :-1]), r"y and dy must have the same shape"),
+    ("dy_block", _set(dy=lambda a: a[..., :8]), r"y and dy must have the same shape"),
+    ("not_square", _set(y=lambda a: a[..., :8], dy=lambda a: a[..., :8]), r"y must hold square blocks"),
+    ("row_offsets_rank2", _set(row_offsets=lambda a: a[None]), r"row_offsets must have rank 1"),
+    ("row_offsets_empty", _set(row_offsets=lambda a: a[:0]), r"row_offsets must have at least 2 entries"),
+    ("row_offsets_one_entry", _set(row_offsets=lambda a: a[:1]), r"row_offsets must have at least 2 entries"),
+    ("row_offsets_not_from_0", _entry("row_offsets", 0, 1), r"row_offsets\[0\] = 1 must be non-decreasing from 0"),
+    ("row_offsets_not_to_nnz", _entry("row_offsets", -1, Z - 1), rf"row_offsets\[{HL * NB}\] = {Z - 1} must be"),
+    ("row_offsets_past_nnz", _entry("row_offsets", -1, Z + 1), rf"row_offsets\[{HL * NB}\] = {Z + 1} must be"),
+    ("row_offsets_middle_past_nnz", _entry("row_offsets", 1, I32_MAX), r"row_offsets\[1\] = 2147483647 must be"),
+    ("row_offsets_decreasing", _entry("row_offsets", _RB, lambda a: a["row_offsets"][_RB + 1] + 1),
+     r"row_offsets\[\d+\] = \d+ must be non-decreasing"),
+    ("row_offsets_negative", _entry("row_offsets", 1, -1), r"row_offsets\[1\] = -1 must be"),
+    ("row_offsets_other_nnz", _set(y=lambda a: a[:, :, :-1], dy=lambda a: a[:, :, :-1]),
+     rf"row_offsets\[{HL * NB}\] = {Z} must be non-decreasing from 0 to the number of blocks {Z - 1}"),
+]
+
+
+@pytest.mark.parametrize("case", SOFTMAX_GRAD_CASES, ids=lambda c: c[0])
+def test_softmax_grad_rejects_bad_operands(ops, case):
+  _, mutate, pattern = case
+  _assert_invalid(ops, "softmax_grad", mutate(_base("softmax_grad")), pattern)
+
+
+def test_empty_but_valid_tables_run(ops):
+  """Zero kept blocks is a valid (if useless) layout: every op returns zeros."""
+  z = np.zeros((0, 3), np.int32)
+  offs = np.zeros(HL * NB + 1, np.int32)
+  cb = np.zeros(0, np.int32)
+  a = np.ones((B, N, H, D), np.float32)
+  s = ops.sdd(a, a, z, offs, offs, cb, block_size=BS)
+  assert s.shape == (B, G, 0, BS, BS)
+  for fn in (ops.dsd, ops.dsd_t):
+    out = fn(s, a, z, offs, offs, cb)
+    assert out.shape == a.shape and not np.asarray(out).any()
+  y = ops.softmax(s, z, offs, cb, np.zeros((0, BS, BS), bool), np.ones((B, N), bool), 1.0)
+  assert y.shape == s.shape
+  assert ops.softmax_grad(y, y, offs, 1.0).shape == s.shape
+
+
+# --- 1b. the same inside tf.function ---------------------------------------------
+def _graph_call(ops, op, args, signature=None):
+  names = _ORDER[op]
+  attrs = {k: args[k] for k in _ATTRS.get(op, ())}
+
+  def body(*tensors):
+    return getattr(ops, op)(*tensors, **attrs)
+
+  fn = tf.function(body, input_signature=signature)
+  return fn(*[tf.convert_to_tensor(args[k]) for k in names])
+
+
+def _unknown_signature(op, args):
+  """Fully unknown shapes, so only the kernel can catch the problem."""
+  return [tf.TensorSpec(None, tf.convert_to_tensor(args[k]).dtype) for k in _ORDER[op]]
+
+
+GRAPH_CASES = [
+    # (id, op, mutation, keyword); static shapes: may fail at trace time (ValueError).
+    ("sdd_a_b_mismatch", "sdd", _set(b=lambda a: a[..., :4]), r"a and b must have the same shape|must be equal, but are 8 and 4"),
+    ("sdd_blocks_second_dim", "sdd", _set(blocks=lambda a: a[:, :2]), r"blocks must have shape \[nnz, 3\]|Dimension must be 3 but is 2"),
+    ("sdd_a_rank3", "sdd", _dense_pair(lambda a: a[0]), r"a must have rank 4|Shape must be rank 4 but is rank 3"),
+    ("sdd_blocks_out_of_range", "sdd", _entry("blocks", (0, 2), NB), r"blocks\[0\].*out of range"),
+    ("dsd_p_nnz", "dsd", _set(p=lambda a: a[:, :, :-1]), r"p has shape"),
+    ("dsd_t_col_blocks_repeated", "dsd_t", _entry("col_blocks", 1, lambda a: a["col_blocks"][0]),
+     r"col_blocks\[\d+\] repeats block"),
+    ("softmax_mask_index_out_of_range", "softmax", _entry("mask_index", 0, M), r"mask_index\[0\]"),
+    ("softmax_masks_rank2", "softmax", _set(masks=lambda a: a[0]), r"masks must have rank 3|Shape must be rank 3 but is rank 2"),
+    ("softmax_key_padding_mask_batch", "softmax", _set(key_padding_mask=lambda a: a[:1]),
+     r"key_padding_mask"),
+    ("softmax_grad_mismatch", "softmax_grad", _set(dy=lambda a: a[:1]), r"y and dy must have the same shape|must be equal, but are 2 and 1"),
+    ("softmax_grad_row_offsets", "softmax_grad", _entry("row_offsets", 0, 3), r"row_offsets\[0\]"),
+]
+
+
+@pytest.mark.parametrize("static", [True, False], ids=["static_shapes", "unknown_shapes"])
+@pytest.mark.parametrize("case", GRAPH_CASES, ids=lambda c: c[0])
+def test_graph_mode_errors(ops, case, static):
+  _, op, mutate, pattern = case
+  args = mutate(_base(op))
+  signature = None if static else _unknown_signature(op, args)
+  with pytest.raises(ERRORS) as info:
+    np.asarray(_graph_call(ops, op, args, signature))
+  message = getattr(info.value, "message", None) or str(info.value)
+  assert re.search(pattern, message), message
+  if not static:  # no shape function can see it: the kernel must report it
+    assert isinstance(info.value, tf.errors.InvalidArgumentError), message
+
+
+def test_graph_mode_valid_call_matches_eager(ops):
+  for op in _ORDER:
+    args = _base(op)
+    eager = np.asarray(_call(ops, op, args))
+    graph = np.asarray(_graph_call(ops, op, args, _unknown_signature(op, args)))
+    np.testing.assert_allclose(graph, eager, rtol=1e-5, atol=1e-6)
+
+
+# --- 2. fuzzing in a subprocess ----------------------------------------------------
+_FUZZ_SCRIPT = r'''
+import faulthandler, os, sys, time
+faulthandler.enable()
+import numpy as np
+import tensorflow as tf
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from sparse_attention_tf import ops, patterns
+
+assert ops.is_available(), ops._load_error
+LAST = os.environ["FUZZ_LAST_INPUT"]
+EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "500"))
+OK = (tf.errors.InvalidArgumentError, ValueError)
+I32 = np.iinfo(np.int32)
+counts = {"ok": 0, "error": 0}
+
+
+def record(op, args, attrs):
+  # The input of the call in progress, for the parent to show after a crash.
+  with open(LAST, "w") as f:
+    f.write(f"op={op} attrs={attrs}\n")
+    for i, a in enumerate(args):
+      a = np.asarray(a)
+      body = np.array2string(a, threshold=60) if a.dtype != np.float32 else ""
+      f.write(f"  arg{i}: {a.dtype} {a.shape} {body}\n")
+
+
+def run(op, args, **attrs):
+  """True if the call succeeded, False if it raised an accepted error."""
+  record(op, args, attrs)
+  try:
+    out = getattr(ops, op)(*[tf.convert_to_tensor(a) for a in args], **attrs)
+    np.asarray(out)
+    counts["ok"] += 1
+    return True
+  except OK:
+    counts["error"] += 1
+    return False
+
+
+settings_ = settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=False,
+                     suppress_health_check=list(HealthCheck))
+
+dims = st.one_of(st.integers(0, 4), st.integers(0, 4), st.integers(0, 4), st.sampled_from([8, 16]))
+small_shape = lambda: st.lists(dims, min_size=0, max_size=6).map(tuple).filter(
+    lambda s: np.prod(s) <= 8192)
+any_int = (st.integers(-3, 20) | st.sampled_from([int(I32.min), int(I32.max), -1, 2**30, -(2**30)]))
+
+
+def int_table(shape_st):
+  # A few random values (huge and negative included), repeated to fill the shape.
+  return st.tuples(shape_st, st.lists(any_int, min_size=1, max_size=16)).map(
+      lambda sv: np.resize(np.array(sv[1], np.int64).astype(np.int32), sv[0]))
+
+
+def float_tensor(shape):
+  return np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+
+
+bool_table = lambda shape_st: st.tuples(shape_st, st.lists(st.booleans(), min_size=1, max_size=16)).map(
+    lambda sv: np.resize(np.array(sv[1], bool), sv[0]))
+rank1 = st.integers(0, 12).map(lambda n: (n,))
+rank2_3 = st.tuples(st.integers(0, 8), st.sampled_from([3, 3, 3, 2, 0]))
+table_shape = rank1 | small_shape()
+
+# 1. Garbage: random shapes and random tables.
+@settings_
+@given(a=small_shape(), same=st.booleans(), b=small_shape(),
+       blocks=int_table(rank2_3 | small_shape()), ro=int_table(table_shape),
+       co=int_table(table_shape), cb=int_table(table_shape),
+       block_size=st.integers(1, 20) | st.sampled_from([2**31 - 1, 2**40]))
+def fuzz_sdd(a, same, b, blocks, ro, co, cb, block_size):
+  b = a if same else b
+  run("sdd", [float_tensor(a), float_tensor(b), blocks, ro, co, cb], block_size=block_size)
+
+
+@settings_
+@given(op=st.sampled_from(["dsd", "dsd_t"]), p=small_shape(), x=small_shape(),
+       blocks=int_table(rank2_3 | small_shape()), ro=int_table(table_shape),
+       co=int_table(table_shape), cb=int_table(table_shape))
+def fuzz_dsd(op, p, x, blocks, ro, co, cb):
+  run(op, [float_tensor(p), float_tensor(x), blocks, ro, co, cb])
+
+
+@settings_
+@given(x=small_shape(), blocks=int_table(rank2_3 | small_shape()), ro=int_table(table_shape),
+       mi=int_table(table_shape), masks=bool_table(small_shape()), kp=bool_table(small_shape()),
+       scale=st.floats(allow_nan=True, allow_infinity=True, width=32))
+def fuzz_softmax(x, blocks, ro, mi, masks, kp, scale):
+  run("softmax", [float_tensor(x), blocks, ro, mi, masks, kp], scale=scale)
+
+
+@settings_
+@given(y=small_shape(), same=st.booleans(), dy=small_shape(), ro=int_table(table_shape),
+       scale=st.floats(-10, 10, width=32))
+def fuzz_softmax_grad(y, same, dy, ro, scale):
+  dy = y if same else dy
+  run("softmax_grad", [float_tensor(y), float_tensor(dy), ro], scale=scale)
+
+
+# 2. Near-valid: real tables (1 or 2 layout heads) with a few entries or sizes changed,
+# so the calls get past the shape checks and into the table validation.
+PLANS = [patterns.Fixed(16, 4, heads=2, head_groups=2).plan(64, 16).parts[0].tables,
+         patterns.Fixed(32, 8).plan(64, 16).parts[0].tables,
+         patterns.Local(20).plan(48, 16).parts[0].tables]
+
+
+@st.composite
+def near_valid(draw):
+  """A valid call of a random plan, then 0-3 random corruptions (tables or sizes)."""
+  t = draw(st.sampled_from(PLANS))
+  groups = draw(st.integers(1, 2))
+  c = {"blocks": t.blocks.copy(), "row_offsets": t.row_offsets.copy(),
+       "col_offsets": t.col_offsets.copy(), "col_blocks": t.col_blocks.copy(),
+       "mask_index": t.mask_index.copy(), "masks": t.masks.copy(),
+       "batch": draw(st.integers(1, 2)), "heads": groups * t.num_layout_heads, "seq": t.seq_len,
+       "head_dim": draw(st.integers(1, 3)), "groups": groups, "nnz": t.nnz,
+       "block": t.block_size, "kp_len": t.seq_len, "block_attr": t.block_size}
+  tables = ("blocks", "row_offsets", "col_offsets", "col_blocks", "mask_index", "masks")
+  for _ in range(draw(st.integers(0, 3))):
+    name = draw(st.sampled_from(sorted(c)))
+    if name not in tables:   # a size: nudge it
+      c[name] = max(0, c[name] + draw(st.sampled_from([-16, -8, -1, 1, 8, 16, c[name]])))
+      continue
+    arr = c[name]
+    kind = draw(st.sampled_from(["set", "set", "set", "drop", "append", "shuffle"]))
+    if kind == "set" and arr.size:
+      idx = draw(st.integers(0, arr.size - 1))
+      flat = arr.reshape(-1).copy()
+      flat[idx] = draw(any_int) if arr.dtype != bool else not flat[idx]
+      c[name] = flat.reshape(arr.shape)
+    elif kind == "drop" and arr.shape[0]:
+      c[name] = np.delete(arr, draw(st.integers(0, arr.shape[0] - 1)), axis=0)
+    elif kind == "append":
+      c[name] = np.concatenate([arr, arr[-1:] if arr.shape[0] else arr[:0]], axis=0)
+    elif kind == "shuffle" and arr.shape[0] > 1:
+      c[name] = arr[np.array(draw(st.permutations(range(arr.shape[0]))))]
+  return c
+
+
+@settings_
+@given(c=near_valid(), op=st.sampled_from(["sdd", "dsd", "dsd_t", "softmax", "softmax_grad"]))
+def fuzz_near_valid(c, op):
+  four = [c["blocks"], c["row_offsets"], c["col_offsets"], c["col_blocks"]]
+  dense = float_tensor((c["batch"], c["seq"], c["heads"], c["head_dim"]))
+  sparse = float_tensor((c["batch"], c["groups"], c["nnz"], c["block"], c["block"]))
+  if op == "sdd":
+    run(op, [dense, dense] + four, block_size=max(1, c["block_attr"]))
+  elif op in ("dsd", "dsd_t"):
+    run(op, [sparse, dense] + four)
+  elif op == "softmax":
+    kp = np.ones((c["batch"], c["kp_len"]), bool)
+    run(op, [sparse, c["blocks"], c["row_offsets"], c["mask_index"], c["masks"], kp], scale=1.0)
+  else:
+    run(op, [sparse, sparse, c["row_offsets"]], scale=1.0)
+
+
+# 3. Structured: right ranks, random small sizes and random table contents, each table
+# either derived from the blocks (consistent), sorted random or plain random.
+@st.composite
+def structured(draw):
+  block, nb, hl = draw(st.sampled_from([1, 2, 4])), draw(st.integers(1, 4)), draw(st.integers(1, 3))
+  rows = hl * nb
+  if draw(st.booleans()):   # a valid set of kept blocks
+    cells = draw(st.sets(st.integers(0, rows * nb - 1), max_size=10))
+    key = np.array(sorted(cells), np.int64)
+    blocks = np.stack([key // (nb * nb), key // nb % nb, key % nb], axis=1).astype(np.int32)
+  else:
+    z = draw(st.integers(0, 8))
+    vals = draw(st.lists(st.integers(-2, 5) | any_int, min_size=3 * z, max_size=3 * z))
+    blocks = np.array(vals, np.int64).astype(np.int32).reshape(z, 3)
+  z = blocks.shape[0]
+  h, i, j = (blocks[:, k].astype(np.int64) for k in range(3))
+  def offsets(kind, keys):
+    if kind == "derived":
+      return np.searchsorted(np.sort(keys), np.arange(rows + 1)).astype(np.int32)
+    vals = draw(st.lists(st.integers(-1, z + 1), min_size=rows + 1, max_size=rows + 1))
+    arr = np.array(vals, np.int32)
+    if kind == "sorted":
+      arr = np.sort(np.clip(arr, 0, z))
+      arr[0], arr[-1] = 0, z
+    return arr
+  kinds = st.sampled_from(["derived", "derived", "sorted", "random"])
+  row_offsets = offsets(draw(kinds), h * nb + i)
+  col_kind = draw(kinds)
+  col_blocks = (np.lexsort((i, j, h)).astype(np.int32) if col_kind == "derived" else
+                np.array(draw(st.lists(st.integers(-1, z), min_size=z, max_size=z)), np.int32))
+  col_offsets = offsets(col_kind, h * nb + j)
+  m = draw(st.integers(0, 2))
+  mask_index = np.array(draw(st.lists(st.integers(-2, m), min_size=z, max_size=z)), np.int32)
+  groups, batch = draw(st.integers(0, 2)), draw(st.integers(0, 2))
+  return dict(block=block, nb=nb, hl=hl, groups=groups, batch=batch, z=z, blocks=blocks,
+              row_offsets=row_offsets, col_offsets=col_offsets, col_blocks=col_blocks,
+              mask_index=mask_index, masks=np.ones((m, block, block), bool),
+              heads=max(1, groups * hl) + draw(st.sampled_from([0, 0, 0, 1])),
+              head_dim=draw(st.integers(1, 2)))
+
+
+def offsets_ok(offs, keys, z):
+  """offs [R+1] lists entries 0..z-1 in order, each under its key (the row / column)."""
+  if offs[0] != 0 or offs[-1] != z or np.any(np.diff(offs.astype(np.int64)) < 0):
+    return False
+  return all(keys[k] == r for r in range(len(offs) - 1) for k in range(offs[r], offs[r + 1]))
+
+
+def tables_ok(c, columns):
+  """An independent check of the tables: what the kernels must accept, and only that."""
+  b, nb, hl, z = c["blocks"].astype(np.int64), c["nb"], c["hl"], c["z"]
+  if z and (b.min(axis=0) < 0).any() or z and (b.max(axis=0) >= [hl, nb, nb]).any():
+    return False
+  key = (b[:, 0] * nb + b[:, 1]) * nb + b[:, 2]
+  if np.any(np.diff(key) <= 0) or not offsets_ok(c["row_offsets"], b[:, 0] * nb + b[:, 1], z):
+    return False
+  if not columns:
+    return True
+  cb = c["col_blocks"].astype(np.int64)
+  if sorted(cb.tolist()) != list(range(z)):
+    return False
+  return offsets_ok(c["col_offsets"], (b[:, 0] * nb + b[:, 2])[cb], z)
+
+
+@settings_
+@given(c=structured(), op=st.sampled_from(["sdd", "dsd", "dsd_t", "softmax", "softmax_grad"]))
+def fuzz_structured(c, op):
+  four = [c["blocks"], c["row_offsets"], c["col_offsets"], c["col_blocks"]]
+  seq = c["nb"] * c["block"]
+  dense = float_tensor((c["batch"], seq, c["heads"], c["head_dim"]))
+  sparse = float_tensor((c["batch"], c["groups"], c["z"], c["block"], c["block"]))
+  fits = c["heads"] == c["groups"] * c["hl"]   # the sparse operand matches the dense one
+  if op == "sdd":
+    ok, valid = run(op, [dense, dense] + four, block_size=c["block"]), tables_ok(c, True)
+    fits = c["heads"] % c["hl"] == 0
+  elif op in ("dsd", "dsd_t"):
+    ok, valid = run(op, [sparse, dense] + four), tables_ok(c, True)
+  elif op == "softmax":
+    kp = np.ones((c["batch"], seq), bool)
+    ok = run(op, [sparse, c["blocks"], c["row_offsets"], c["mask_index"], c["masks"], kp], scale=1.0)
+    m = c["masks"].shape[0]
+    valid = tables_ok(c, False) and bool(np.all((c["mask_index"] >= -1) & (c["mask_index"] < m)))
+    fits = True   # softmax takes the heads from its own operand
+  else:
+    ok = run(op, [sparse, sparse, c["row_offsets"]], scale=1.0)
+    r = c["row_offsets"].astype(np.int64)
+    valid = r[0] == 0 and r[-1] == c["z"] and bool(np.all(np.diff(r) >= 0))
+    fits = True
+  # Accepted only if valid (no out-of-range read), and valid tables of the right size run.
+  assert ok == (valid and fits), (op, ok, valid, fits)
+
+
+start = time.time()
+for fuzz in (fuzz_sdd, fuzz_dsd, fuzz_softmax, fuzz_softmax_grad, fuzz_near_valid,
+             fuzz_structured):
+  fuzz()
+  print(f"{fuzz.__name__}: done at {time.time() - start:.1f}s {counts}", file=sys.stderr)
+
+# A valid call still works after all the rejected ones.
+t = patterns.Fixed(32, 8).plan(64, 16).parts[0].tables
+tt = ops.TableTensors(t)
+a = tf.ones([1, 64, 2, 4])
+s = ops.sdd(a, a, *tt.all_tables, block_size=16)
+y = ops.softmax(s, tt.blocks, tt.row_offsets, tt.mask_index, tt.masks, tf.ones([1, 64], tf.bool), 0.5)
+out = ops.dsd(y, a, *tt.all_tables).numpy()
+assert np.allclose(out, 1.0, atol=1e-5), out
+print("FUZZ_OK", counts)
+'''
+
+
+def test_fuzz_raw_ops_never_crash(tmp_path):
+  """Random shapes and tables: each call succeeds or raises InvalidArgumentError/ValueError."""
+  env = dict(os.environ)
+  env["PYTHONPATH"] = REPO_ROOT + os.pathsep + env.get("PYTHONPATH", "")
+  env["FUZZ_LAST_INPUT"] = str(tmp_path / "last_input.txt")
+  env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  env.setdefault("FUZZ_EXAMPLES", "500")
+  try:
+    proc = subprocess.run([sys.executable, "-c", _FUZZ_SCRIPT], env=env, cwd=str(tmp_path),
+                          capture_output=True, text=True, timeout=150)
+  except subprocess.TimeoutExpired as e:
+    last = (tmp_path / "last_input.txt")
+    pytest.fail(f"fuzzing hung; last input:\n{last.read_text() if last.exists() else '?'}\n"
+                f"stderr:\n{(e.stderr or b'')[-4000:]}")
+  last = tmp_path / "last_input.txt"
+  detail = (f"return code {proc.returncode}"
+            f"{' (killed by signal %d: a crash)' % -proc.returncode if proc.returncode < 0 else ''}"
+            f"\nlast input:\n{last.read_text() if last.exists() else '?'}"
+            f"\nstderr (tail):\n{proc.stderr[-6000:]}")
+  assert proc.returncode == 0, detail
+  assert "FUZZ_OK" in proc.stdout, detail
+
+
+# --- 3. sparse_attention ----------------------------------------------------------
+def _qkv(shape=(B, N, H, D), dtype=tf.float32):
+  x = tf.random.stateless_normal(shape, seed=[1, 2])
+  return tf.cast(x, dtype)
+
+
+ATTENTION_CASES = [
+    # (id, kwargs builder, message pattern)
+    ("query_rank3", lambda q: dict(query=q[0], key=q, value=q), r"query must have rank 4"),
+    ("key_rank5", lambda q: dict(query=q, key=q[None], value=q), r"key must have rank 4"),
+    ("value_rank2", lambda q: dict(query=q, key=q, value=q[0, 0]), r"value must have rank 4"),
+    ("key_seq", lambda q: dict(query=q, key=q[:, :64], value=q), r"query, key and value must agree"),
+    ("value_heads", lambda q: dict(query=q, key=q, value=q[:, :, :2]), r"query, key and value must agree"),
+    ("key_head_dim", lambda q: dict(query=q, key=q[..., :4], value=q), r"query and key must have the same head_dim"),
+    ("dtype_mismatch", lambda q: dict(query=q, key=tf.cast(q, tf.float16), value=q), r"one dtype"),
+    ("int32", lambda q: dict(query=tf.cast(q, tf.int32), key=tf.cast(q, tf.int32), value=tf.cast(q, tf.int32)),
+     r"dtype int32 is not supported"),
+    ("float64_custom_op", lambda q: dict(query=tf.cast(q, tf.float64), key=tf.cast(q, tf.float64),
+                                         value=tf.cast(q, tf.float64), implementation="custom_op"),
+     r"dtype float64 is not supported by implementation 'custom_op'"),
+    ("unknown_implementation", lambda q: dict(query=q, key=q, value=q, implementation="cuda"),
+     r"implementation must be one of"),
+    ("heads_not_multiple", lambda q: dict(query=q[:, :, :3], key=q[:, :, :3], value=q[:, :, :3],
+                                          pattern=Fixed(32, 8, heads=2, head_groups=2)),
+     r"number of heads \(3\) must be a multiple of the pattern's heads \(2\)"),
+    ("seq_not_multiple_of_block", lambda q: dict(query=q[:, :120], key=q[:, :120], value=q[:, :120],
+                                                 pattern=Fixed(24, 8), block_size=16),
+     r"seq_len \(120\) must be a multiple of block_size \(16\)"),
+    ("block_size_24", lambda q: dict(query=q, key=q, value=q, block_size=24), r"block_size must be one of"),
+    ("block_size_0", lambda q: dict(query=q, key=q, value=q, block_size=0), r"block_size must be one of"),
+    ("key_padding_mask_seq", lambda q: dict(query=q, key=q, value=q, key_padding_mask=tf.ones([B, 64], tf.bool)),
+     r"key_padding_mask must have shape \[batch, 128\]"),
+    ("key_padding_mask_rank1", lambda q: dict(query=q, key=q, value=q, key_padding_mask=tf.ones([N], tf.bool)),
+     r"key_padding_mask must have shape"),
+    ("key_padding_mask_rank3", lambda q: dict(query=q, key=q, value=q, key_padding_mask=tf.ones([B, N, 1], tf.bool)),
+     r"key_padding_mask must have shape"),
+    ("fixed_stride_not_multiple_of_block", lambda q: dict(query=q, key=q, value=q, pattern=Fixed(40, 8), block_size=16),
+     r"stride \(40\) must be a multiple of block_size \(16\)"),
+    ("strided_split_stride_not_dividing", lambda q: dict(query=q[:, :, :2], key=q[:, :, :2], value=q[:, :, :2],
+                                                         pattern=Strided(24, heads=2, mode="split")),
+     r"stride \(24\) must divide seq_len \(128\)"),
+    ("bad_pattern", lambda q: dict(query=q, key=q, value=q, pattern="fixed"), r"pattern"),
+]
+
+
+def _attention_kwargs(build):
+  q = _qkv()
+  kw = dict(pattern=Fixed(32, 8), block_size=BS)
+  kw.update(build(q))
+  return kw
+
+
+@pytest.mark.parametrize("case", ATTENTION_CASES, ids=lambda c: c[0])
+def test_sparse_attention_value_errors(ops, case):
+  _, build, pattern = case
+  with pytest.raises(ValueError, match=pattern):
+    sparse_attention(**_attention_kwargs(build))
+
+
+def test_fixed_heads_not_multiple_of_head_groups(ops):
+  """Fixed(32, 8, heads=4, head_groups=2) needs a multiple of 4 heads; 6 is not."""
+  q = _qkv((1, N, 6, D))
+  with pytest.raises(ValueError, match=r"heads \(6\) must be a multiple of the pattern's heads \(4\)"):
+    sparse_attention(q, q, q, Fixed(32, 8, heads=4, head_groups=2), block_size=BS)
+
+
+@pytest.mark.parametrize("name", ["key", "value", "key_padding_mask"])
+def test_sparse_attention_batch_mismatch_is_a_value_error(ops, name):
+  """q/k/v/key_padding_mask with different static batch sizes are rejected up front.
+
+  The docstring promises ValueError "for shapes ... that do not fit"; without
+  a check the error comes from inside the kernels (e.g. "a and b must have the
+  same shape"), and with implementation="dense" a batch-1 key_padding_mask is
+  silently broadcast while "custom_op" rejects it.
+  """
+  q = _qkv()
+  kwargs = dict(key=q, value=q)
+  if name == "key_padding_mask":
+    kwargs[name] = tf.ones([1, N], tf.bool)
+  else:
+    kwargs[name] = _qkv((B + 1, N, H, D))
+  with pytest.raises(ValueError, match=name):
+    sparse_attention(q, pattern=Fixed(32, 8), block_size=BS, implementation="custom_op", **kwargs)
+
+
+def test_sparse_attention_zero_head_dim_is_a_value_error(ops):
+  q = _qkv((B, N, H, 0))
+  with pytest.raises(ValueError, match=r"head_dim"):
+    sparse_attention(q, q, q, Fixed(32, 8), block_size=BS)
+
+
+def test_sparse_attention_errors_in_tf_function(ops):
+  pattern = Fixed(32, 8)
+
+  @tf.function
+  def f(q, k, v):
+    return sparse_attention(q, k, v, pattern, block_size=BS, implementation="custom_op")
+
+  q = _qkv()
+  with pytest.raises(ValueError, match=r"query, key and value must agree"):
+    f(q, q[:, :64], q[:, :64])
+
+  @tf.function(input_signature=[tf.TensorSpec([None, None, H, D], tf.float32)] * 3)
+  def g(q, k, v):
+    return sparse_attention(q, k, v, pattern, block_size=BS, implementation="custom_op")
+
+  with pytest.raises(ValueError, match=r"must be known statically"):
+    g.get_concrete_function()
+
+
+# --- the library still works ----------------------------------------------------------
+def test_valid_call_after_errors(ops):
+  """Run last: after all the rejected calls, results still match dense attention."""
+  q, k, v = _qkv(), _qkv() * 0.5, _qkv() + 1.0
+  pattern = Fixed(32, 8, heads=2, head_groups=2)
+  kp = np.ones((B, N), bool)
+  kp[1, -20:] = False
+  got = sparse_attention(q, k, v, pattern, block_size=BS, key_padding_mask=kp,
+                         implementation="custom_op")
+  want = sparse_attention(q, k, v, pattern, block_size=BS, key_padding_mask=kp,
+                          implementation="dense")
+  np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-4, atol=1e-5)
+  for op in _ORDER:
+    out = np.asarray(_call(ops, op, _base(op)))
+    assert np.isfinite(out).all()
