@@ -151,43 +151,52 @@ void DsdTColumns(const Problem& p, const float* probs, const float* x, float* ou
   }
 }
 
+// Both softmax kernels walk each block row tile by tile (sequential memory),
+// keeping per-row running values (max, sum, dot) for the b query rows.
 void SoftmaxRows(const Problem& p, const SoftmaxMasks& m, float scale, const float* x,
                  float* y, int64_t begin, int64_t end) {
   const SimdKernels& simd = Simd();
+  const float kNegInf = -std::numeric_limits<float>::infinity();
   const int64_t bs = p.block, nb = p.t.num_blocks;
   std::vector<uint8_t> keep(bs);
+  std::vector<float> mx(bs), sum(bs);
   for (int64_t u = begin; u < end; ++u) {
     const Unit w = SplitUnit(p, u);
     const int64_t row = w.h * nb + w.i;
     const int64_t z0 = p.t.row_offsets[row], z1 = p.t.row_offsets[row + 1];
-    for (int64_t i = 0; i < bs; ++i) {
-      // Pass 1: y = scale * x on visible elements, -inf elsewhere; row max.
-      float mx = -std::numeric_limits<float>::infinity();
-      for (int64_t z = z0; z < z1; ++z) {
-        const int64_t off = p.sparse_offset(w.b, w.g, z) + i * bs;
-        const int32_t mi = m.mask_index[z];
-        const bool* tile_row = mi < 0 ? nullptr : m.masks + (mi * bs + i) * bs;
-        const bool* keys =
-            m.key_padding ? m.key_padding + w.b * p.seq + p.t.blocks[3 * z + 2] * bs : nullptr;
-        const uint8_t* k = nullptr;
-        if (tile_row != nullptr || keys != nullptr) {
-          for (int64_t jj = 0; jj < bs; ++jj)
-            keep[jj] = (!tile_row || tile_row[jj]) && (!keys || keys[jj]);
-          k = keep.data();
+    // Pass 1: y = scale * x on visible elements, -inf elsewhere; row maxima.
+    std::fill(mx.begin(), mx.end(), kNegInf);
+    for (int64_t z = z0; z < z1; ++z) {
+      const int64_t off = p.sparse_offset(w.b, w.g, z);
+      const int32_t mi = m.mask_index[z];
+      const uint8_t* keys = m.key_padding == nullptr
+          ? nullptr
+          : reinterpret_cast<const uint8_t*>(m.key_padding + w.b * p.seq + p.t.blocks[3 * z + 2] * bs);
+      for (int64_t i = 0; i < bs; ++i) {
+        const uint8_t* k = keys;
+        if (mi >= 0) {
+          const uint8_t* tile_row = reinterpret_cast<const uint8_t*>(m.masks + (mi * bs + i) * bs);
+          k = tile_row;
+          if (keys != nullptr) {
+            for (int64_t jj = 0; jj < bs; ++jj) keep[jj] = tile_row[jj] & keys[jj];
+            k = keep.data();
+          }
         }
-        mx = std::max(mx, simd.scale_mask_max(x + off, k, scale, y + off, bs));
+        mx[i] = std::max(mx[i], simd.scale_mask_max(x + off + i * bs, k, scale, y + off + i * bs, bs));
       }
-      if (mx == -std::numeric_limits<float>::infinity()) {  // no visible key: a row of zeros
-        for (int64_t z = z0; z < z1; ++z)
-          std::memset(y + p.sparse_offset(w.b, w.g, z) + i * bs, 0, bs * sizeof(float));
-        continue;
-      }
-      // Pass 2: exponentials and their sum; pass 3: normalise.
-      float sum = 0.f;
-      for (int64_t z = z0; z < z1; ++z)
-        sum += simd.exp_sum(y + p.sparse_offset(w.b, w.g, z) + i * bs, mx, bs);
-      const float inv = 1.f / sum;
-      for (int64_t z = z0; z < z1; ++z) simd.scale(y + p.sparse_offset(w.b, w.g, z) + i * bs, inv, bs);
+    }
+    // Pass 2: exponentials and row sums (rows with no visible key stay all -inf -> 0).
+    std::fill(sum.begin(), sum.end(), 0.f);
+    for (int64_t z = z0; z < z1; ++z) {
+      float* tile = y + p.sparse_offset(w.b, w.g, z);
+      for (int64_t i = 0; i < bs; ++i)
+        sum[i] += simd.exp_sum(tile + i * bs, mx[i] == kNegInf ? 0.f : mx[i], bs);
+    }
+    // Pass 3: normalise.
+    for (int64_t i = 0; i < bs; ++i) sum[i] = sum[i] > 0.f ? 1.f / sum[i] : 0.f;
+    for (int64_t z = z0; z < z1; ++z) {
+      float* tile = y + p.sparse_offset(w.b, w.g, z);
+      for (int64_t i = 0; i < bs; ++i) simd.scale(tile + i * bs, sum[i], bs);
     }
   }
 }
@@ -196,20 +205,20 @@ void SoftmaxGradRows(const Problem& p, float scale, const float* y, const float*
                      int64_t begin, int64_t end) {
   const SimdKernels& simd = Simd();
   const int64_t bs = p.block, nb = p.t.num_blocks;
+  std::vector<float> dot(bs);
   for (int64_t u = begin; u < end; ++u) {
     const Unit w = SplitUnit(p, u);
     const int64_t row = w.h * nb + w.i;
     const int64_t z0 = p.t.row_offsets[row], z1 = p.t.row_offsets[row + 1];
-    for (int64_t i = 0; i < bs; ++i) {
-      float dot = 0.f;
-      for (int64_t z = z0; z < z1; ++z) {
-        const int64_t off = p.sparse_offset(w.b, w.g, z) + i * bs;
-        dot += simd.dot(y + off, dy + off, bs);
-      }
-      for (int64_t z = z0; z < z1; ++z) {
-        const int64_t off = p.sparse_offset(w.b, w.g, z) + i * bs;
-        simd.softmax_grad(y + off, dy + off, dot, scale, dx + off, bs);
-      }
+    std::fill(dot.begin(), dot.end(), 0.f);
+    for (int64_t z = z0; z < z1; ++z) {
+      const int64_t off = p.sparse_offset(w.b, w.g, z);
+      for (int64_t i = 0; i < bs; ++i) dot[i] += simd.dot(y + off + i * bs, dy + off + i * bs, bs);
+    }
+    for (int64_t z = z0; z < z1; ++z) {
+      const int64_t off = p.sparse_offset(w.b, w.g, z);
+      for (int64_t i = 0; i < bs; ++i)
+        simd.softmax_grad(y + off + i * bs, dy + off + i * bs, dot[i], scale, dx + off + i * bs, bs);
     }
   }
 }

@@ -3,6 +3,7 @@
 // the framework-free bodies in blocksparse_cpu.h.
 #define EIGEN_USE_THREADS
 
+#include <algorithm>
 #include <functional>
 #include <string>
 
@@ -329,7 +330,11 @@ class SoftmaxOp : public OpKernel {
     m.mask_index = mask_index.flat<int32_t>().data();
     m.masks = masks.flat<bool>().data();
     m.num_masks = masks.dim_size(0);
-    m.key_padding = key_padding.flat<bool>().data();
+    // An all-true key padding mask hides nothing: skip reading it per element.
+    const bool* kp = key_padding.flat<bool>().data();
+    m.key_padding = std::all_of(kp, kp + key_padding.NumElements(), [](bool k) { return k; })
+                        ? nullptr
+                        : kp;
     const std::string err = ValidateMasks(p, m);
     OP_REQUIRES(ctx, err.empty(), Invalid("invalid masks: ", err));
 
