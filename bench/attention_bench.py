@@ -22,7 +22,7 @@ import statistics
 import sys
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
@@ -85,12 +85,13 @@ def main(argv=None):
   parser.add_argument("--skip_dense_above", type=int, default=8192,
                       help="skip dense attention above this N (its N^2 memory)")
   args = parser.parse_args(argv)
+  tf.get_logger().setLevel("ERROR")      # one tf.function per case: retracing is expected
   if not ops.is_available():
     sys.exit("bench: the op library is not built; run `bash scripts/setup.sh` first.")
 
   ceiling = matmul_gflops(args.repeats)
   print(f"threads: intra-op {tf.config.threading.get_intra_op_parallelism_threads() or os.cpu_count()}"
-        f", op library: {ops.library_path()}")
+        f", kernels: {ops.simd_isa()}, op library: {ops.library_path()}")
   print(f"dense tf.matmul 4096^3 float32: {ceiling:.0f} GFLOP/s\n")
   header = ("| pattern | N | density | impl | fwd ms | fwd+bwd ms | fwd+bwd GFLOP/s | "
             "% of matmul | fwd+bwd speedup vs dense |")

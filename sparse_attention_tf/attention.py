@@ -6,6 +6,10 @@ q, k, v are `[batch, seq, heads, head_dim]`, the layout of
 `keras.ops.dot_product_attention`. The result equals dense softmax attention
 under `pattern.mask(seq)` for every query row that sees at least one key;
 rows that see none (all their keys padded) are 0.
+
+The library's functions are plain Python over static shapes and tables, so
+they are marked `do_not_convert`: inside a `tf.function`, AutoGraph traces
+them as they are instead of rewriting them.
 """
 
 from __future__ import annotations
@@ -110,6 +114,7 @@ def _custom_op_attention(q, k, v, part, scale, key_padding_mask):
   return ops_lib.dsd(probs, v, *t.all_tables)                             # (B, N, H, Dv)
 
 
+@tf.autograph.experimental.do_not_convert
 def sparse_attention(query, key, value, pattern, block_size: int = 32,
                      scale: Optional[float] = None, key_padding_mask=None,
                      implementation: str = "auto"):
@@ -156,22 +161,42 @@ def sparse_attention(query, key, value, pattern, block_size: int = 32,
   outputs, head_order = [], []
   for part in plan.parts:
     idx = _part_heads(part, heads, pattern.num_heads)
-    q, k, v, kp = query, key, value, key_padding_mask
-    if len(idx) != heads:                                                 # a subset of heads
-      q, k, v = (tf.gather(t, idx, axis=2) for t in (q, k, v))
+    q, k, v = (_take_heads(t, idx) for t in (query, key, value))
+    kp = key_padding_mask
     if part.transpose is not None:                                        # column-major grid
-      perm = patterns_lib.transpose_permutation(seq, part.transpose)
-      q, k, v = (tf.gather(t, perm, axis=1) for t in (q, k, v))
-      kp = None if kp is None else tf.gather(kp, perm, axis=1)
+      q, k, v = (_grid_transpose(t, part.transpose) for t in (q, k, v))
+      kp = None if kp is None else _grid_transpose(kp, part.transpose)
     if implementation == "custom_op":
       out = _custom_op_attention(q, k, v, part, scale, kp)
     else:
       out = reference.blocksparse_attention(q, k, v, part.tables, scale, kp)
     if part.transpose is not None:
-      out = tf.gather(out, np.argsort(perm), axis=1)
+      out = _grid_transpose(out, seq // part.transpose)                   # and back
     outputs.append(out)
     head_order.append(idx)
-  if len(outputs) == 1:
-    return outputs[0]
-  out = tf.concat(outputs, axis=2)                                        # heads grouped by part
-  return tf.gather(out, np.argsort(np.concatenate(head_order)), axis=2)
+  out = outputs[0] if len(outputs) == 1 else tf.concat(outputs, axis=2)  # heads grouped by part
+  order = np.concatenate(head_order)
+  if np.array_equal(order, np.arange(heads)):
+    return out
+  return tf.gather(out, np.argsort(order), axis=2)
+
+
+def _take_heads(t, idx: np.ndarray):
+  """t[:, :, idx]: a slice when idx is a contiguous range, else a gather."""
+  if idx.size and np.array_equal(idx, np.arange(idx[0], idx[0] + idx.size)):
+    return t if idx.size == t.shape[2] else t[:, :, idx[0]:idx[0] + idx.size]
+  return tf.gather(t, idx, axis=2)
+
+
+def _grid_transpose(t, stride: int):
+  """Reorders axis 1 (length N) as the [N/stride, stride] grid read column by column.
+
+  Position r*stride + c moves to c*(N/stride) + r (see
+  patterns.transpose_permutation); applying it with stride N/stride undoes it.
+  A reshape and a transpose: cheaper than a gather, and so is its gradient.
+  """
+  shape = tf.shape(t)
+  n = t.shape[1]
+  grid = tf.reshape(t, tf.concat([shape[:1], [n // stride, stride], shape[2:]], 0))
+  perm = [0, 2, 1] + list(range(3, t.shape.rank + 1))
+  return tf.reshape(tf.transpose(grid, perm), shape)

@@ -34,6 +34,7 @@ _ENV_VAR = "SPARSE_ATTENTION_TF_OPS"
 
 _lock = threading.Lock()
 _module = None
+_module_path: Optional[str] = None
 _load_error: Optional[str] = None
 
 
@@ -51,7 +52,7 @@ def library_candidates() -> list:
 
 def load_library():
   """Loads the op library once; returns the op module, or None if none loads."""
-  global _module, _load_error
+  global _module, _module_path, _load_error
   with _lock:
     if _module is not None or _load_error is not None:
       return _module
@@ -61,6 +62,7 @@ def load_library():
         continue
       try:
         _module = tf.load_op_library(str(path))
+        _module_path = str(path)
         return _module
       except (tf.errors.NotFoundError, OSError) as e:  # wrong TF ABI, missing symbols
         errors.append(f"{path}: {e}")
@@ -79,12 +81,8 @@ def is_available() -> bool:
 
 def library_path() -> Optional[str]:
   """The path of the loaded library (None if not loaded)."""
-  if not is_available():
-    return None
-  for path in library_candidates():
-    if path.exists():
-      return str(path)
-  return None
+  load_library()
+  return _module_path
 
 
 def simd_isa() -> str:
@@ -122,24 +120,28 @@ class TableTensors:
 
 
 # --- raw ops ------------------------------------------------------------------
+@tf.autograph.experimental.do_not_convert
 def sdd(a, b, blocks, row_offsets, col_offsets, col_blocks, block_size: int):
   """[B,N,H,D] x [B,N,H,D] -> [B,G,Z,b,b]: A_I . B_J^T on each kept block."""
   return _ops().sparse_attention_blocksparse_sdd(
       a, b, blocks, row_offsets, col_offsets, col_blocks, block_size=block_size)
 
 
+@tf.autograph.experimental.do_not_convert
 def dsd(p, x, blocks, row_offsets, col_offsets, col_blocks):
   """[B,G,Z,b,b] x [B,N,H,D] -> [B,N,H,D]: out_I = sum_J P_IJ . X_J."""
   return _ops().sparse_attention_blocksparse_dsd(p, x, blocks, row_offsets, col_offsets,
                                                  col_blocks)
 
 
+@tf.autograph.experimental.do_not_convert
 def dsd_t(p, x, blocks, row_offsets, col_offsets, col_blocks):
   """[B,G,Z,b,b] x [B,N,H,D] -> [B,N,H,D]: out_J = sum_I P_IJ^T . X_I."""
   return _ops().sparse_attention_blocksparse_dsd_t(p, x, blocks, row_offsets, col_offsets,
                                                    col_blocks)
 
 
+@tf.autograph.experimental.do_not_convert
 def softmax(x, blocks, row_offsets, mask_index, masks, key_padding_mask, scale: float):
   """Row softmax of scale * x over visible elements; masked and empty rows give 0.
 
@@ -149,6 +151,7 @@ def softmax(x, blocks, row_offsets, mask_index, masks, key_padding_mask, scale: 
       x, blocks, row_offsets, mask_index, masks, key_padding_mask, scale=scale)
 
 
+@tf.autograph.experimental.do_not_convert
 def softmax_grad(y, dy, row_offsets, scale: float):
   return _ops().sparse_attention_blocksparse_softmax_grad(y, dy, row_offsets, scale=scale)
 

@@ -44,6 +44,7 @@ def _row_reduce(values, segments, num_rows, reduce):
   return tf.transpose(tf.gather(rows, segments), [1, 2, 0, 3])      # (B, G, Z, b)
 
 
+@tf.autograph.experimental.do_not_convert
 def blocksparse_attention(q, k, v, tables: layout_lib.BlockTables, scale: float,
                           key_padding_mask=None):
   """Block-sparse attention on kept blocks only, in plain TF ops.
@@ -108,6 +109,7 @@ def blocksparse_attention(q, k, v, tables: layout_lib.BlockTables, scale: float,
   return tf.cast(out, out_dtype)
 
 
+@tf.autograph.experimental.do_not_convert
 def dense_attention(q, k, v, mask: np.ndarray, scale: float, key_padding_mask=None):
   """Full masked softmax attention: O(N^2) time and memory.
 
@@ -123,9 +125,11 @@ def dense_attention(q, k, v, mask: np.ndarray, scale: float, key_padding_mask=No
   out_dtype = q.dtype
   cdt = _compute_dtype(out_dtype)
   q, k, v = (tf.cast(t, cdt) for t in (q, k, v))
-  h = int(q.shape[2])
-  m = np.tile(mask, (h // mask.shape[0], 1, 1))                              # (H, N, N)
-  visible = tf.constant(m)[None]                                             # (1, H, N, N)
+  h, hp = int(q.shape[2]), mask.shape[0]
+  visible = tf.constant(mask)                                                # (Hp, N, N)
+  if hp > 1:                                                                 # head h: mask[h % Hp]
+    visible = tf.gather(visible, np.arange(h) % hp)                          # (H, N, N)
+  visible = visible[None]                                                    # (1, H|1, N, N)
   if key_padding_mask is not None:
     kp = tf.cast(key_padding_mask, tf.bool)
     visible = tf.logical_and(visible, kp[:, None, None, :])                  # (B, H, N, N)

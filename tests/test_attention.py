@@ -22,6 +22,7 @@ TOL = {tf.float32: 1e-5, tf.bfloat16: 1e-2, tf.float16: 1e-2}
 CASES = [
     (patterns.Dense(), 64, 16, 3),
     (patterns.Dense(causal=False), 128, 64, 1),
+    (patterns.Local(100), 256, 128, 2),
     (patterns.Local(40), 128, 32, 3),
     (patterns.Local(7, causal=False), 64, 16, 2),
     (patterns.Strided(8), 64, 16, 3),
