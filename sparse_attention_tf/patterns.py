@@ -155,6 +155,17 @@ class Pattern:
       cache[key] = Plan(self.num_heads, seq_len, block_size, self._parts(seq_len, block_size))
     return cache[key]
 
+  def components(self) -> list:
+    """The factorized components (the paper's A1, A2, ...), for head modes.
+
+    A pattern that is not a union of components returns `[self]`.
+    """
+    return [self]
+
+  def merged(self) -> "Pattern":
+    """The union of the components in every head (the paper's "merged" heads)."""
+    return self
+
   # --- serialization -------------------------------------------------------
   def get_config(self) -> dict:
     raise NotImplementedError
@@ -313,6 +324,17 @@ class Strided(Pattern):
     return {"stride": self.stride, "heads": self.heads, "mode": self.mode,
             "causal": self.causal}
 
+  def merged(self):
+    if self.mode != "split":
+      return self
+    return Strided(self.stride, mode="merged", causal=self.causal)
+
+  def components(self):
+    if self.mode in ("row", "column"):
+      return [self]
+    return [Strided(self.stride, mode="row", causal=self.causal),
+            Strided(self.stride, mode="column", causal=self.causal)]
+
 
 class Fixed(Pattern):
   """The paper's fixed pattern, for data without a period (text, audio).
@@ -327,15 +349,23 @@ class Fixed(Pattern):
     summary: c, summary positions per window, `1 <= c` and `c * head_groups <= l`.
     heads: number of heads (None: `head_groups`; each group shares a layout).
     head_groups: g, how many different summary sets the heads use.
+    mode: `"merged"` (window or summary, the pattern above), `"window"` (A1:
+      the window only) or `"summary"` (A2: the summary positions only), for
+      layers or heads that take one component each.
     causal: if False, drops `j <= i` (summaries of later windows too).
   """
 
+  MODES = ("merged", "window", "summary")
+
   def __init__(self, stride: int, summary: int, heads: Optional[int] = None,
-               head_groups: int = 1, causal: bool = True):
+               head_groups: int = 1, mode: str = "merged", causal: bool = True):
     self.stride = _check_int("stride", stride)
     self.summary = _check_int("summary", summary)
     self.heads = _check_heads(heads)
     self.head_groups = _check_int("head_groups", head_groups)
+    if mode not in self.MODES:
+      raise ValueError(f"mode must be one of {self.MODES}, got {mode!r}.")
+    self.mode = mode
     self.causal = bool(causal)
     if self.summary * self.head_groups > self.stride:
       raise ValueError(
@@ -354,7 +384,8 @@ class Fixed(Pattern):
     window = (j // l) == (i // l)
     jm = j % l
     summary = (jm >= l - (r + 1) * c) & (jm <= l - r * c - 1)
-    return (window | summary) & self._causal(i, j)
+    keep = {"merged": window | summary, "window": window, "summary": summary}[self.mode]
+    return keep & self._causal(i, j)
 
   def _period(self):
     return self.stride
@@ -373,7 +404,13 @@ class Fixed(Pattern):
 
   def get_config(self):
     return {"stride": self.stride, "summary": self.summary, "heads": self.heads,
-            "head_groups": self.head_groups, "causal": self.causal}
+            "head_groups": self.head_groups, "mode": self.mode, "causal": self.causal}
+
+  def components(self):
+    if self.mode != "merged":
+      return [self]
+    args = {k: v for k, v in self.get_config().items() if k != "mode"}
+    return [Fixed(**args, mode="window"), Fixed(**args, mode="summary")]
 
 
 class Longformer(Pattern):
@@ -554,7 +591,71 @@ class Custom(_BlockPattern):
                  self.causal))
 
 
-PATTERNS = {cls.__name__: cls for cls in (Dense, Local, Strided, Fixed, Longformer, BigBird, Custom)}
+class Split(Pattern):
+  """Different patterns on different heads: the paper's "multi-head" integration.
+
+  Heads are cut into `len(components)` contiguous groups of equal size; group k
+  uses `components[k]`, its i-th head the component's head `i % num_heads`.
+  `Split([Strided(l, mode="row"), Strided(l, mode="column")], heads=8)` is
+  `Strided(l, heads=8, mode="split")`.
+
+  Args:
+    components: patterns (or their serialized dicts), one per head group.
+    heads: total number of heads, a multiple of `len(components)`.
+  """
+
+  def __init__(self, components, heads: int):
+    self.members = [deserialize(c) for c in components]
+    if not self.members:
+      raise ValueError("components must name at least one pattern.")
+    self.heads = _check_int("heads", heads)
+    if self.heads % len(self.members):
+      raise ValueError(f"heads ({self.heads}) must be a multiple of the number of components "
+                       f"({len(self.members)}).")
+    size = self.heads // len(self.members)
+    for c in self.members:
+      if size % c.num_heads:
+        raise ValueError(f"each head group ({size} heads) must be a multiple of its "
+                         f"component's heads, got {c!r} with {c.num_heads} heads.")
+    self.causal = all(c.causal for c in self.members)
+
+  @property
+  def num_heads(self):
+    return self.heads
+
+  def _keep(self, h, i, j, seq_len):
+    size = self.heads // len(self.members)
+    c = self.members[h // size]
+    return c._keep((h % size) % c.num_heads, i, j, seq_len)
+
+  def _validate(self, seq_len, block_size):
+    for c in self.members:
+      c._validate(seq_len, block_size)
+
+  def _parts(self, seq_len, block_size):
+    size = self.heads // len(self.members)
+    out = []
+    for k, c in enumerate(self.members):
+      for part in c.plan(seq_len, block_size).parts:
+        # Heads of group k whose component head is covered by this part.
+        heads = tuple(k * size + i for i in range(size)
+                      if part.heads is None or i % c.num_heads in part.heads)
+        out.append(Part(heads=heads, transpose=part.transpose, tables=part.tables))
+    return tuple(out)
+
+  def components(self):
+    return list(self.members)
+
+  def merged(self):
+    raise ValueError("Split has no merged form (a union of arbitrary patterns in one head); "
+                     "use a pattern with a 'merged' mode, e.g. Strided or Fixed.")
+
+  def get_config(self):
+    return {"components": [serialize(c) for c in self.members], "heads": self.heads}
+
+
+PATTERNS = {cls.__name__: cls for cls in (Dense, Local, Strided, Fixed, Longformer, BigBird, Custom,
+                                                 Split)}
 
 
 def serialize(pattern: Pattern) -> dict:

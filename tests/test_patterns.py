@@ -74,7 +74,7 @@ def ref_strided(n, l, heads, mode, causal):
   return np.stack([m1] * (heads // 2) + [m2] * (heads // 2))
 
 
-def ref_fixed(n, l, c, heads, g, causal):
+def ref_fixed(n, l, c, heads, g, causal, mode="merged"):
   num = heads if heads is not None else g
   per_group = []
   for r in range(g):
@@ -83,7 +83,8 @@ def ref_fixed(n, l, c, heads, g, causal):
     def pred(i, j, lo=lo, hi=hi):
       if causal and j > i:
         return False
-      return j // l == i // l or lo <= j % l <= hi
+      window, summary = j // l == i // l, lo <= j % l <= hi
+      return {"merged": window or summary, "window": window, "summary": summary}[mode]
 
     per_group.append(_loop_mask(n, pred))
   return np.stack([per_group[h % g] for h in range(num)])
@@ -203,6 +204,26 @@ def _fixed(n, l, c, g, heads, causal):
               lambda n, b: n % b == 0 and l % b == 0)
 
 
+def _fixed_mode(n, l, c, g, heads, mode, causal):
+  return Case(f"Fixed-n{n}-l{l}-c{c}-g{g}-h{heads}-{mode}-c{int(causal)}",
+              lambda: patterns.Fixed(l, c, heads=heads, head_groups=g, mode=mode, causal=causal),
+              lambda n: ref_fixed(n, l, c, heads, g, causal, mode), n,
+              lambda n, b: n % b == 0 and l % b == 0)
+
+
+def _split(n, l, c, heads):
+  """Split: first half of the heads a column-strided pattern, second half Fixed summary."""
+  def ref(n):
+    col = ref_strided(n, l, None, "column", True)[0]
+    summ = ref_fixed(n, l, c, None, 1, True, "summary")[0]
+    return np.stack([col] * (heads // 2) + [summ] * (heads // 2))
+  return Case(f"Split-n{n}-l{l}-c{c}-h{heads}",
+              lambda: patterns.Split([patterns.Strided(l, mode="column"),
+                                      patterns.serialize(patterns.Fixed(l, c, mode="summary"))],
+                                     heads=heads),
+              ref, n, lambda n, b: n % b == 0 and l % b == 0 and n % l == 0)
+
+
 def _longformer(n, w, glob, causal):
   return Case(f"Longformer-n{n}-w{w}-g{'_'.join(map(str, glob)) or 'none'}-c{int(causal)}",
               lambda: patterns.Longformer(w, global_tokens=glob, causal=causal),
@@ -261,6 +282,9 @@ CASES = [
     _fixed(128, 32, 16, 2, 4, False), _fixed(96, 64, 7, 3, None, False),
     _fixed(128, 16, 16, 1, None, True), _fixed(192, 48, 6, 2, 2, True),
     _fixed(256, 128, 10, 3, 3, False), _fixed(64, 32, 1, 1, 3, True),
+    _fixed_mode(128, 32, 4, 1, None, "window", True), _fixed_mode(256, 64, 8, 2, 4, "summary", True),
+    _fixed_mode(128, 32, 5, 1, None, "summary", False),
+    _split(256, 32, 8, 4), _split(128, 16, 4, 2),
     _longformer(128, 5, (0,), False), _longformer(256, 17, (0, 100, 255), False),
     _longformer(128, 1, (), True), _longformer(192, 33, (5, 64), True),
     _longformer(64, 100, (3,), False), _longformer(128, 16, (0, 1, 2, 127), True),
@@ -610,3 +634,32 @@ def test_deserialize_garbage(garbage):
 def test_deserialize_garbage_config(garbage):
   with pytest.raises(ValueError):
     patterns.deserialize(garbage)
+
+
+def test_components_factorize_the_pattern():
+  """Head-mode components: their union is the merged pattern."""
+  for merged in (patterns.Strided(8), patterns.Fixed(32, 8), patterns.Fixed(32, 4, head_groups=2)):
+    comps = merged.components()
+    assert len(comps) == 2
+    union = np.zeros_like(merged.mask(128))
+    for c in comps:
+      union = union | c.mask(128)
+    assert np.array_equal(union, merged.mask(128))
+  assert patterns.Local(4).components() == [patterns.Local(4)]
+
+
+def test_split_equals_strided_split():
+  a = patterns.Split(patterns.Strided(16).components(), heads=4)
+  b = patterns.Strided(16, heads=4, mode="split")
+  assert np.array_equal(a.mask(256), b.mask(256))
+
+
+@pytest.mark.parametrize("bad, match", [
+    (lambda: patterns.Split([], heads=2), "components"),
+    (lambda: patterns.Split([patterns.Dense(), patterns.Local(3)], heads=3), "heads"),
+    (lambda: patterns.Split([patterns.Fixed(16, 4, head_groups=2)], heads=3), "heads"),
+    (lambda: patterns.Fixed(16, 4, mode="rows"), "mode"),
+])
+def test_split_and_mode_errors(bad, match):
+  with pytest.raises(ValueError, match=match):
+    bad()
