@@ -1,0 +1,275 @@
+"""The Sparse Transformer language model, with cached sampling."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from sparse_attention_tf import patterns as patterns_lib
+from sparse_attention_tf.layers.block import SparseTransformerBlock
+from sparse_attention_tf.layers.embeddings import (ImagePositionEmbedding, PositionEmbedding,
+                                                   StridedPositionEmbedding)
+
+HEAD_MODES = ("merged", "interleaved", "multihead")
+EMBEDDINGS = ("learned", "image", "strided")
+
+
+def layer_patterns(pattern: patterns_lib.Pattern, head_mode: str, num_layers: int,
+                   num_heads: int) -> list:
+  """The pattern of each layer under one of the paper's head-integration modes.
+
+  `merged`: every head of every layer attends to the union of the pattern's
+  components (e.g. `Strided(l, mode="merged")`). `interleaved`: layer i uses
+  component `i % k` (row, column, row, ...). `multihead`: each layer splits its
+  heads among the components (`patterns.Split`). Patterns without components
+  are used as they are.
+  """
+  if head_mode not in HEAD_MODES:
+    raise ValueError(f"head_mode must be one of {HEAD_MODES}, got {head_mode!r}.")
+  components = pattern.components()
+  if len(components) == 1:
+    return [pattern] * num_layers
+  if head_mode == "merged":
+    return [pattern.merged()] * num_layers
+  if head_mode == "interleaved":
+    return [components[i % len(components)] for i in range(num_layers)]
+  return [patterns_lib.Split(components, heads=num_heads)] * num_layers
+
+
+@keras.saving.register_keras_serializable(package="sparse_attention_tf")
+class SparseTransformer(keras.Model):
+  """Autoregressive Sparse Transformer (Child et al. 2019, https://arxiv.org/abs/1904.10509).
+
+  Token embedding + position embedding -> `num_layers` pre-activation
+  residual blocks with sparse attention -> layer norm -> logits over the
+  vocabulary (output weights initialised to zero, as in the paper). Logits at
+  position t predict the token at t + 1.
+
+  Args:
+    vocab_size: number of token values (256 for bytes and 8-bit pixels).
+    seq_len: sequence length the model is built for.
+    num_layers: number of residual blocks.
+    d_model: width of the residual stream.
+    num_heads: attention heads per block.
+    pattern: the sparsity pattern (default `Fixed(stride, stride // 4)` with
+      `stride = min(128, seq_len)`).
+    head_mode: `"merged"`, `"interleaved"` or `"multihead"` (see `layer_patterns`).
+    embedding: `"learned"` (1-D), `"image"` (row + column + channel, needs
+      `image_shape`) or `"strided"` (row + column of a matrix of width
+      `embedding_stride`, the paper's text/audio variant).
+    image_shape: `(height, width, channels)` for `embedding="image"`.
+    embedding_stride: width for `embedding="strided"` (default: the pattern's stride).
+    dropout: dropout at the end of each residual branch.
+    recompute: recompute attention and feed-forward in the backward pass.
+    block_size: attention kernel block size.
+    ffn_multiplier: feed-forward width, times `d_model`.
+    implementation: attention implementation (`"auto"`, `"custom_op"`,
+      `"reference"`, `"dense"`).
+    **kwargs: `keras.Model` arguments (`name`, ...).
+
+  Call arguments:
+    tokens: int `[batch, seq_len]`.
+    training: whether dropout is active.
+
+  Returns:
+    float32 logits `[batch, seq_len, vocab_size]`.
+
+  Example:
+
+  >>> import sparse_attention_tf as sat
+  >>> model = SparseTransformer(vocab_size=256, seq_len=128, num_layers=2, d_model=64,
+  ...                           num_heads=4, pattern=sat.Fixed(32, 8), block_size=16)
+  >>> model(tf.zeros([2, 128], tf.int32)).shape
+  TensorShape([2, 128, 256])
+  """
+
+  def __init__(self, vocab_size: int, seq_len: int, num_layers: int = 2, d_model: int = 256,
+               num_heads: int = 4, pattern=None, head_mode: str = "merged",
+               embedding: str = "learned", image_shape=None, embedding_stride=None,
+               dropout: float = 0.0, recompute: bool = False, block_size: int = 32,
+               ffn_multiplier: int = 4, implementation: str = "auto", **kwargs):
+    super().__init__(**kwargs)
+    self.vocab_size = int(vocab_size)
+    self.seq_len = int(seq_len)
+    self.num_layers = int(num_layers)
+    self.d_model = int(d_model)
+    self.num_heads = int(num_heads)
+    if pattern is None:
+      stride = min(128, self.seq_len)
+      pattern = patterns_lib.Fixed(stride, max(1, stride // 4))
+    self.pattern = patterns_lib.deserialize(pattern)
+    self.head_mode = head_mode
+    self.embedding = embedding
+    self.image_shape = tuple(int(d) for d in image_shape) if image_shape else None
+    self.embedding_stride = int(embedding_stride) if embedding_stride else None
+    self.dropout = float(dropout)
+    self.recompute = bool(recompute)
+    self.block_size = int(block_size)
+    self.ffn_multiplier = int(ffn_multiplier)
+    self.implementation = implementation
+    for name in ("vocab_size", "seq_len", "num_layers", "d_model", "num_heads"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
+    if self.d_model % self.num_heads:
+      raise ValueError(f"d_model ({self.d_model}) must be a multiple of num_heads "
+                       f"({self.num_heads}).")
+
+    self.layer_patterns = layer_patterns(self.pattern, head_mode, self.num_layers,
+                                         self.num_heads)
+    for p in set(self.layer_patterns):
+      p.plan(self.seq_len, self.block_size)   # fail now, with the pattern's own ValueError
+
+    self.token_embedding = keras.layers.Embedding(
+        self.vocab_size, self.d_model, embeddings_initializer=keras.initializers.RandomNormal(
+            stddev=0.02), name="token_embedding")
+    self.position_embedding = self._make_position_embedding()
+    self.blocks = [
+        SparseTransformerBlock(self.num_heads, p, num_layers=self.num_layers,
+                               ffn_multiplier=self.ffn_multiplier, dropout=self.dropout,
+                               block_size=self.block_size, recompute=self.recompute,
+                               implementation=implementation, name=f"block_{i}")
+        for i, p in enumerate(self.layer_patterns)
+    ]
+    self.final_norm = keras.layers.LayerNormalization(epsilon=1e-5, name="final_norm")
+    # Logits in float32 under mixed precision; zero-initialised as in the paper.
+    self.head = keras.layers.Dense(self.vocab_size, kernel_initializer="zeros", name="logits",
+                                   dtype="float32")
+
+  def _make_position_embedding(self):
+    if self.embedding == "learned":
+      return PositionEmbedding(self.seq_len, name="position_embedding")
+    if self.embedding == "image":
+      if not self.image_shape or len(self.image_shape) != 3 or \
+          int(np.prod(self.image_shape)) != self.seq_len:
+        raise ValueError(f"embedding='image' needs image_shape=(height, width, channels) with "
+                         f"height*width*channels == seq_len ({self.seq_len}), got "
+                         f"{self.image_shape}.")
+      return ImagePositionEmbedding(*self.image_shape, name="position_embedding")
+    if self.embedding == "strided":
+      stride = self.embedding_stride or getattr(self.pattern, "stride", None)
+      if not stride:
+        raise ValueError("embedding='strided' needs embedding_stride (the pattern has no stride).")
+      return StridedPositionEmbedding(self.seq_len, stride, name="position_embedding")
+    raise ValueError(f"embedding must be one of {EMBEDDINGS}, got {self.embedding!r}.")
+
+  def call(self, tokens, training=None):
+    x = self.token_embedding(tokens)                                      # (B, T, D)
+    x = self.position_embedding(x)                                        # (B, T, D)
+    for block in self.blocks:
+      x = block(x, training=training)                                     # (B, T, D)
+    return self.head(self.final_norm(x))                                  # (B, T, V) float32
+
+  def get_config(self):
+    config = super().get_config()
+    config.update({
+        "vocab_size": self.vocab_size, "seq_len": self.seq_len,
+        "num_layers": self.num_layers, "d_model": self.d_model, "num_heads": self.num_heads,
+        "pattern": patterns_lib.serialize(self.pattern), "head_mode": self.head_mode,
+        "embedding": self.embedding,
+        "image_shape": list(self.image_shape) if self.image_shape else None,
+        "embedding_stride": self.embedding_stride, "dropout": self.dropout,
+        "recompute": self.recompute, "block_size": self.block_size,
+        "ffn_multiplier": self.ffn_multiplier, "implementation": self.implementation,
+    })
+    return config
+
+  # --- sampling ---------------------------------------------------------------
+  def generate(self, prompt, num_tokens: int, temperature: float = 1.0,
+               top_k: Optional[int] = None, seed: Optional[int] = None,
+               use_cache: bool = True) -> np.ndarray:
+    """Continues `prompt` by `num_tokens` sampled tokens.
+
+    With `use_cache` (default), each block keeps the keys and values of the
+    positions seen so far, and a new position attends only to the positions
+    its pattern row keeps: one step costs the kept keys of one row, not a
+    forward pass. `use_cache=False` runs the full model for every token (the
+    reference the cache is tested against).
+
+    Args:
+      prompt: int tokens `[batch, P]` or `[P]`, `P >= 1`.
+      num_tokens: tokens to add; `P + num_tokens <= seq_len`.
+      temperature: softmax temperature; 0 picks the most likely token (greedy).
+      top_k: sample among the k most likely tokens only.
+      seed: makes sampling reproducible.
+      use_cache: use the key/value cache.
+
+    Returns:
+      int32 `[batch, P + num_tokens]` (or `[P + num_tokens]` for a 1-D prompt).
+    """
+    tokens = np.asarray(prompt)
+    squeeze = tokens.ndim == 1
+    tokens = np.atleast_2d(tokens).astype(np.int32)
+    if tokens.ndim != 2 or tokens.shape[1] < 1:
+      raise ValueError(f"prompt must be int tokens [batch, length >= 1], got shape "
+                       f"{np.shape(prompt)}.")
+    if num_tokens < 0 or tokens.shape[1] + num_tokens > self.seq_len:
+      raise ValueError(f"prompt length ({tokens.shape[1]}) + num_tokens ({num_tokens}) must be "
+                       f"<= seq_len ({self.seq_len}).")
+    if tokens.min() < 0 or tokens.max() >= self.vocab_size:
+      raise ValueError(f"prompt tokens must be in [0, {self.vocab_size}).")
+    if temperature < 0 or (top_k is not None and not 1 <= top_k <= self.vocab_size):
+      raise ValueError(f"temperature must be >= 0 and top_k in [1, {self.vocab_size}], got "
+                       f"{temperature}, {top_k}.")
+    rng_seed = np.random.default_rng(seed).integers(0, 2**31 - 1, size=2)
+    batch, prompt_len = tokens.shape
+    out = np.zeros((batch, prompt_len + num_tokens), np.int32)
+    out[:, :prompt_len] = tokens
+    next_logits = self._logits_stream(out, prompt_len, num_tokens, use_cache)
+    for step in range(num_tokens):
+      logits = next(next_logits)                                          # (B, V)
+      out[:, prompt_len + step] = self._sample(logits, temperature, top_k,
+                                               (int(rng_seed[0]), int(rng_seed[1]) + step))
+    next_logits.close()
+    return out[0] if squeeze else out
+
+  def _sample(self, logits, temperature, top_k, seed):
+    logits = tf.cast(logits, tf.float32)
+    if temperature == 0:
+      return tf.argmax(logits, axis=-1, output_type=tf.int32).numpy()
+    logits = logits / temperature
+    if top_k is not None:
+      kth = tf.math.top_k(logits, k=top_k).values[:, -1:]
+      logits = tf.where(logits < kth, tf.fill(tf.shape(logits), -np.inf), logits)
+    return tf.random.stateless_categorical(logits, 1, seed=seed, dtype=tf.int32)[:, 0].numpy()
+
+  def _logits_stream(self, out, prompt_len, num_tokens, use_cache):
+    """Yields the next-token logits `[B, V]` after each known position.
+
+    `out` is filled in by the caller between yields (the sampled tokens).
+    """
+    if not use_cache:
+      forward = tf.function(lambda t: self(t, training=False))
+      for pos in range(prompt_len - 1, prompt_len - 1 + num_tokens):
+        padded = np.zeros((out.shape[0], self.seq_len), np.int32)
+        padded[:, :pos + 1] = out[:, :pos + 1]
+        yield forward(padded)[:, pos]
+      return
+    batch = out.shape[0]
+    caches = []
+    for block in self.blocks:
+      attn = block.attention
+      shape_k = (attn.num_heads, self.seq_len, batch, attn.key_dim)
+      shape_v = (attn.num_heads, self.seq_len, batch, attn.value_dim)
+      caches.append((tf.Variable(tf.zeros(shape_k, self.compute_dtype), trainable=False),
+                     tf.Variable(tf.zeros(shape_v, self.compute_dtype), trainable=False)))
+    step = tf.function(self._step, reduce_retracing=True)
+    for pos in range(prompt_len - 1 + num_tokens):
+      rows = {}
+      for block in self.blocks:
+        if block.pattern not in rows:
+          rows[block.pattern] = block.attention.row_keys(pos, self.seq_len)
+      logits = step(tf.constant(out[:, pos]), tf.constant(pos, tf.int32), caches,
+                    [rows[b.pattern] for b in self.blocks])
+      if pos >= prompt_len - 1:
+        yield logits
+
+  def _step(self, token, position, caches, rows):
+    """One position through the whole model with the caches: logits `[B, V]`."""
+    x = self.token_embedding(token[:, None])                              # (B, 1, D)
+    x = self.position_embedding(x, start_index=position)                  # (B, 1, D)
+    for block, (key_cache, value_cache), (idx, valid) in zip(self.blocks, caches, rows):
+      x = block.step(x, key_cache, value_cache, position, idx, valid)     # (B, 1, D)
+    return self.head(self.final_norm(x))[:, 0]                            # (B, V)
