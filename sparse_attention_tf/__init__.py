@@ -6,14 +6,22 @@ Layers of the library, each building on the one before:
   ops        the C++ block-sparse ops and their gradients
   reference  the same computation in plain TF ops (and dense attention)
   attention  `sparse_attention`, the function users call
+  layers     Keras layers: attention, residual block, position embeddings
+  models     the SparseTransformer model, with cached sampling
+  metrics    bits per byte / per dim
 """
 
-from sparse_attention_tf import patterns
+from sparse_attention_tf import layers, metrics, models, patterns
 from sparse_attention_tf.attention import sparse_attention
-from sparse_attention_tf.patterns import (BigBird, Custom, Dense, Fixed, Local, Longformer,
+from sparse_attention_tf.layers import SparseMultiHeadAttention, SparseTransformerBlock
+from sparse_attention_tf.metrics import BitsPerToken
+from sparse_attention_tf.models import SparseTransformer
+from sparse_attention_tf.patterns import (BigBird, Custom, Dense, Fixed, Local, Longformer, Split,
                                           Strided)
 
 __version__ = "0.1.0"
 
-__all__ = ["sparse_attention", "patterns", "Dense", "Local", "Strided", "Fixed", "Longformer",
-           "BigBird", "Custom"]
+__all__ = ["sparse_attention", "patterns", "layers", "models", "metrics", "Dense", "Local",
+           "Strided", "Fixed", "Longformer", "BigBird", "Custom", "Split",
+           "SparseMultiHeadAttention", "SparseTransformerBlock", "SparseTransformer",
+           "BitsPerToken"]
