@@ -409,8 +409,10 @@ class Fixed(Pattern):
   def components(self):
     if self.mode != "merged":
       return [self]
-    args = {k: v for k, v in self.get_config().items() if k != "mode"}
-    return [Fixed(**args, mode="window"), Fixed(**args, mode="summary")]
+    # The window does not depend on the head; the summary on the head's group.
+    return [Fixed(self.stride, self.summary, mode="window", causal=self.causal),
+            Fixed(self.stride, self.summary, head_groups=self.head_groups, mode="summary",
+                  causal=self.causal)]
 
 
 class Longformer(Pattern):

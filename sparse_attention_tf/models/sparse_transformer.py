@@ -120,39 +120,46 @@ class SparseTransformer(keras.Model):
     self.layer_patterns = layer_patterns(self.pattern, head_mode, self.num_layers,
                                          self.num_heads)
     for p in set(self.layer_patterns):
+      if not p.causal:
+        raise ValueError(f"SparseTransformer is autoregressive: its patterns must be causal, "
+                         f"got {p!r} (pass causal=True).")
       p.plan(self.seq_len, self.block_size)   # fail now, with the pattern's own ValueError
 
     self.token_embedding = keras.layers.Embedding(
         self.vocab_size, self.d_model, embeddings_initializer=keras.initializers.RandomNormal(
-            stddev=0.02), name="token_embedding")
+            stddev=0.02), name="token_embedding", dtype=self.dtype_policy)
     self.position_embedding = self._make_position_embedding()
     self.blocks = [
         SparseTransformerBlock(self.num_heads, p, num_layers=self.num_layers,
                                ffn_multiplier=self.ffn_multiplier, dropout=self.dropout,
                                block_size=self.block_size, recompute=self.recompute,
-                               implementation=implementation, name=f"block_{i}")
+                               implementation=implementation, name=f"block_{i}",
+                               dtype=self.dtype_policy)
         for i, p in enumerate(self.layer_patterns)
     ]
-    self.final_norm = keras.layers.LayerNormalization(epsilon=1e-5, name="final_norm")
+    self.final_norm = keras.layers.LayerNormalization(epsilon=1e-5, name="final_norm",
+                                                      dtype=self.dtype_policy)
     # Logits in float32 under mixed precision; zero-initialised as in the paper.
     self.head = keras.layers.Dense(self.vocab_size, kernel_initializer="zeros", name="logits",
                                    dtype="float32")
 
   def _make_position_embedding(self):
     if self.embedding == "learned":
-      return PositionEmbedding(self.seq_len, name="position_embedding")
+      return PositionEmbedding(self.seq_len, name="position_embedding", dtype=self.dtype_policy)
     if self.embedding == "image":
       if not self.image_shape or len(self.image_shape) != 3 or \
           int(np.prod(self.image_shape)) != self.seq_len:
         raise ValueError(f"embedding='image' needs image_shape=(height, width, channels) with "
                          f"height*width*channels == seq_len ({self.seq_len}), got "
                          f"{self.image_shape}.")
-      return ImagePositionEmbedding(*self.image_shape, name="position_embedding")
+      return ImagePositionEmbedding(*self.image_shape, name="position_embedding",
+                                    dtype=self.dtype_policy)
     if self.embedding == "strided":
       stride = self.embedding_stride or getattr(self.pattern, "stride", None)
       if not stride:
         raise ValueError("embedding='strided' needs embedding_stride (the pattern has no stride).")
-      return StridedPositionEmbedding(self.seq_len, stride, name="position_embedding")
+      return StridedPositionEmbedding(self.seq_len, stride, name="position_embedding",
+                                      dtype=self.dtype_policy)
     raise ValueError(f"embedding must be one of {EMBEDDINGS}, got {self.embedding!r}.")
 
   def call(self, tokens, training=None):
@@ -190,7 +197,8 @@ class SparseTransformer(keras.Model):
 
     Args:
       prompt: int tokens `[batch, P]` or `[P]`, `P >= 1`.
-      num_tokens: tokens to add; `P + num_tokens <= seq_len`.
+      num_tokens: tokens to add; `P + num_tokens <= seq_len + 1` (the last one
+        is predicted from position `seq_len - 1`).
       temperature: softmax temperature; 0 picks the most likely token (greedy).
       top_k: sample among the k most likely tokens only.
       seed: makes sampling reproducible.
@@ -205,9 +213,10 @@ class SparseTransformer(keras.Model):
     if tokens.ndim != 2 or tokens.shape[1] < 1:
       raise ValueError(f"prompt must be int tokens [batch, length >= 1], got shape "
                        f"{np.shape(prompt)}.")
-    if num_tokens < 0 or tokens.shape[1] + num_tokens > self.seq_len:
+    if num_tokens < 0 or tokens.shape[1] + num_tokens - 1 > self.seq_len:
       raise ValueError(f"prompt length ({tokens.shape[1]}) + num_tokens ({num_tokens}) must be "
-                       f"<= seq_len ({self.seq_len}).")
+                       f"<= seq_len + 1 ({self.seq_len + 1}): the last token is predicted "
+                       f"from position seq_len - 1.")
     if tokens.min() < 0 or tokens.max() >= self.vocab_size:
       raise ValueError(f"prompt tokens must be in [0, {self.vocab_size}).")
     if temperature < 0 or (top_k is not None and not 1 <= top_k <= self.vocab_size):
