@@ -1,0 +1,126 @@
+"""Benchmark: training speed and the longest trainable sequence, sparse vs dense.
+
+    .venv/bin/python bench/train_bench.py
+    .venv/bin/python bench/train_bench.py --seq_lens 1024 --max_probe 8192
+
+For each attention (`fixed`: Fixed(128, 32) with the custom op; `dense`: TF
+dense masked attention) and sequence length, a fresh process builds the same
+SparseTransformer (batch 1, --num_layers layers, d_model 256, 4 heads), runs
+`train_on_batch` steps and reports steps/s and tokens/s (median step after
+two warm-up steps). Then it doubles the sequence length while a training step
+fits in --memory_gb of resident memory: the parent watches the child's RSS in
+/proc and stops it at the limit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+CHILD = r"""
+import json, os, statistics, sys, time
+os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+import numpy as np, keras
+import sparse_attention_tf as sat
+args = json.loads(sys.argv[1])
+n = args["seq_len"]
+fixed = args["attention"] == "fixed"
+model = sat.SparseTransformer(
+    vocab_size=256, seq_len=n, num_layers=args["layers"], d_model=256, num_heads=4,
+    pattern=sat.Fixed(128, 32) if fixed else sat.Dense(), block_size=32,
+    recompute=args["recompute"], implementation="custom_op" if fixed else "dense")
+model.compile(keras.optimizers.Adam(1e-3),
+              keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+rng = np.random.default_rng(0)
+x, y = (rng.integers(0, 256, (1, n)) for _ in range(2))
+times = []
+for _ in range(args["steps"] + 2):
+  start = time.perf_counter()
+  model.train_on_batch(x, y)
+  times.append(time.perf_counter() - start)
+print(json.dumps({"step_s": statistics.median(times[2:])}))
+"""
+
+
+def rss_gb(pid):
+  try:
+    with open(f"/proc/{pid}/status") as f:
+      for line in f:
+        if line.startswith("VmRSS:"):
+          return int(line.split()[1]) / 2**20
+  except OSError:
+    pass
+  return 0.0
+
+
+def run(attention, seq_len, args, steps):
+  """(result dict or None, peak RSS GB, reason)."""
+  cfg = dict(attention=attention, seq_len=seq_len, layers=args.num_layers, steps=steps,
+             recompute=args.recompute)
+  proc = subprocess.Popen([sys.executable, "-c", CHILD, json.dumps(cfg)],
+                          env=dict(os.environ, PYTHONPATH=ROOT), stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+  peak = 0.0
+  while proc.poll() is None:
+    peak = max(peak, rss_gb(proc.pid))
+    if peak > args.memory_gb:
+      proc.kill()
+      proc.wait()
+      return None, peak, f"over {args.memory_gb:.0f} GB"
+    time.sleep(0.1)
+  out, err = proc.communicate()
+  if proc.returncode != 0:
+    return None, peak, (err.strip().splitlines() or ["killed"])[-1][:80]
+  return json.loads(out.strip().splitlines()[-1]), peak, ""
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--seq_lens", type=int, nargs="+", default=[1024, 2048, 4096])
+  parser.add_argument("--num_layers", type=int, default=2)
+  parser.add_argument("--steps", type=int, default=3)
+  parser.add_argument("--memory_gb", type=float, default=20.0)
+  parser.add_argument("--max_probe", type=int, default=65536, help="longest sequence tried")
+  parser.add_argument("--recompute", action="store_true")
+  args = parser.parse_args(argv)
+  print(f"SparseTransformer: {args.num_layers} layers, d_model 256, 4 heads, batch 1, float32, "
+        f"recompute={args.recompute}; fixed = Fixed(128, 32) custom op, dense = TF dense "
+        f"masked attention\n")
+  print("| attention | seq_len | steps/s | tokens/s | peak RSS (GB) | speedup vs dense |")
+  print("|---|---|---|---|---|---|")
+  speed = {}
+  for n in args.seq_lens:
+    for attention in ("dense", "fixed"):
+      result, peak, why = run(attention, n, args, args.steps)
+      if result is None:
+        print(f"| {attention} | {n} | - | - | {peak:.1f} | {why} |", flush=True)
+        continue
+      speed[(attention, n)] = result["step_s"]
+      ratio = (f"{speed[('dense', n)] / result['step_s']:.2f}x"
+               if ("dense", n) in speed else "-")
+      print(f"| {attention} | {n} | {1 / result['step_s']:.2f} | {n / result['step_s']:.0f} | "
+            f"{peak:.1f} | {ratio if attention == 'fixed' else '1.00x'} |", flush=True)
+  print(f"\nlongest sequence with one training step within {args.memory_gb:.0f} GB "
+        f"(doubling from {max(args.seq_lens)}):")
+  for attention in ("dense", "fixed"):
+    n, best = max(args.seq_lens), None
+    while n <= args.max_probe:
+      result, peak, why = run(attention, n, args, 1)
+      if result is None:
+        print(f"  {attention}: {n} fails ({why}, peak {peak:.1f} GB)", flush=True)
+        break
+      best = (n, peak, result["step_s"])
+      n *= 2
+    if best:
+      print(f"  {attention}: {best[0]} trains (peak {best[1]:.1f} GB, {best[2]:.1f} s/step)",
+            flush=True)
+
+
+if __name__ == "__main__":
+  main()

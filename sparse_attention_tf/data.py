@@ -1,0 +1,465 @@
+"""Token datasets for the training script: bytes, pixels and µ-law audio.
+
+Every dataset becomes a stream of integer tokens and is served as unbatched
+`(x, y)` pairs of int32 `[seq_len]` sequences where `y` is the next token of
+`x`, ready for `make_batches` and a `SparseTransformer` language model.
+
+Specs accepted by `load`:
+  pydoc          byte-level text of Python's bundled help topics (~0.47 MB)
+  text:PATH      any local file as bytes (enwik8: the paper's 90M/5M/5M split)
+  digits         scikit-learn's bundled 8x8 digits, 17 grey levels
+  tfds:NAME      cifar10, mnist or downsampled_imagenet/64x64 from a prepared
+                 TFDS data dir (nothing is downloaded)
+  wav:DIR        every *.wav file in DIR, 8-bit µ-law, concatenated
+
+Sequences (L = seq_len):
+  text, audio    non-overlapping windows of L + 1 tokens w; x = w[:-1], y = w[1:]
+  images         p = pixels in raster order, channels innermost (HWC reshape);
+                 x = [bos] + p[:-1], y = p, so the first pixel is predicted too
+
+Splits are deterministic: streams are cut 90% / 5% / 5% (train / validation /
+held-out test, never exposed) by position; digits are shuffled once with a fixed
+seed and cut 90% / 10%; TFDS datasets use their own train and test (or
+validation) splits.
+
+Example:
+
+>>> data = load("digits", seq_len=None)
+>>> data.vocab_size, data.seq_len, data.bos
+(18, 64, 17)
+>>> x, y = next(iter(make_batches(data.train, 4, shuffle=False, seed=0,
+...                               drop_remainder=True)))
+>>> x.shape, y.shape
+(TensorShape([4, 64]), TensorShape([4, 64]))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Optional
+
+import numpy as np
+import tensorflow as tf
+
+DEFAULT_TEXT_SEQ_LEN = 256  # bytes per text / audio example when seq_len is None
+TRAIN_PERCENT = 90  # streams: first 90% train ...
+VALIDATION_PERCENT = 5  # ... next 5% validation, last 5% held out as test
+DIGITS_SPLIT_SEED = 1234  # fixed, so every run sees the same digits split
+DIGITS_TRAIN_FRACTION = 0.9
+SHUFFLE_BUFFER_BYTES = 128 * 2**20  # cap on the memory held by make_batches' shuffle
+MAX_SHUFFLE_BUFFER = 10_000  # examples
+
+# name -> (height, width, channels, evaluation split)
+TFDS_IMAGES = {
+    "cifar10": (32, 32, 3, "test"),
+    "mnist": (28, 28, 1, "test"),
+    "downsampled_imagenet/64x64": (64, 64, 3, "validation"),
+}
+
+SPEC_FORMS = ("pydoc", "text:PATH", "digits", "tfds:NAME", "wav:DIR")
+
+
+class DataError(ValueError):
+  """A dataset that cannot be loaded; the message is one line for the CLI."""
+
+
+@dataclasses.dataclass
+class TokenData:
+  """A tokenized dataset, split into train and validation.
+
+  Attributes:
+    name: the spec it was loaded from, e.g. "pydoc" or "tfds:cifar10".
+    kind: "text", "image" or "audio".
+    vocab_size: number of token values the model predicts (BOS included).
+    seq_len: model sequence length.
+    train: unbatched `(x, y)` int32 `[seq_len]` pairs.
+    validation: the same, in a fixed order.
+    image_shape: `(height, width, channels)` for images, else None.
+    bos: the start token of image sequences, else None.
+    num_train_examples: number of training pairs.
+    num_validation_examples: number of validation pairs.
+  """
+  name: str
+  kind: str
+  vocab_size: int
+  seq_len: int
+  train: tf.data.Dataset
+  validation: tf.data.Dataset
+  image_shape: Optional[tuple]
+  bos: Optional[int]
+  num_train_examples: int
+  num_validation_examples: int
+
+
+# ---------------------------------------------------------------------------
+# µ-law companding (ITU-T G.711 formula, as in WaveNet)
+
+
+def mu_law_encode(audio, levels: int = 256):
+  """Quantizes audio in [-1, 1] to `levels` µ-law tokens (mu = levels - 1).
+
+  F(x) = sign(x) ln(1 + mu |x|) / ln(1 + mu), token = round((F + 1) / 2 * mu).
+
+  Args:
+    audio: float NumPy array or tf.Tensor, values in [-1, 1] (clipped).
+    levels: number of tokens; 256 gives 8-bit tokens 0..255.
+
+  Returns:
+    int32 tokens in [0, levels - 1], a NumPy array for NumPy input, else a
+    tf.Tensor, with the shape of `audio`.
+  """
+  mu = float(levels - 1)
+  if isinstance(audio, (tf.Tensor, tf.Variable)):
+    x = tf.clip_by_value(tf.cast(audio, tf.float32), -1.0, 1.0)
+    f = tf.sign(x) * tf.math.log1p(mu * tf.abs(x)) / np.log1p(mu)
+    return tf.cast(tf.floor((f + 1.0) / 2.0 * mu + 0.5), tf.int32)
+  x = np.clip(np.asarray(audio, np.float64), -1.0, 1.0)
+  f = np.sign(x) * np.log1p(mu * np.abs(x)) / np.log1p(mu)
+  return np.floor((f + 1.0) / 2.0 * mu + 0.5).astype(np.int32)
+
+
+def mu_law_decode(tokens, levels: int = 256):
+  """Inverse of `mu_law_encode`: tokens back to audio in [-1, 1].
+
+  Args:
+    tokens: int NumPy array or tf.Tensor in [0, levels - 1].
+    levels: number of tokens used when encoding.
+
+  Returns:
+    float32 audio of the same shape (NumPy for NumPy input, else tf.Tensor).
+  """
+  mu = float(levels - 1)
+  if isinstance(tokens, (tf.Tensor, tf.Variable)):
+    f = 2.0 * tf.cast(tokens, tf.float32) / mu - 1.0
+    return tf.sign(f) * (tf.pow(1.0 + mu, tf.abs(f)) - 1.0) / mu
+  f = 2.0 * np.asarray(tokens, np.float64) / mu - 1.0
+  return (np.sign(f) * ((1.0 + mu)**np.abs(f) - 1.0) / mu).astype(np.float32)
+
+
+# ---------------------------------------------------------------------------
+# Streams (text, audio): positional split and next-token windows
+
+
+def split_bounds(n: int) -> tuple[int, int]:
+  """Ends of the train and validation parts of an `n`-token stream.
+
+  Args:
+    n: stream length.
+
+  Returns:
+    `(train_end, validation_end)`: train is `[0, train_end)`, validation is
+    `[train_end, validation_end)`, the rest is the held-out test part. For
+    enwik8 (n = 10^8) this is the paper's 90M / 5M / 5M split.
+  """
+  return n * TRAIN_PERCENT // 100, n * (TRAIN_PERCENT + VALIDATION_PERCENT) // 100
+
+
+def min_stream_length(seq_len: int) -> int:
+  """Shortest stream whose train and validation parts each hold one window.
+
+  Args:
+    seq_len: model sequence length (a window is seq_len + 1 tokens).
+
+  Returns:
+    The smallest stream length n that `split_bounds` splits into train and
+    validation parts of at least `seq_len + 1` tokens.
+  """
+  n = max(0, 100 * (seq_len + 1) // VALIDATION_PERCENT - 100)
+  while True:
+    train_end, validation_end = split_bounds(n)
+    if min(train_end, validation_end - train_end) >= seq_len + 1:
+      return n
+    n += 1
+
+
+def windows(tokens: np.ndarray, seq_len: int) -> np.ndarray:
+  """Cuts a stream into non-overlapping windows of `seq_len + 1` tokens.
+
+  Args:
+    tokens: 1-D array; a trailing part shorter than a window is dropped.
+    seq_len: model sequence length.
+
+  Returns:
+    `[num_windows, seq_len + 1]` array with the dtype of `tokens`.
+  """
+  count = len(tokens) // (seq_len + 1)
+  return tokens[:count * (seq_len + 1)].reshape(count, seq_len + 1)  # (N, L + 1)
+
+
+def _shifted_pairs(w: tf.Tensor):
+  w = tf.cast(w, tf.int32)  # (L + 1,)
+  return w[:-1], w[1:]  # (L,), (L,)
+
+
+def _window_dataset(tokens: np.ndarray, seq_len: int) -> tuple[tf.data.Dataset, int]:
+  w = windows(tokens, seq_len)  # (N, L + 1), kept narrow (uint8) until the map
+  ds = tf.data.Dataset.from_tensor_slices(w).map(_shifted_pairs,
+                                                 num_parallel_calls=tf.data.AUTOTUNE,
+                                                 deterministic=True)
+  return ds, len(w)
+
+
+def stream_data(name: str, kind: str, tokens: np.ndarray, vocab_size: int,
+                seq_len: Optional[int], what: str) -> TokenData:
+  """Splits a token stream 90/5/5 and windows its train and validation parts.
+
+  Args:
+    name: dataset spec, for `TokenData.name`.
+    kind: "text" or "audio".
+    tokens: 1-D integer stream.
+    vocab_size: number of token values.
+    seq_len: model sequence length, None for `DEFAULT_TEXT_SEQ_LEN`.
+    what: how to name the source in errors, e.g. "text file /x".
+
+  Returns:
+    TokenData with `image_shape` and `bos` None.
+
+  Raises:
+    DataError: when train or validation is shorter than one window.
+  """
+  seq_len = DEFAULT_TEXT_SEQ_LEN if seq_len is None else seq_len
+  train_end, validation_end = split_bounds(len(tokens))
+  if min(train_end, validation_end - train_end) < seq_len + 1:
+    raise DataError(f"{what} is too short: {len(tokens)} tokens, but seq_len={seq_len} "
+                    f"needs at least {min_stream_length(seq_len)} (so that the 5% "
+                    f"validation part holds one window of seq_len+1); use a longer "
+                    f"source or a smaller --seq_len")
+  train, num_train = _window_dataset(tokens[:train_end], seq_len)
+  validation, num_validation = _window_dataset(tokens[train_end:validation_end], seq_len)
+  return TokenData(name=name, kind=kind, vocab_size=vocab_size, seq_len=seq_len,
+                   train=train, validation=validation, image_shape=None, bos=None,
+                   num_train_examples=num_train, num_validation_examples=num_validation)
+
+
+def pydoc_bytes() -> bytes:
+  """Python's bundled help topics as UTF-8 bytes, topics sorted by key."""
+  from pydoc_data.topics import topics
+  return "\n\n".join(topics[key] for key in sorted(topics)).encode("utf-8")
+
+
+def load_pydoc(seq_len: Optional[int]) -> TokenData:
+  """Byte-level text of `pydoc_data.topics` (always available, ~0.47 MB)."""
+  tokens = np.frombuffer(pydoc_bytes(), np.uint8)
+  return stream_data("pydoc", "text", tokens, 256, seq_len, "pydoc text")
+
+
+def load_text(path: str, seq_len: Optional[int]) -> TokenData:
+  """Any local file as bytes; enwik8 (10^8 bytes) gets the paper's 90M/5M/5M split."""
+  if not os.path.isfile(path):
+    raise DataError(f"text file not found: {path}")
+  with open(path, "rb") as f:
+    tokens = np.frombuffer(f.read(), np.uint8)
+  return stream_data(f"text:{path}", "text", tokens, 256, seq_len, f"text file {path}")
+
+
+def read_wav_dir(directory: str) -> np.ndarray:
+  """Decodes every *.wav in `directory` (sorted) to one mono float stream.
+
+  Args:
+    directory: folder holding 16-bit PCM WAV files.
+
+  Returns:
+    float32 `[total_samples]` in [-1, 1], files concatenated in name order.
+
+  Raises:
+    DataError: no such folder, no WAV files, undecodable file, or files with
+      different sample rates.
+  """
+  if not os.path.isdir(directory):
+    raise DataError(f"wav directory not found: {directory}")
+  names = sorted(n for n in os.listdir(directory) if n.lower().endswith(".wav"))
+  if not names:
+    raise DataError(f"no .wav files in {directory}")
+  parts, rates = [], {}
+  for fname in names:
+    path = os.path.join(directory, fname)
+    try:
+      audio, rate = tf.audio.decode_wav(tf.io.read_file(path))  # (S, C), ()
+    except tf.errors.InvalidArgumentError as e:
+      raise DataError(f"cannot decode {path} (16-bit PCM WAV expected): "
+                      f"{e.message.splitlines()[0]}") from None
+    rates[fname] = int(rate)
+    parts.append(tf.reduce_mean(audio, axis=-1).numpy())  # (S,)
+  if len(set(rates.values())) > 1:
+    raise DataError(f"wav files in {directory} have different sample rates {rates}; "
+                    f"resample them to one rate")
+  return np.concatenate(parts)  # (total,)
+
+
+def load_wav(directory: str, seq_len: Optional[int]) -> TokenData:
+  """WAV files as one 8-bit µ-law stream (vocab 256, no BOS)."""
+  tokens = mu_law_encode(read_wav_dir(directory)).astype(np.uint8)  # (total,)
+  return stream_data(f"wav:{directory}", "audio", tokens, 256, seq_len,
+                     f"audio in {directory}")
+
+
+# ---------------------------------------------------------------------------
+# Images: raster-order pixels after a BOS token
+
+
+def _check_image_seq_len(name: str, seq_len: Optional[int], length: int) -> int:
+  if seq_len is not None and seq_len != length:
+    raise DataError(f"{name} images are sequences of {length} tokens: got seq_len={seq_len}, "
+                    f"pass seq_len={length} or leave it unset")
+  return length
+
+
+def image_pairs(pixels: tf.Tensor, bos: int):
+  """Next-pixel pairs of one image.
+
+  Args:
+    pixels: `[H, W, C]` or flat integer pixels.
+    bos: start token put before the first pixel.
+
+  Returns:
+    `(x, y)` int32 `[H * W * C]`: `y` the pixels in raster order (channels
+    innermost), `x` the same shifted right by one after `bos`.
+  """
+  y = tf.reshape(tf.cast(pixels, tf.int32), [-1])  # (T,)
+  x = tf.concat([tf.constant([bos], tf.int32), y[:-1]], axis=0)  # (T,)
+  return x, y
+
+
+def load_digits(seq_len: Optional[int]) -> TokenData:
+  """scikit-learn's 1797 bundled 8x8 digits, 17 grey levels; split 90/10."""
+  from sklearn.datasets import load_digits as sklearn_digits
+  seq_len = _check_image_seq_len("digits", seq_len, 64)
+  pixels = sklearn_digits().data.astype(np.int32)  # (1797, 64), values 0..16
+  order = np.random.default_rng(DIGITS_SPLIT_SEED).permutation(len(pixels))
+  num_train = int(len(pixels) * DIGITS_TRAIN_FRACTION)
+  bos = 17
+
+  def make(rows):
+    return tf.data.Dataset.from_tensor_slices(pixels[rows]).map(lambda p: image_pairs(p, bos))
+
+  return TokenData(name="digits", kind="image", vocab_size=18, seq_len=seq_len,
+                   train=make(order[:num_train]), validation=make(order[num_train:]),
+                   image_shape=(8, 8, 1), bos=bos, num_train_examples=num_train,
+                   num_validation_examples=len(pixels) - num_train)
+
+
+def _tfds_not_found(name: str, data_dir: Optional[str]) -> DataError:
+  where = data_dir or "the default TFDS data dir (~/tensorflow_datasets or $TFDS_DATA_DIR)"
+  target = data_dir or "DATA_DIR"
+  return DataError(
+      f"tfds dataset {name} not found in {where}: run `python -m "
+      f"tensorflow_datasets.scripts.download_and_prepare --datasets={name} "
+      f"--data_dir={target}` on a machine with network access and copy the folder here, "
+      f"or pass --data_dir")
+
+
+def load_tfds(name: str, seq_len: Optional[int], data_dir: Optional[str],
+              seed: int) -> TokenData:
+  """A prepared TFDS image dataset; 256 pixel values plus BOS = 256.
+
+  Args:
+    name: one of `TFDS_IMAGES`.
+    seq_len: None or H * W * C.
+    data_dir: TFDS data dir, None for TFDS's default.
+    seed: seed of the training file order.
+
+  Returns:
+    TokenData; train is the "train" split, validation the test split (the
+    "validation" split for downsampled ImageNet).
+
+  Raises:
+    DataError: unknown name, wrong seq_len, or data not prepared in data_dir.
+  """
+  import tensorflow_datasets as tfds
+  if name not in TFDS_IMAGES:
+    raise DataError(f"unsupported tfds dataset {name!r}: supported are "
+                    f"{', '.join('tfds:' + n for n in TFDS_IMAGES)}")
+  height, width, channels, eval_split = TFDS_IMAGES[name]
+  seq_len = _check_image_seq_len(name, seq_len, height * width * channels)
+  bos = 256
+
+  def split(split_name, shuffle_files):
+    try:
+      ds = tfds.load(name, split=split_name, data_dir=data_dir, download=False,
+                     shuffle_files=shuffle_files,
+                     read_config=tfds.ReadConfig(shuffle_seed=seed))
+    except AssertionError:
+      # tfds raises a bare AssertionError ("could not find data in ...") when the
+      # dataset is registered but not prepared; anything else is re-raised.
+      if not tfds.builder(name, data_dir=data_dir).is_prepared():
+        raise _tfds_not_found(name, data_dir) from None
+      raise
+    count = int(ds.cardinality())
+    if count < 0:  # unknown: the split metadata has it
+      count = tfds.builder(name, data_dir=data_dir).info.splits[split_name].num_examples
+    ds = ds.map(lambda ex: image_pairs(ex["image"], bos), num_parallel_calls=tf.data.AUTOTUNE,
+                deterministic=not shuffle_files)
+    return ds, count
+
+  train, num_train = split("train", shuffle_files=True)
+  validation, num_validation = split(eval_split, shuffle_files=False)
+  return TokenData(name=f"tfds:{name}", kind="image", vocab_size=257, seq_len=seq_len,
+                   train=train, validation=validation,
+                   image_shape=(height, width, channels), bos=bos,
+                   num_train_examples=num_train, num_validation_examples=num_validation)
+
+
+# ---------------------------------------------------------------------------
+# Entry points
+
+
+def load(spec: str, seq_len: Optional[int], data_dir: Optional[str] = None,
+         seed: int = 0) -> TokenData:
+  """Loads a dataset by spec; see the module docstring for the forms.
+
+  Args:
+    spec: "pydoc", "text:PATH", "digits", "tfds:NAME" or "wav:DIR".
+    seq_len: model sequence length; None picks 256 for text and audio, the
+      pixel count for images (images accept only that).
+    data_dir: TFDS data dir (tfds specs only).
+    seed: seed of the TFDS training file order; the splits never depend on it.
+
+  Returns:
+    TokenData.
+
+  Raises:
+    DataError: unknown spec, bad seq_len, or missing / unusable data.
+  """
+  if seq_len is not None and seq_len < 2:
+    raise DataError(f"seq_len must be at least 2, got {seq_len}")
+  kind, _, arg = spec.partition(":")
+  if spec == "pydoc":
+    return load_pydoc(seq_len)
+  if spec == "digits":
+    return load_digits(seq_len)
+  if kind == "text" and arg:
+    return load_text(arg, seq_len)
+  if kind == "wav" and arg:
+    return load_wav(arg, seq_len)
+  if kind == "tfds" and arg:
+    return load_tfds(arg, seq_len, data_dir, seed)
+  raise DataError(f"unknown dataset {spec!r}: use one of {', '.join(SPEC_FORMS)}")
+
+
+def make_batches(ds: tf.data.Dataset, batch_size: int, shuffle: bool, seed: Optional[int],
+                 drop_remainder: bool, buffer_size: Optional[int] = None) -> tf.data.Dataset:
+  """Shuffles (optionally), batches and prefetches `(x, y)` pairs.
+
+  Args:
+    ds: unbatched dataset, e.g. `TokenData.train`.
+    batch_size: examples per batch.
+    shuffle: shuffle through a buffer, reshuffled every epoch.
+    seed: shuffle seed (None: nondeterministic).
+    drop_remainder: drop a last, smaller batch (static batch shape).
+    buffer_size: shuffle buffer in examples; None keeps it under
+      `SHUFFLE_BUFFER_BYTES` and `MAX_SHUFFLE_BUFFER`, and no larger than `ds`.
+
+  Returns:
+    Dataset of `(x, y)` int32 `[batch, seq_len]`.
+  """
+  if shuffle:
+    if buffer_size is None:
+      example_bytes = sum(s.shape.num_elements() * s.dtype.size
+                          for s in tf.nest.flatten(ds.element_spec))
+      buffer_size = max(1, min(MAX_SHUFFLE_BUFFER, SHUFFLE_BUFFER_BYTES // example_bytes))
+      count = int(ds.cardinality())
+      if count > 0:
+        buffer_size = min(buffer_size, count)
+    ds = ds.shuffle(buffer_size, seed=seed, reshuffle_each_iteration=True)
+  return ds.batch(batch_size, drop_remainder=drop_remainder).prefetch(tf.data.AUTOTUNE)

@@ -1,0 +1,231 @@
+"""Data module: splits, next-token pairs, image raster order, µ-law, errors."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from sparse_attention_tf import data
+
+
+def as_arrays(ds):
+  """All `(x, y)` pairs of an unbatched dataset as two `[N, T]` arrays."""
+  pairs = list(ds.as_numpy_iterator())
+  return np.stack([x for x, _ in pairs]), np.stack([y for _, y in pairs])
+
+
+def reference_mu_law(x, mu=255.0):
+  """Textbook µ-law in float64, independent of the module."""
+  f = np.sign(x) * np.log(1.0 + mu * np.abs(x)) / np.log(1.0 + mu)
+  tokens = np.floor((f + 1.0) / 2.0 * mu + 0.5).astype(np.int64)
+  decode = lambda t: np.sign(2 * t / mu - 1) * ((1 + mu)**np.abs(2 * t / mu - 1) - 1) / mu
+  return tokens, decode
+
+
+# ----------------------------------------------------------------- pydoc / text
+
+
+def test_pydoc_shapes_shift_and_determinism():
+  d = data.load("pydoc", seq_len=None)
+  assert (d.kind, d.vocab_size, d.seq_len, d.bos, d.image_shape) == ("text", 256, 256, None, None)
+  assert d.train.element_spec == (tf.TensorSpec([256], tf.int32),) * 2
+  x, y = as_arrays(d.validation)  # (N, 256)
+  assert x.shape == (d.num_validation_examples, 256)
+  np.testing.assert_array_equal(x[:, 1:], y[:, :-1])
+  raw = np.frombuffer(data.pydoc_bytes(), np.uint8)
+  n = len(raw)
+  assert 400_000 < n < 600_000
+  assert d.num_train_examples == (n * 9 // 10) // 257
+  # Train windows tile bytes [0, 257 * N_train) inside the first 90%; validation
+  # windows tile the bytes right after it: disjoint ranges.
+  tx, ty = as_arrays(d.train)
+  np.testing.assert_array_equal(np.concatenate([tx, ty[:, -1:]], 1).ravel(),
+                                raw[:257 * len(tx)])
+  start = n * 9 // 10
+  assert 257 * len(tx) <= start
+  np.testing.assert_array_equal(x[0], raw[start:start + 256])
+  np.testing.assert_array_equal(y[-1], raw[start + 257 * len(x) - 256:start + 257 * len(x)])
+  # Same data when loaded again.
+  x2, y2 = as_arrays(data.load("pydoc", seq_len=None).validation)
+  np.testing.assert_array_equal(x, x2)
+  np.testing.assert_array_equal(y, y2)
+
+
+def test_text_exact_windows_and_disjoint_splits(tmp_path):
+  path = tmp_path / "t.bin"
+  raw = np.arange(1000, dtype=np.int64) % 251  # bytes that never repeat within 251
+  path.write_bytes(raw.astype(np.uint8).tobytes())
+  d = data.load(f"text:{path}", seq_len=9)
+  tx, ty = as_arrays(d.train)  # (90, 9)
+  vx, vy = as_arrays(d.validation)  # (5, 9)
+  assert (d.num_train_examples, d.num_validation_examples) == (90, 5)
+  assert tx.shape == (90, 9) and vx.shape == (5, 9)
+  windows = raw[:900].reshape(90, 10)
+  np.testing.assert_array_equal(tx, windows[:, :-1])
+  np.testing.assert_array_equal(ty, windows[:, 1:])
+  np.testing.assert_array_equal(vx, raw[900:950].reshape(5, 10)[:, :-1])
+  np.testing.assert_array_equal(vy, raw[900:950].reshape(5, 10)[:, 1:])
+  # So train covers bytes [0, 900), validation [900, 950), and the held-out
+  # test part [950, 1000) is served nowhere.
+
+
+def test_text_errors(tmp_path):
+  with pytest.raises(data.DataError, match="text file not found: .*nope"):
+    data.load(f"text:{tmp_path / 'nope'}", seq_len=8)
+  short = tmp_path / "short.txt"
+  short.write_bytes(b"x" * 100)  # validation part is 5 bytes
+  with pytest.raises(data.DataError, match=r"too short: 100 tokens.*at least (\d+)") as e:
+    data.load(f"text:{short}", seq_len=8)
+  need = int(str(e.value).split("at least ")[1].split()[0])
+  assert need == data.min_stream_length(8)
+  short.write_bytes(b"x" * need)
+  data.load(f"text:{short}", seq_len=8)  # exactly long enough
+  short.write_bytes(b"x" * (need - 1))
+  with pytest.raises(data.DataError, match="too short"):
+    data.load(f"text:{short}", seq_len=8)
+
+
+def test_enwik8_split_is_papers():
+  assert data.split_bounds(100_000_000) == (90_000_000, 95_000_000)
+
+
+@pytest.mark.parametrize("spec,seq_len,match", [
+    ("pydoc", 1, "at least 2"),
+    ("imagenet", None, "unknown dataset 'imagenet'.*pydoc, text:PATH, digits, tfds:NAME, wav:DIR"),
+    ("text:", None, "unknown dataset"),
+    ("tfds:svhn_cropped", None, "unsupported tfds dataset 'svhn_cropped'.*tfds:cifar10"),
+])
+def test_bad_specs(spec, seq_len, match):
+  with pytest.raises(data.DataError, match=match):
+    data.load(spec, seq_len=seq_len)
+
+
+# ----------------------------------------------------------------------- images
+
+
+def test_digits():
+  d = data.load("digits", seq_len=64)
+  assert (d.kind, d.vocab_size, d.seq_len, d.bos, d.image_shape) == ("image", 18, 64, 17, (8, 8, 1))
+  assert (d.num_train_examples, d.num_validation_examples) == (1617, 180)
+  tx, ty = as_arrays(d.train)
+  vx, vy = as_arrays(d.validation)
+  assert tx.shape == (1617, 64) and vx.shape == (180, 64)
+  for x, y in ((tx, ty), (vx, vy)):
+    assert (x[:, 0] == 17).all() and (x[:, 1:] < 17).all()
+    np.testing.assert_array_equal(x[:, 1:], y[:, :-1])
+    assert y.min() == 0 and y.max() == 16
+  # The split is a fixed partition of sklearn's images.
+  from sklearn.datasets import load_digits
+  pixels = load_digits().data.astype(np.int32)
+  order = np.random.default_rng(1234).permutation(1797)
+  np.testing.assert_array_equal(ty, pixels[order[:1617]])
+  np.testing.assert_array_equal(vy, pixels[order[1617:]])
+
+
+def test_digits_seq_len_error():
+  with pytest.raises(data.DataError, match="seq_len=32.*seq_len=64"):
+    data.load("digits", seq_len=32)
+
+
+def test_tfds_cifar10_mocked():
+  import tensorflow_datasets as tfds
+  with tfds.testing.mock_data(num_examples=3):
+    d = data.load("tfds:cifar10", seq_len=None)
+    images = np.stack([ex["image"] for ex in
+                       tfds.load("cifar10", split="test", download=False).as_numpy_iterator()])
+    vx, vy = as_arrays(d.validation)
+  assert (d.vocab_size, d.seq_len, d.bos, d.image_shape) == (257, 3072, 256, (32, 32, 3))
+  assert (d.num_train_examples, d.num_validation_examples) == (3, 3)
+  assert vx.shape == vy.shape == (3, 3072)
+  np.testing.assert_array_equal(vy, images.reshape(3, -1))  # (row, col, channel) order
+  assert (vx[:, 0] == 256).all()
+  np.testing.assert_array_equal(vx[:, 1:], vy[:, :-1])
+  with pytest.raises(data.DataError, match="seq_len=1024.*3072"):
+    data.load("tfds:cifar10", seq_len=1024)
+
+
+def test_tfds_not_found(tmp_path):
+  with pytest.raises(data.DataError, match=r"cifar10 not found in .*download_and_prepare "
+                     r"--datasets=cifar10 --data_dir=.*network"):
+    data.load("tfds:cifar10", seq_len=None, data_dir=str(tmp_path))
+
+
+# ------------------------------------------------------------------------ audio
+
+
+def write_wav(path, audio, rate=8000):
+  path.write_bytes(tf.audio.encode_wav(tf.constant(audio, tf.float32), rate).numpy())
+
+
+def test_mu_law_against_numpy_formula():
+  x = np.concatenate([np.linspace(-1, 1, 20001), [0.0, 1e-6, -1e-6]])
+  ref_tokens, ref_decode = reference_mu_law(x)
+  tokens = data.mu_law_encode(x)
+  assert tokens.min() == 0 and tokens.max() == 255
+  # Float rounding may move a value exactly on a rounding boundary by one code.
+  assert np.abs(tokens - ref_tokens).max() <= 1 and (tokens == ref_tokens).mean() > 0.999
+  np.testing.assert_allclose(data.mu_law_decode(np.arange(256)), ref_decode(np.arange(256)),
+                             atol=1e-6)
+  # Round trip stays within the quantization step around x.
+  lo, hi = ref_decode(np.maximum(tokens - 1, 0)), ref_decode(np.minimum(tokens + 1, 255))
+  y = data.mu_law_decode(tokens)
+  assert ((lo - 1e-6 <= x) & (x <= hi + 1e-6)).all()
+  assert np.abs(y - x).max() < 0.04  # steepest step (near ±1) is ~0.043
+  # TF path agrees with the NumPy path.
+  np.testing.assert_array_equal(data.mu_law_encode(tf.constant(x, tf.float32)).numpy(),
+                                data.mu_law_encode(x.astype(np.float32)))
+  np.testing.assert_allclose(data.mu_law_decode(tf.constant(tokens)).numpy(), y, atol=1e-6)
+
+
+def test_wav_dir(tmp_path):
+  t = np.arange(3000) / 8000.0
+  a = 0.5 * np.sin(2 * np.pi * 440 * t)  # (3000,)
+  b = np.stack([0.3 * np.sin(2 * np.pi * 220 * t), 0.1 * np.ones_like(t)], -1)  # (3000, 2)
+  write_wav(tmp_path / "b.wav", b)
+  write_wav(tmp_path / "a.wav", a[:, None])
+  (tmp_path / "notes.txt").write_text("ignored")
+  d = data.load(f"wav:{tmp_path}", seq_len=49)
+  assert (d.kind, d.vocab_size, d.seq_len, d.bos) == ("audio", 256, 49, None)
+  # 6000 samples: train [0, 5400) -> 108 windows of 50, validation [5400, 5700) -> 6.
+  assert (d.num_train_examples, d.num_validation_examples) == (108, 6)
+  tx, ty = as_arrays(d.train)
+  assert tx.shape == (108, 49)
+  np.testing.assert_array_equal(tx[:, 1:], ty[:, :-1])
+  # a.wav comes first (sorted), b.wav is averaged to mono.
+  stream = np.concatenate([a, b.mean(-1)])  # (6000,)
+  tokens = np.concatenate([tx, ty[:, -1:]], axis=1).ravel()  # (5400,)
+  ref_tokens, ref_decode = reference_mu_law(stream[:5400])
+  assert np.abs(tokens - ref_tokens).max() <= 1  # 16-bit WAV rounding may move a boundary
+  step = ref_decode(np.minimum(ref_tokens + 1, 255)) - ref_decode(np.maximum(ref_tokens - 1, 0))
+  assert (np.abs(data.mu_law_decode(tokens) - stream[:5400]) <= step).all()
+
+
+def test_wav_errors(tmp_path):
+  with pytest.raises(data.DataError, match="no .wav files"):
+    data.load(f"wav:{tmp_path}", seq_len=8)
+  with pytest.raises(data.DataError, match="wav directory not found"):
+    data.load(f"wav:{tmp_path / 'missing'}", seq_len=8)
+  write_wav(tmp_path / "a.wav", np.zeros((100, 1)), rate=8000)
+  write_wav(tmp_path / "b.wav", np.zeros((100, 1)), rate=16000)
+  with pytest.raises(data.DataError, match="different sample rates"):
+    data.load(f"wav:{tmp_path}", seq_len=8)
+
+
+# --------------------------------------------------------------------- batching
+
+
+@pytest.mark.parametrize("drop_remainder,sizes", [(True, [4, 4]), (False, [4, 4, 2])])
+def test_make_batches(drop_remainder, sizes):
+  x = np.arange(10 * 6, dtype=np.int32).reshape(10, 6)  # (N, T)
+  ds = tf.data.Dataset.from_tensor_slices((x, x + 1))
+  batches = list(data.make_batches(ds, 4, shuffle=True, seed=3,
+                                   drop_remainder=drop_remainder).as_numpy_iterator())
+  assert [len(bx) for bx, _ in batches] == sizes
+  bx = np.concatenate([b for b, _ in batches])
+  by = np.concatenate([b for _, b in batches])
+  np.testing.assert_array_equal(by, bx + 1)  # pairs stay together
+  assert not np.array_equal(bx, x[:len(bx)])  # shuffled
+  if drop_remainder:
+    spec = data.make_batches(ds, 4, shuffle=False, seed=None, drop_remainder=True).element_spec
+    assert spec[0].shape == (4, 6)
+  else:
+    np.testing.assert_array_equal(np.sort(bx, axis=0), x)  # every example once
