@@ -13,7 +13,8 @@
 Writes into --output_dir: `backup/` (the last checkpoint: weights, optimizer
 state and position, every --steps_per_epoch steps), `logs/` (TensorBoard:
 loss, bits per byte/dim, learning rate), `model.keras` (the trained model),
-`sample.txt` / `sample.png` / `sample.wav` (generated), `metrics.json`.
+`sample.txt` / `sample.png` / `sample.wav` (generated), `metrics.json`; with
+--export_dir, a SavedModel for TF Serving in `<export_dir>/1/`.
 
 Batches: --batch_size is the global batch; each of R replicas gets
 batch_size / R examples per step (it must divide evenly).
@@ -73,6 +74,10 @@ flags.DEFINE_enum("strategy", "default", ["default", "mirrored", "multi_worker"]
                   "tf.distribute strategy")
 flags.DEFINE_integer("cpu_replicas", 2, "mirrored without GPUs: logical CPU devices to use")
 flags.DEFINE_bool("resume", False, "continue from the checkpoint in output_dir/backup")
+flags.DEFINE_string("export_dir", None, "also export a SavedModel for TF Serving here "
+                    "(<export_dir>/1/, see sparse_attention_tf.export)")
+flags.DEFINE_enum("export_mode", "portable", ["portable", "custom_op"],
+                  "portable: stock TF ops only; custom_op: needs the op library to load")
 flags.DEFINE_integer("sample_tokens", 256, "tokens to generate at the end (text/audio)")
 flags.DEFINE_integer("stop_after_epochs", None, "stop after this many epochs of this run, as if "
                      "interrupted (to test --resume)")
@@ -272,6 +277,10 @@ def train():
     count = min(FLAGS.sample_tokens, seq_len - len(prompt))
     tokens = model.generate(prompt, count, temperature=0.8, top_k=40, seed=FLAGS.seed)
   sample = write_sample(data_lib, data, tokens, out_dir, np, tf)
+  if FLAGS.export_dir:
+    from sparse_attention_tf import export as export_lib
+    exported = export_lib.export_saved_model(model, FLAGS.export_dir, mode=FLAGS.export_mode)
+    print(f"SavedModel ({FLAGS.export_mode}): {exported}")
   with open(os.path.join(out_dir, "metrics.json"), "w") as f:
     json.dump(results, f, indent=1)
   steps_done = int(keras.ops.convert_to_numpy(model.optimizer.iterations))
