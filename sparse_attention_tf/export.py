@@ -66,7 +66,8 @@ def export_saved_model(model, path: str, mode: str = "portable", version: int = 
     path: export base folder; the model goes to `path/<version>/`.
     mode: `"portable"` (stock TF ops only) or `"custom_op"`.
     version: the TF Serving version number.
-    signatures: which of `SIGNATURES` to export (`serving_default` is `logits`).
+    signatures: which of `SIGNATURES` to export; `serving_default` (the
+      logits) is always included.
 
   Returns:
     The folder written, `path/<version>`.
@@ -101,6 +102,9 @@ def export_saved_model(model, path: str, mode: str = "portable", version: int = 
 
   fns = {"serving_default": logits_fn, "logits": logits_fn,
          "next_token_distribution": next_token_fn, "score": score_fn}
+  # serving_default (logits) always comes first: TF Serving's default signature.
+  signatures = ["serving_default"] + [n for n in dict.fromkeys(signatures)
+                                      if n != "serving_default"]
   archive = keras.export.ExportArchive()
   archive.track(served)
   for name in signatures:
@@ -138,7 +142,8 @@ def load_saved_model(path: str, load_ops: bool = True):
         f"(built by scripts/setup.sh) before loading, or export with mode='portable'.") from None
 
 
-def rest_to_inputs(body, seq_len: Optional[int] = None) -> dict:
+def rest_to_inputs(body, seq_len: Optional[int] = None,
+                   vocab_size: Optional[int] = None) -> dict:
   """Turns a TF Serving REST `predict` body into the signature's inputs.
 
   Accepts the row format `{"instances": [[t0, t1, ...], ...]}` (or
@@ -150,7 +155,8 @@ def rest_to_inputs(body, seq_len: Optional[int] = None) -> dict:
 
   Raises:
     ValueError: for a body that is not one of those forms, ragged or
-      non-integer tokens, or a length other than `seq_len`.
+      non-integer tokens, tokens outside `[0, vocab_size)` (or int32), or a
+      length other than `seq_len`.
   """
   if isinstance(body, (str, bytes)):
     body = json.loads(body)
@@ -180,6 +186,10 @@ def rest_to_inputs(body, seq_len: Optional[int] = None) -> dict:
     raise ValueError(f"tokens must be integers, got {tokens.dtype}.")
   if seq_len is not None and tokens.shape[1] != seq_len:
     raise ValueError(f"tokens must have length {seq_len}, got {tokens.shape[1]}.")
+  high = np.iinfo(np.int32).max if vocab_size is None else vocab_size - 1
+  if tokens.min() < 0 or tokens.max() > high:
+    raise ValueError(f"tokens must be in [0, {high}], got values in [{tokens.min()}, "
+                     f"{tokens.max()}].")
   return {"tokens": tokens.astype(np.int32)}
 
 

@@ -1,0 +1,629 @@
+"""Tests of `sparse_attention_tf.export`: SavedModels for TF Serving.
+
+* Portable export: a fresh Python process that never loads this library (no
+  PYTHONPATH to the repo, no import of sparse_attention_tf, the op library not
+  mapped) loads the SavedModel with stock TensorFlow, runs all four signatures
+  at two batch sizes, and matches the Keras model; the graphs hold no
+  `SparseAttention>` op.
+* Layout and metadata (`assets.extra/sparse_attention_tf.json`).
+* `saved_model_cli show` / `run` on the export.
+* custom_op export: fails to load without the op library (and
+  `load_saved_model(load_ops=False)` says which library), loads and matches
+  after `tf.load_op_library`, and really uses the custom ops.
+* `rest_to_inputs`: every TF Serving REST body form, and its ValueErrors;
+  an integer outside int32 must not wrap around to another token.
+* Errors of `export_saved_model` and of the command line; the command line
+  and `train_main.py --export_dir` write `<export_dir>/1/`; an export of a
+  subset of the signatures lists in its metadata what the SavedModel holds.
+
+The model is tiny and built and exported once per module. The subprocesses
+(fresh interpreters, saved_model_cli, the command line, train_main.py) run two
+at a time in the background while the in-process tests run; they write their
+outputs to files that are compared here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import subprocess
+import sys
+import textwrap
+from concurrent import futures
+
+import numpy as np
+import pytest
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SEQ_LEN, VOCAB = 64, 32
+SIGNATURE_OUTPUTS = {"serving_default": {"logits"}, "logits": {"logits"},
+                     "next_token_distribution": {"probabilities", "last"},
+                     "score": {"bits_per_token"}}
+BATCHES = {"a": 3, "b": 1}   # two batch sizes through the same signature (variable batch)
+TOL = dict(rtol=1e-4, atol=1e-4)
+TIMEOUT = 240
+
+# TensorFlow's native start-up lines (written before TF_CPP_MIN_LOG_LEVEL applies).
+_TF_LOG = re.compile(r"^(WARNING: All log messages before absl::InitializeLog\(\)|"
+                     r"[IWEF]\d{4} \d\d:\d\d:\d+\.\d+ )")
+
+
+def program_lines(stderr: str) -> list:
+  """stderr without TensorFlow's native log lines."""
+  return [l for l in stderr.splitlines() if l.strip() and not _TF_LOG.match(l)]
+
+
+def run_process(args, cwd, pythonpath=None, timeout=TIMEOUT):
+  """Runs a subprocess with PYTHONPATH removed (or set to `pythonpath`)."""
+  env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+  env["TF_CPP_MIN_LOG_LEVEL"] = "3"
+  env.setdefault("TF_NUM_INTRAOP_THREADS", "1")   # tiny models; the CPUs are shared
+  env.setdefault("TF_NUM_INTEROP_THREADS", "1")
+  if pythonpath:
+    env["PYTHONPATH"] = pythonpath
+  return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def python_args(code, *args):
+  return [sys.executable, "-c", textwrap.dedent(code), *map(str, args)]
+
+
+def check_exit(proc, want=0):
+  assert proc.returncode == want, f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\n" \
+                                  f"stderr:\n{proc.stderr[-6000:]}"
+
+
+class Jobs:
+  """The module's subprocesses, run two at a time in the background.
+
+  A job starts only when one of its tests (`JOB_TESTS`) is selected;
+  `result` waits for it (or runs it, if it was not started).
+  """
+
+  def __init__(self, selected):
+    self.selected = selected
+    self.pool = futures.ThreadPoolExecutor(max_workers=2)
+    self.futures, self.specs = {}, {}
+
+  def add(self, name, args, cwd, pythonpath=None):
+    self.specs[name] = (args, str(cwd), pythonpath)
+    if self.selected & set(JOB_TESTS[name]):
+      self.futures[name] = self.pool.submit(run_process, args, str(cwd), pythonpath)
+
+  def result(self, name):
+    if name not in self.futures:
+      self.futures[name] = self.pool.submit(run_process, *self.specs[name])
+    return self.futures[name].result()
+
+  def close(self):
+    self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+JOB_TESTS = {   # job -> the tests that read it
+    "train_main": ("test_train_main_export_dir",),
+    "cli_missing": ("test_cli_missing_model",),
+    "fresh": ("test_portable_export_runs_without_the_library",
+              "test_custom_op_export_needs_the_op_library"),
+    "load_saved_model": ("test_load_saved_model_names_the_missing_library",),
+    "cli_show": ("test_saved_model_cli_show_and_run",),
+    "cli_run": ("test_saved_model_cli_show_and_run",),
+    "cli_export": ("test_cli_exports_a_keras_file",),
+}
+TRAIN_FLAGS = ["--num_layers=1", "--d_model=32", "--num_heads=2", "--batch_size=4",
+               "--seq_len=64", "--block_size=16", "--stride=16", "--summary=4", "--steps=2",
+               "--steps_per_epoch=1", "--validation_steps=1", "--verbose=0", "--sample_tokens=8"]
+
+
+# --- NumPy references ----------------------------------------------------------
+def np_softmax(logits):
+  x = np.asarray(logits, np.float64)
+  x = x - x.max(axis=-1, keepdims=True)
+  e = np.exp(x)
+  return e / e.sum(axis=-1, keepdims=True)
+
+
+def np_bits_per_token(logits, tokens):
+  """Mean over t = 1..T-1 of -log2 p(tokens[t] | tokens[:t]), from logits at t - 1."""
+  x = np.asarray(logits, np.float64)[:, :-1]                              # (B, T-1, V)
+  x = x - x.max(axis=-1, keepdims=True)
+  log_p = x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+  target = np.take_along_axis(log_p, tokens[:, 1:, None].astype(np.int64), axis=-1)[..., 0]
+  return (-target / np.log(2.0)).mean(axis=-1)                            # (B,)
+
+
+def expected_outputs(logits, tokens):
+  probs = np_softmax(logits)
+  return {"serving_default": {"logits": logits}, "logits": {"logits": logits},
+          "next_token_distribution": {"probabilities": probs, "last": probs[:, -1]},
+          "score": {"bits_per_token": np_bits_per_token(logits, tokens)}}
+
+
+# --- the model and its exports, once per module ------------------------------
+def make_model(seed):
+  import sparse_attention_tf as sat
+  model = sat.SparseTransformer(vocab_size=VOCAB, seq_len=SEQ_LEN, num_layers=2, d_model=32,
+                                num_heads=4, pattern=sat.Fixed(16, 4), block_size=16)
+  model(np.zeros((1, SEQ_LEN), np.int32))
+  rng = np.random.default_rng(seed)
+  changed = 0
+  for w in model.weights:
+    if "logits" in w.path:   # zero-initialised: make the outputs non-uniform
+      w.assign(rng.normal(0.0, 1.0, size=tuple(w.shape)).astype(np.float32))
+      changed += 1
+  assert changed == 2
+  return model
+
+
+class Artifacts:
+  pass
+
+
+@pytest.fixture(scope="module")
+def jobs(request, tmp_path_factory):
+  """The background subprocesses; those without the model start at once."""
+  here = request.module.__file__
+  selected = {getattr(item, "originalname", item.name) for item in request.session.items
+              if getattr(item, "fspath", None) and str(item.fspath) == here}
+  j = Jobs(selected)
+  j.root = tmp_path_factory.mktemp("jobs")
+  j.add("train_main", [sys.executable, os.path.join(REPO_ROOT, "train_main.py"), *TRAIN_FLAGS,
+                       f"--output_dir={j.root / 'train_run'}",
+                       f"--export_dir={j.root / 'train_export'}"], REPO_ROOT)
+  j.add("cli_missing", [sys.executable, "-m", "sparse_attention_tf.export", "--model",
+                        "/does/not/exist", "--export_dir", str(j.root / "missing_export")],
+        REPO_ROOT)
+  yield j
+  j.close()
+
+
+@pytest.fixture(scope="module")
+def art(jobs, tmp_path_factory, ops):
+  """The model, its tokens and logits, its exports; starts the jobs that need them."""
+  from sparse_attention_tf import export
+  seed = int(os.environ.get("SPARSE_ATTENTION_TEST_SEED", secrets.randbits(32)))
+  print(f"SPARSE_ATTENTION_TEST_SEED={seed}")
+  a = Artifacts()
+  a.root = tmp_path_factory.mktemp("export")
+  a.model = make_model(seed)
+  rng = np.random.default_rng(seed + 1)
+  a.tokens, a.logits = {}, {}
+  for tag, batch in BATCHES.items():
+    a.tokens[tag] = rng.integers(0, VOCAB, size=(batch, SEQ_LEN)).astype(np.int32)
+    a.logits[tag] = np.asarray(a.model(a.tokens[tag], training=False), np.float32)
+    assert a.logits[tag].std() > 0.5, "outputs are (nearly) uniform"
+  a.portable_base = str(a.root / "portable")
+  a.portable = export.export_saved_model(a.model, a.portable_base)
+  a.custom_base = str(a.root / "custom")
+  a.custom = export.export_saved_model(a.model, a.custom_base, mode="custom_op")
+  a.keras_file = str(a.root / "model.keras")
+  a.model.save(a.keras_file)
+  a.library = ops.library_path()
+  a.dirs = {}
+  for name in ("fresh", "load_saved_model", "cli"):
+    a.dirs[name] = jobs.root / name
+    a.dirs[name].mkdir()
+    for tag, tokens in a.tokens.items():
+      np.save(a.dirs[name] / f"tokens_{tag}.npy", tokens)
+  jobs.add("fresh", python_args(FRESH, a.portable, a.custom, a.library,
+                                ",".join(SIGNATURE_OUTPUTS)), a.dirs["fresh"])
+  jobs.add("load_saved_model", python_args(FRESH_LOAD_SAVED_MODEL, a.custom),
+           a.dirs["load_saved_model"], pythonpath=REPO_ROOT)
+  jobs.add("cli_show", [saved_model_cli(), "show", "--dir", a.portable, "--all"], a.dirs["cli"])
+  jobs.add("cli_run", [saved_model_cli(), "run", "--dir", a.portable, "--tag_set", "serve",
+                       "--signature_def", "serving_default", "--inputs",
+                       f"tokens={a.dirs['cli'] / 'tokens_a.npy'}", "--outdir",
+                       str(a.dirs["cli"] / "cli_out")], a.dirs["cli"])
+  a.cli_export_dir = jobs.root / "cli_export"
+  jobs.add("cli_export", [sys.executable, "-m", "sparse_attention_tf.export", "--model",
+                          a.keras_file, "--export_dir", str(a.cli_export_dir)], REPO_ROOT)
+  return a
+
+
+@pytest.fixture(scope="module")
+def portable_loaded(art):
+  import tensorflow as tf
+  return tf.saved_model.load(art.portable)
+
+
+def saved_model_cli():
+  path = os.path.join(os.path.dirname(sys.executable), "saved_model_cli")
+  assert os.path.exists(path), path
+  return path
+
+
+# --- 1. portable export in a process without the library ---------------------
+FRESH = """
+# Runs with stock TensorFlow only: first the portable export (the op library not
+# loaded), then the custom_op export before and after tf.load_op_library.
+import importlib.util, json, sys, traceback
+import numpy as np
+import tensorflow as tf
+
+portable, custom, library, names = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4].split(",")
+
+def op_types(fn):
+  graph = fn.graph.as_graph_def()
+  types = {n.op for n in graph.node}
+  types |= {n.op for f in graph.library.function for n in f.node_def}
+  return sorted(t for t in types if t.startswith("SparseAttention>"))
+
+def ours():
+  return sorted(m for m in sys.modules if m.startswith("sparse_attention_tf"))
+
+def library_mapped():
+  with open("/proc/self/maps") as f:
+    return "_sparse_attention_ops" in f.read()
+
+result = {}
+try:
+  loaded = tf.saved_model.load(portable)
+  result["signatures"] = sorted(loaded.signatures.keys())
+  result["custom_ops"] = {}
+  for name in names:
+    fn = loaded.signatures[name]
+    result["custom_ops"][name] = op_types(fn)
+    for tag in ("a", "b"):
+      out = fn(tokens=tf.constant(np.load(f"tokens_{tag}.npy")))
+      np.savez(f"out_{name}_{tag}.npz", **{k: v.numpy() for k, v in out.items()})
+  result["our_modules"] = ours()
+  result["importable"] = importlib.util.find_spec("sparse_attention_tf") is not None
+  result["op_library_mapped"] = library_mapped()
+except Exception:
+  result["error"] = traceback.format_exc()
+with open("portable.json", "w") as f:
+  json.dump(result, f)
+
+result = {"mapped_before": library_mapped()}
+try:
+  try:
+    tf.saved_model.load(custom)
+    result["first_load"] = "loaded"
+  except Exception as e:
+    result["first_load"] = f"{type(e).__name__}: {e}"
+  tf.load_op_library(library)
+  loaded = tf.saved_model.load(custom)
+  fn = loaded.signatures["serving_default"]
+  result["custom_ops"] = op_types(fn)
+  for tag in ("a", "b"):
+    logits = fn(tokens=tf.constant(np.load(f"tokens_{tag}.npy")))["logits"]
+    np.save(f"logits_{tag}.npy", logits.numpy())
+  result["our_modules"] = ours()
+except Exception:
+  result["error"] = traceback.format_exc()
+with open("custom.json", "w") as f:
+  json.dump(result, f)
+"""
+
+
+def test_portable_export_runs_without_the_library(art, jobs):
+  check_exit(jobs.result("fresh"))
+  workdir = art.dirs["fresh"]
+  result = json.loads((workdir / "portable.json").read_text())
+  assert "error" not in result, result["error"]
+  # The process really ran without this library.
+  assert result["our_modules"] == [] and not result["importable"], result
+  assert not result["op_library_mapped"]
+  assert set(SIGNATURE_OUTPUTS) <= set(result["signatures"]), result["signatures"]
+  assert result["custom_ops"] == {name: [] for name in SIGNATURE_OUTPUTS}, result["custom_ops"]
+  for tag, batch in BATCHES.items():
+    want = expected_outputs(art.logits[tag], art.tokens[tag])
+    for name, keys in SIGNATURE_OUTPUTS.items():
+      got = dict(np.load(workdir / f"out_{name}_{tag}.npz"))
+      assert set(got) == keys, (name, sorted(got))
+      for key in keys:
+        assert got[key].dtype == np.float32, (name, key, got[key].dtype)
+        assert got[key].shape == want[name][key].shape, (name, key, got[key].shape)
+        assert got[key].shape[0] == batch
+        np.testing.assert_allclose(got[key], want[name][key], **TOL,
+                                   err_msg=f"{name}/{key} batch {batch}")
+
+
+# --- 2. layout and metadata -----------------------------------------------------
+@pytest.mark.parametrize("mode", ["portable", "custom_op"])
+def test_layout_and_metadata(art, mode):
+  import sparse_attention_tf as sat
+  base, out = (art.portable_base, art.portable) if mode == "portable" else \
+      (art.custom_base, art.custom)
+  assert out == os.path.join(base, "1")
+  assert sorted(os.listdir(base)) == ["1"]
+  assert os.path.isfile(os.path.join(out, "saved_model.pb"))
+  assert os.path.isdir(os.path.join(out, "variables"))
+  assert os.path.isfile(os.path.join(out, "variables", "variables.index"))
+  meta_file = os.path.join(out, "assets.extra", "sparse_attention_tf.json")
+  assert os.path.isfile(meta_file)
+  with open(meta_file) as f:
+    meta = json.load(f)
+  assert meta["mode"] == mode
+  assert meta["signatures"] == list(SIGNATURE_OUTPUTS)
+  assert meta["op_library"] == (None if mode == "portable" else "_sparse_attention_ops.so")
+  config = meta["model_config"]
+  assert config["implementation"] == ("reference" if mode == "portable" else "custom_op")
+  rebuilt = sat.SparseTransformer.from_config(config)
+  assert isinstance(rebuilt, sat.SparseTransformer)
+  original = art.model.get_config()
+  for key in ("vocab_size", "seq_len", "num_layers", "d_model", "num_heads", "pattern",
+              "head_mode", "embedding", "block_size", "ffn_multiplier", "dropout"):
+    assert rebuilt.get_config()[key] == original[key], key
+  assert rebuilt.pattern == art.model.pattern
+  # Same architecture: the original weights fit and give the same logits.
+  rebuilt(np.zeros((1, SEQ_LEN), np.int32))
+  rebuilt.set_weights([w.numpy() for w in art.model.weights])
+  np.testing.assert_allclose(np.asarray(rebuilt(art.tokens["a"], training=False)),
+                             art.logits["a"], **TOL)
+
+
+# --- 3. saved_model_cli ---------------------------------------------------------
+def signature_blocks(show_output: str) -> dict:
+  parts = re.split(r"^signature_def\['([^']+)'\]:\s*$", show_output, flags=re.M)
+  blocks = dict(zip(parts[1::2], parts[2::2]))
+  last = parts[-1] if len(parts) > 1 else ""
+  if len(parts) > 1:   # cut the tail (ops list, concrete functions) off the last block
+    blocks[parts[-2]] = last.split("\nThe MetaGraph with tag set")[0].split("\nConcrete")[0]
+  return blocks
+
+
+def tensor_infos(block: str, kind: str) -> dict:
+  """{name: (dtype, shape)} of `inputs` or `outputs` in a signature block."""
+  found = re.findall(kind + r"\['([^']+)'\] tensor_info:\s*\n\s*dtype: (\S+)\s*\n\s*shape: "
+                     r"(\([^)]*\))", block)
+  return {name: (dtype, shape) for name, dtype, shape in found}
+
+
+def test_saved_model_cli_show_and_run(art, jobs):
+  show = jobs.result("cli_show")
+  check_exit(show)
+  blocks = signature_blocks(show.stdout)
+  assert set(SIGNATURE_OUTPUTS) <= set(blocks), sorted(blocks)
+  out_shapes = {"logits": f"(-1, {SEQ_LEN}, {VOCAB})", "probabilities":
+                f"(-1, {SEQ_LEN}, {VOCAB})", "last": f"(-1, {VOCAB})", "bits_per_token": "(-1)"}
+  for name, keys in SIGNATURE_OUTPUTS.items():
+    assert tensor_infos(blocks[name], "inputs") == {"tokens": ("DT_INT32", f"(-1, {SEQ_LEN})")}, \
+        (name, blocks[name])
+    outputs = tensor_infos(blocks[name], "outputs")
+    assert outputs == {k: ("DT_FLOAT", out_shapes[k]) for k in keys}, (name, blocks[name])
+    assert "Method name is: tensorflow/serving/predict" in blocks[name]
+
+  run = jobs.result("cli_run")
+  check_exit(run)
+  outdir = art.dirs["cli"] / "cli_out"
+  logits = np.load(outdir / "logits.npy")
+  assert logits.shape == (BATCHES["a"], SEQ_LEN, VOCAB)
+  np.testing.assert_allclose(logits, art.logits["a"], **TOL)
+
+
+# --- 4. custom_op export ----------------------------------------------------------
+FRESH_LOAD_SAVED_MODEL = """
+import json, sys
+import numpy as np
+import tensorflow as tf
+from sparse_attention_tf import export
+
+path = sys.argv[1]
+def mapped():
+  with open("/proc/self/maps") as f:
+    return "_sparse_attention_ops" in f.read()
+result = {"mapped_before": mapped()}
+try:
+  export.load_saved_model(path, load_ops=False)
+  result["error"] = None
+except Exception as e:
+  result["error"] = [type(e).__name__, str(e)]
+loaded = export.load_saved_model(path)          # load_ops=True: loads the library first
+result["mapped_after"] = mapped()
+np.save("logits_a.npy", loaded.signatures["serving_default"](
+    tokens=tf.constant(np.load("tokens_a.npy")))["logits"].numpy())
+with open("result.json", "w") as f:
+  json.dump(result, f)
+"""
+
+
+def test_custom_op_export_needs_the_op_library(art, jobs):
+  library = art.library
+  assert library and os.path.basename(library) == "_sparse_attention_ops.so", library
+  check_exit(jobs.result("fresh"))
+  workdir = art.dirs["fresh"]
+  result = json.loads((workdir / "custom.json").read_text())
+  assert not result["mapped_before"]
+  assert "error" not in result, result["error"]
+  assert result["our_modules"] == []
+  assert result["first_load"] != "loaded", "loaded without the op library"
+  assert "SparseAttention>" in result["first_load"], result["first_load"]
+  assert result["custom_ops"], "the custom_op export holds no SparseAttention> op"
+  assert any("Blocksparse" in t for t in result["custom_ops"]), result["custom_ops"]
+  for tag in BATCHES:
+    np.testing.assert_allclose(np.load(workdir / f"logits_{tag}.npy"), art.logits[tag], **TOL)
+
+
+def test_load_saved_model_names_the_missing_library(art, jobs):
+  check_exit(jobs.result("load_saved_model"))
+  workdir = art.dirs["load_saved_model"]
+  result = json.loads((workdir / "result.json").read_text())
+  assert not result["mapped_before"], "importing the package loaded the op library"
+  assert result["error"] is not None, "load_saved_model(load_ops=False) loaded a custom_op export"
+  kind, message = result["error"]
+  assert kind == "RuntimeError", result["error"]
+  assert "_sparse_attention_ops.so" in message, message
+  assert "tf.load_op_library" in message, message
+  assert result["mapped_after"]
+  np.testing.assert_allclose(np.load(workdir / "logits_a.npy"), art.logits["a"], **TOL)
+
+
+# --- 5. rest_to_inputs ------------------------------------------------------------
+def rest_bodies(tokens):
+  rows = tokens.tolist()
+  bodies = {
+      "instances_lists": {"instances": rows},
+      "instances_dicts": {"instances": [{"tokens": r} for r in rows]},
+      "inputs_list": {"inputs": rows},
+      "inputs_dict": {"inputs": {"tokens": rows}},
+  }
+  for name in list(bodies):
+    bodies[name + "_json"] = json.dumps(bodies[name])
+  bodies["instances_lists_bytes"] = json.dumps(bodies["instances_lists"]).encode()
+  bodies["with_signature_name"] = {"signature_name": "serving_default", "instances": rows}
+  return bodies
+
+
+@pytest.mark.parametrize("tag", sorted(BATCHES))
+def test_rest_to_inputs_feeds_the_signature(art, portable_loaded, tag):
+  import tensorflow as tf
+  from sparse_attention_tf import export
+  tokens = art.tokens[tag]
+  serve = portable_loaded.signatures["serving_default"]
+  for name, body in rest_bodies(tokens).items():
+    inputs = export.rest_to_inputs(body, seq_len=SEQ_LEN)
+    assert set(inputs) == {"tokens"}, name
+    got = inputs["tokens"]
+    assert isinstance(got, np.ndarray) and got.dtype == np.int32, (name, type(got))
+    assert got.shape == tokens.shape, (name, got.shape)
+    np.testing.assert_array_equal(got, tokens, err_msg=name)
+    logits = serve(**{k: tf.constant(v) for k, v in inputs.items()})["logits"].numpy()
+    np.testing.assert_allclose(logits, art.logits[tag], **TOL, err_msg=name)
+  # Without seq_len, any rectangular length is accepted.
+  assert export.rest_to_inputs({"inputs": [[1, 2, 3]]})["tokens"].shape == (1, 3)
+
+
+def _row(n=SEQ_LEN, value=1):
+  return [value] * n
+
+
+BAD_BODIES = {
+    "both_keys": {"instances": [_row()], "inputs": [_row()]},
+    "neither_key": {"tokens": [_row()]},
+    "not_a_dict": [_row()],
+    "json_list": json.dumps([_row()]),
+    "ragged_rows": {"instances": [_row(), _row(SEQ_LEN - 1)]},
+    "ragged_columnar": {"inputs": {"tokens": [_row(), _row(SEQ_LEN + 1)]}},
+    "floats": {"instances": [[0.5] * SEQ_LEN]},
+    "integral_floats": {"inputs": [[1.0] * SEQ_LEN]},
+    "strings": {"instances": [["a"] * SEQ_LEN]},
+    "digit_strings": {"inputs": [["1"] * SEQ_LEN]},
+    "bools": {"instances": [[True] * SEQ_LEN]},
+    "too_short": {"instances": [_row(SEQ_LEN - 1)]},
+    "too_long": {"inputs": [_row(SEQ_LEN + 1)]},
+    "flat_row": {"instances": _row()},
+    "three_dims": {"inputs": [[_row()]]},
+    "empty": {"instances": []},
+    "extra_input_row": {"instances": [{"tokens": _row(), "mask": _row()}]},
+    "extra_input_columnar": {"inputs": {"tokens": [_row()], "mask": [_row()]}},
+    "wrong_input_name": {"inputs": {"ids": [_row()]}},
+    "mixed_instances": {"instances": [{"tokens": _row()}, _row()]},
+    "bad_json": '{"instances": [[1, 2',
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_BODIES))
+def test_rest_to_inputs_rejects(case):
+  from sparse_attention_tf import export
+  with pytest.raises(ValueError):
+    export.rest_to_inputs(BAD_BODIES[case], seq_len=SEQ_LEN)
+
+
+def test_rest_to_inputs_does_not_wrap_tokens_outside_int32():
+  """2**32 + 5 is an integer, but not an int32: it must not arrive as token 5."""
+  from sparse_attention_tf import export
+  row = [2**32 + 5] + [1] * (SEQ_LEN - 1)
+  try:
+    tokens = export.rest_to_inputs({"instances": [row]}, seq_len=SEQ_LEN)["tokens"]
+  except ValueError:
+    return
+  assert tokens[0, 0] == row[0], f"token {row[0]} silently became {tokens[0, 0]}"
+
+
+# --- 6. errors and the command line -----------------------------------------------
+@pytest.mark.parametrize("case", ["bad_mode", "bad_signature", "no_signatures", "version_0",
+                                  "version_negative", "version_bool", "version_str"])
+def test_export_rejects_bad_arguments(art, tmp_path, case):
+  from sparse_attention_tf import export
+  kwargs = {"bad_mode": dict(mode="tflite"),
+            "bad_signature": dict(signatures=("logits", "predict")),
+            "no_signatures": dict(signatures=()),
+            "version_0": dict(version=0), "version_negative": dict(version=-1),
+            "version_bool": dict(version=True), "version_str": dict(version="1")}[case]
+  path = str(tmp_path / "out")
+  with pytest.raises(ValueError):
+    export.export_saved_model(art.model, path, **kwargs)
+  assert not os.path.exists(path)
+
+
+def test_export_rejects_other_models(tmp_path):
+  import keras
+  from sparse_attention_tf import export
+  other = keras.Sequential([keras.Input((SEQ_LEN,), dtype="int32"),
+                            keras.layers.Embedding(VOCAB, 8), keras.layers.Dense(VOCAB)])
+  path = str(tmp_path / "out")
+  with pytest.raises(ValueError, match="SparseTransformer"):
+    export.export_saved_model(other, path)
+  assert not os.path.exists(path)
+
+
+def test_export_subset_of_signatures(art, tmp_path):
+  """The metadata lists the signatures the SavedModel really has (TF Serving serves them all)."""
+  import tensorflow as tf
+  from sparse_attention_tf import export
+  out = export.export_saved_model(art.model, str(tmp_path / "sub"), signatures=("score",),
+                                  version=7)
+  assert out == str(tmp_path / "sub" / "7")
+  with open(os.path.join(out, "assets.extra", "sparse_attention_tf.json")) as f:
+    listed = json.load(f)["signatures"]
+  loaded = tf.saved_model.load(out)
+  assert "score" in listed and "score" in loaded.signatures
+  bits = loaded.signatures["score"](tokens=tf.constant(art.tokens["a"]))["bits_per_token"]
+  np.testing.assert_allclose(bits.numpy(), np_bits_per_token(art.logits["a"], art.tokens["a"]),
+                             **TOL)
+  assert sorted(loaded.signatures) == sorted(listed), (
+      f"the SavedModel has signatures {sorted(loaded.signatures)}, the metadata lists {listed}")
+  # serving_default is always there and is the logits.
+  logits = loaded.signatures["serving_default"](tokens=tf.constant(art.tokens["a"]))["logits"]
+  np.testing.assert_allclose(logits.numpy(), art.logits["a"], **TOL)
+
+
+def test_cli_missing_model(jobs):
+  export_dir = jobs.root / "missing_export"
+  proc = jobs.result("cli_missing")
+  check_exit(proc, 2)
+  assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout, proc.stderr
+  lines = program_lines(proc.stderr)
+  assert len(lines) == 1, proc.stderr
+  assert "/does/not/exist" in lines[0] and "error" in lines[0], lines
+  assert not export_dir.exists()
+
+
+def test_cli_exports_a_keras_file(art, jobs):
+  import tensorflow as tf
+  export_dir = art.cli_export_dir
+  proc = jobs.result("cli_export")
+  check_exit(proc)
+  assert program_lines(proc.stderr) == [], proc.stderr
+  out = export_dir / "1"
+  assert sorted(os.listdir(export_dir)) == ["1"]
+  assert (out / "saved_model.pb").is_file() and (out / "variables").is_dir()
+  meta = json.loads((out / "assets.extra" / "sparse_attention_tf.json").read_text())
+  assert meta["mode"] == "portable"
+  assert str(out) in proc.stdout, proc.stdout
+  loaded = tf.saved_model.load(str(out))
+  logits = loaded.signatures["serving_default"](tokens=tf.constant(art.tokens["a"]))["logits"]
+  np.testing.assert_allclose(logits.numpy(), art.logits["a"], **TOL)
+
+
+# --- 7. train_main.py --export_dir ------------------------------------------------
+def test_train_main_export_dir(jobs):
+  export_dir = jobs.root / "train_export"
+  check_exit(jobs.result("train_main"))
+  assert (export_dir / "1" / "saved_model.pb").is_file()
+  assert (jobs.root / "train_run" / "model.keras").is_file()
+  meta = json.loads((export_dir / "1" / "assets.extra" / "sparse_attention_tf.json").read_text())
+  assert meta["mode"] == "portable"
+  assert meta["model_config"]["num_layers"] == 1 and meta["model_config"]["seq_len"] == 64
+
+
+def test_rest_to_inputs_checks_the_vocabulary():
+  from sparse_attention_tf import export
+  row = [1] * SEQ_LEN
+  assert export.rest_to_inputs({"instances": [row]}, seq_len=SEQ_LEN,
+                               vocab_size=VOCAB)["tokens"].shape == (1, SEQ_LEN)
+  for bad in (-1, VOCAB):
+    with pytest.raises(ValueError, match="tokens must be in"):
+      export.rest_to_inputs({"instances": [[bad] + row[1:]]}, seq_len=SEQ_LEN, vocab_size=VOCAB)
