@@ -148,7 +148,7 @@ def write_sample(data_lib, data, tokens, out_dir, np, tf):
     return path
   audio = data_lib.mu_law_decode(np.asarray(tokens)).astype(np.float32)
   path = os.path.join(out_dir, "sample.wav")
-  tf.io.write_file(path, tf.audio.encode_wav(audio[:, None], 16000))
+  tf.io.write_file(path, tf.audio.encode_wav(audio[:, None], data.sample_rate or 16000))
   return path
 
 

@@ -79,6 +79,7 @@ class TokenData:
     bos: the start token of image sequences, else None.
     num_train_examples: number of training pairs.
     num_validation_examples: number of validation pairs.
+    sample_rate: for audio, the sample rate of the WAV files.
   """
   name: str
   kind: str
@@ -90,6 +91,7 @@ class TokenData:
   bos: Optional[int]
   num_train_examples: int
   num_validation_examples: int
+  sample_rate: Optional[int] = None   # audio: the recordings' rate (for writing samples)
 
 
 # ---------------------------------------------------------------------------
@@ -287,11 +289,18 @@ def read_wav_dir(directory: str) -> np.ndarray:
   return np.concatenate(parts)  # (total,)
 
 
+def wav_sample_rate(directory: str) -> int:
+  """The sample rate of the first WAV file in directory (all share it: read_wav_dir checks)."""
+  first = sorted(f for f in os.listdir(directory) if f.lower().endswith(".wav"))[0]
+  _, rate = tf.audio.decode_wav(tf.io.read_file(os.path.join(directory, first)))
+  return int(rate)
+
+
 def load_wav(directory: str, seq_len: Optional[int]) -> TokenData:
   """WAV files as one 8-bit µ-law stream (vocab 256, no BOS)."""
   tokens = mu_law_encode(read_wav_dir(directory)).astype(np.uint8)  # (total,)
-  return stream_data(f"wav:{directory}", "audio", tokens, 256, seq_len,
-                     f"audio in {directory}")
+  data = stream_data(f"wav:{directory}", "audio", tokens, 256, seq_len, f"audio in {directory}")
+  return dataclasses.replace(data, sample_rate=wav_sample_rate(directory))
 
 
 # ---------------------------------------------------------------------------
@@ -444,7 +453,9 @@ def make_batches(ds: tf.data.Dataset, batch_size: int, shuffle: bool, seed: Opti
   Args:
     ds: unbatched dataset, e.g. `TokenData.train`.
     batch_size: examples per batch.
-    shuffle: shuffle through a buffer, reshuffled every epoch.
+    shuffle: shuffle through a buffer, in one seeded order that every
+      iterator repeats (so a strategy that opens the dataset twice, or a
+      resumed run, sees the same batches).
     seed: shuffle seed (None: nondeterministic).
     drop_remainder: drop a last, smaller batch (static batch shape).
     buffer_size: shuffle buffer in examples; None keeps it under
@@ -461,5 +472,5 @@ def make_batches(ds: tf.data.Dataset, batch_size: int, shuffle: bool, seed: Opti
       count = int(ds.cardinality())
       if count > 0:
         buffer_size = min(buffer_size, count)
-    ds = ds.shuffle(buffer_size, seed=seed, reshuffle_each_iteration=True)
+    ds = ds.shuffle(buffer_size, seed=seed, reshuffle_each_iteration=False)
   return ds.batch(batch_size, drop_remainder=drop_remainder).prefetch(tf.data.AUTOTUNE)
