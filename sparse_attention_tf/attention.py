@@ -47,7 +47,7 @@ def resolve_implementation(implementation: str) -> str:
   return "reference"
 
 
-def _check_inputs(query, key, value, pattern, block_size, key_padding_mask, implementation):
+def _check_inputs(query, key, value, pattern, key_padding_mask, implementation):
   for name, t in (("query", query), ("key", key), ("value", value)):
     if t.shape.rank != 4:
       raise ValueError(f"{name} must have rank 4 [batch, seq, heads, head_dim], got shape "
@@ -147,7 +147,7 @@ def sparse_attention(query, key, value, pattern, block_size: int = 32,
   if key_padding_mask is not None:
     key_padding_mask = tf.convert_to_tensor(key_padding_mask)
   implementation = resolve_implementation(implementation)
-  _check_inputs(query, key, value, pattern, block_size, key_padding_mask, implementation)
+  _check_inputs(query, key, value, pattern, key_padding_mask, implementation)
   seq, heads, head_dim = (int(d) for d in query.shape[1:])
   scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
   if key_padding_mask is not None:
