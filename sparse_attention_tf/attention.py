@@ -25,7 +25,8 @@ from sparse_attention_tf import ops as ops_lib
 from sparse_attention_tf import patterns as patterns_lib
 from sparse_attention_tf import reference
 
-IMPLEMENTATIONS = ("auto", "custom_op", "reference", "dense")
+IMPLEMENTATIONS = ("auto", "custom_op", "custom_op_unfused", "reference", "dense")
+_CUSTOM_OPS = ("custom_op", "custom_op_unfused")
 _FLOAT_DTYPES = (tf.float32, tf.bfloat16, tf.float16)
 _warned_fallback = False
 
@@ -66,7 +67,7 @@ def _check_inputs(query, key, value, pattern, key_padding_mask, implementation):
   if query.dtype != key.dtype or query.dtype != value.dtype:
     raise ValueError(f"query, key and value must have one dtype, got {query.dtype.name}, "
                      f"{key.dtype.name}, {value.dtype.name}.")
-  allowed = _FLOAT_DTYPES + ((tf.float64,) if implementation != "custom_op" else ())
+  allowed = _FLOAT_DTYPES + ((tf.float64,) if implementation not in _CUSTOM_OPS else ())
   if query.dtype not in allowed:
     raise ValueError(f"dtype {query.dtype.name} is not supported by implementation "
                      f"{implementation!r}; use one of {[d.name for d in allowed]}.")
@@ -104,7 +105,15 @@ def _table_tensors(part) -> ops_lib.TableTensors:
   return cached
 
 
-def _custom_op_attention(q, k, v, part, scale, key_padding_mask):
+def _fused_attention(q, k, v, part, scale, key_padding_mask):
+  t = _table_tensors(part)
+  if key_padding_mask is None:
+    key_padding_mask = tf.ones(tf.shape(q)[:2], tf.bool)                  # (B, N)
+  out, _ = ops_lib.attention(q, k, v, t, key_padding_mask, scale)         # (B, N, H, Dv)
+  return out
+
+
+def _unfused_attention(q, k, v, part, scale, key_padding_mask):
   t = _table_tensors(part)
   if key_padding_mask is None:
     key_padding_mask = tf.ones(tf.shape(q)[:2], tf.bool)                  # (B, N)
@@ -130,10 +139,12 @@ def sparse_attention(query, key, value, pattern, block_size: int = 32,
     scale: multiplies `q . k`; default `1 / sqrt(head_dim)`.
     key_padding_mask: optional `[batch, seq]`, True (or 1) for real keys and
       False for padding.
-    implementation: `"custom_op"` (C++ kernels), `"reference"` (pure TF on the
-      kept blocks), `"dense"` (full masked attention, O(N^2), for checking) or
-      `"auto"` (the custom op if its library loads, else the reference, with
-      one warning).
+    implementation: `"custom_op"` (the fused C++ kernel: online softmax, no
+      score tensor), `"custom_op_unfused"` (the three C++ ops SDD -> softmax ->
+      DSD, which store the `[B, G, Z, b, b]` scores), `"reference"` (pure TF
+      on the kept blocks), `"dense"` (full masked attention, O(N^2), for
+      checking) or `"auto"` (the fused op if its library loads, else the
+      reference, with one warning).
 
   Returns:
     `[batch, seq, heads, value_dim]` in the input dtype. Rows that see no key
@@ -167,7 +178,9 @@ def sparse_attention(query, key, value, pattern, block_size: int = 32,
       q, k, v = (_grid_transpose(t, part.transpose) for t in (q, k, v))
       kp = None if kp is None else _grid_transpose(kp, part.transpose)
     if implementation == "custom_op":
-      out = _custom_op_attention(q, k, v, part, scale, kp)
+      out = _fused_attention(q, k, v, part, scale, kp)
+    elif implementation == "custom_op_unfused":
+      out = _unfused_attention(q, k, v, part, scale, kp)
     else:
       out = reference.blocksparse_attention(q, k, v, part.tables, scale, kp)
     if part.transpose is not None:

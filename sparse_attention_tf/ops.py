@@ -13,6 +13,8 @@ Ops (all take float32, bfloat16 or float16 and accumulate in float32):
   dsd(p, x)        [B,G,Z,b,b] x [B,N,H,D] -> [B,N,H,D]   out_I = sum_J P_IJ . X_J
   dsd_t(p, x)      [B,G,Z,b,b] x [B,N,H,D] -> [B,N,H,D]   out_J = sum_I P_IJ^T . X_I
   softmax(x)       [B,G,Z,b,b] -> [B,G,Z,b,b]             row softmax with masks
+  attention(q,k,v) [B,N,H,D] x2, [B,N,H,Dv] -> [B,N,H,Dv], lse [B,H,N]
+                   fused: online softmax per query block row, no score tensor
 The three products are closed under differentiation (each one's gradient is
 made of the other two), as in openai/blocksparse.
 """
@@ -156,6 +158,20 @@ def softmax_grad(y, dy, row_offsets, scale: float):
   return _ops().sparse_attention_blocksparse_softmax_grad(y, dy, row_offsets, scale=scale)
 
 
+@tf.autograph.experimental.do_not_convert
+def attention(q, k, v, tables: TableTensors, key_padding_mask, scale: float):
+  """Fused block-sparse attention: (out [B,N,H,Dv], lse [B,H,N] float32).
+
+  key_padding_mask: bool [B, N], True for real keys. `lse` (log-sum-exp of each
+  row's visible scaled scores, -inf for rows that see no key) is what the
+  gradient recomputes the probabilities from; it is not differentiable.
+  """
+  t = tables
+  return _ops().sparse_attention_blocksparse_attention(
+      q, k, v, *t.all_tables, t.mask_index, t.masks, key_padding_mask, scale=scale,
+      block_size=t.block_size)
+
+
 # --- gradients ------------------------------------------------------------------
 _NO_TABLE_GRADS = (None, None, None, None)
 
@@ -189,3 +205,13 @@ def _softmax_grad(op, dy):
   y = op.outputs[0]
   dx = softmax_grad(y, dy, op.inputs[2], scale=op.get_attr("scale"))
   return (dx, None, None, None, None, None)
+
+
+@tf.RegisterGradient("SparseAttention>BlocksparseAttention")
+def _attention_grad(op, dout, unused_dlse):
+  q, k, v = op.inputs[:3]
+  out, lse = op.outputs
+  dq, dk, dv = _ops().sparse_attention_blocksparse_attention_grad(
+      q, k, v, out, lse, dout, *op.inputs[3:], scale=op.get_attr("scale"),
+      block_size=op.get_attr("block_size"))
+  return (dq, dk, dv) + (None,) * 7

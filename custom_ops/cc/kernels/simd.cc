@@ -1,7 +1,12 @@
 #include "custom_ops/cc/kernels/simd.h"
 
+#include <cmath>
 #include <cstdlib>
+#include <cstring>
 #include <string>
+#include <vector>
+
+#include "custom_ops/cc/kernels/fused_attention.h"
 
 namespace sparse_attention {
 namespace {
@@ -10,6 +15,7 @@ namespace avx512 {
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,prefer-vector-width=512")
 #include "custom_ops/cc/kernels/simd_body.h"
+#include "custom_ops/cc/kernels/fused_attention_body.h"
 #pragma GCC pop_options
 }  // namespace avx512
 
@@ -17,15 +23,20 @@ namespace avx2 {
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 #include "custom_ops/cc/kernels/simd_body.h"
+#include "custom_ops/cc/kernels/fused_attention_body.h"
 #pragma GCC pop_options
 }  // namespace avx2
 
 namespace baseline {
 #include "custom_ops/cc/kernels/simd_body.h"
+#include "custom_ops/cc/kernels/fused_attention_body.h"
 }  // namespace baseline
 
 #define SPARSE_ATTENTION_KERNELS(ns) \
-  SimdKernels { #ns, ns::Gemm, ns::ScaleMaskMax, ns::ExpSum, ns::Scale, ns::Dot, ns::SoftmaxGrad }
+  SimdKernels {                                                                          \
+    #ns, ns::Gemm, ns::ScaleMaskMax, ns::ExpSum, ns::Scale, ns::Dot, ns::SoftmaxGrad,    \
+        ns::fused::Forward, ns::fused::Backward                                          \
+  }
 
 // The best build this CPU runs; $SPARSE_ATTENTION_TF_ISA ("avx2", "baseline")
 // may ask for a lower one, so that tests exercise every build on one machine.

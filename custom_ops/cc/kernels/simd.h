@@ -10,6 +10,8 @@
 
 #include <cstdint>
 
+#include "custom_ops/cc/kernels/fused_attention.h"
+
 namespace sparse_attention {
 
 struct SimdKernels {
@@ -36,6 +38,12 @@ struct SimdKernels {
   // dx[j] = scale * y[j] * (dy[j] - dot).
   void (*softmax_grad)(const float* y, const float* dy, float dot, float scale, float* dx,
                        int64_t n);
+
+  // The fused attention kernels (fused_attention.h) built for this ISA.
+  void (*attention_forward)(const AttentionProblem& a, const AttentionForwardArgs<float>& x,
+                            int64_t begin, int64_t end);
+  void (*attention_backward)(const AttentionProblem& a, const AttentionBackwardArgs<float>& x,
+                             int64_t begin, int64_t end);
 };
 
 // The primitives for this CPU, chosen on first use.

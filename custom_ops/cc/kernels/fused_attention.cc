@@ -1,0 +1,80 @@
+#include "custom_ops/cc/kernels/fused_attention.h"
+
+#include <algorithm>
+#include <cstring>
+#include <limits>
+
+#include "custom_ops/cc/kernels/simd.h"
+
+namespace sparse_attention {
+
+void AttentionForward(const AttentionProblem& a, const AttentionForwardArgs<float>& x,
+                      int64_t begin, int64_t end) {
+  Simd().attention_forward(a, x, begin, end);
+}
+
+void AttentionBackward(const AttentionProblem& a, const AttentionBackwardArgs<float>& x,
+                       int64_t begin, int64_t end) {
+  Simd().attention_backward(a, x, begin, end);
+}
+
+void ReduceSegments(const AttentionProblem& a, const AttentionBackwardArgs<float>& x,
+                    int64_t begin, int64_t end) {
+  const Problem& p = a.p;
+  const int64_t D = p.head_dim, Dv = a.value_dim;
+  const int64_t k_size = p.batch * p.seq * p.heads * D, v_size = p.batch * p.seq * p.heads * Dv;
+  const int64_t nk = p.seq * D, nv = p.seq * Dv;  // one head's slice
+  for (int64_t u = begin; u < end; ++u) {
+    for (int64_t s = 1; s < a.segments; ++s) {
+      float* dk = x.dk + u * nk;
+      const float* pk = x.partial_k + (s - 1) * k_size + u * nk;
+      for (int64_t e = 0; e < nk; ++e) dk[e] += pk[e];
+      float* dv = x.dv + u * nv;
+      const float* pv = x.partial_v + (s - 1) * v_size + u * nv;
+      for (int64_t e = 0; e < nv; ++e) dv[e] += pv[e];
+    }
+  }
+}
+
+std::vector<int32_t> SegmentRows(const Tables& t, int64_t segments) {
+  const int64_t nb = t.num_blocks;
+  std::vector<int32_t> rows(t.layout_heads * (segments + 1));
+  for (int64_t h = 0; h < t.layout_heads; ++h) {
+    int32_t* r = rows.data() + h * (segments + 1);
+    const int64_t first = t.row_offsets[h * nb], total = t.row_offsets[(h + 1) * nb] - first;
+    r[0] = 0;
+    int64_t row = 0;
+    for (int64_t s = 1; s < segments; ++s) {  // first row whose blocks reach s/segments of the total
+      const int64_t target = first + (total * s + segments - 1) / segments;
+      while (row < nb && t.row_offsets[h * nb + row] < target) ++row;
+      r[s] = static_cast<int32_t>(std::max<int64_t>(row, r[s - 1]));
+    }
+    r[segments] = static_cast<int32_t>(nb);
+  }
+  return rows;
+}
+
+std::vector<float> TransposedMaskBias(const bool* masks, int64_t num_masks, int64_t block) {
+  const float kNegInf = -std::numeric_limits<float>::infinity();
+  std::vector<float> bias(num_masks * block * block);
+  for (int64_t m = 0; m < num_masks; ++m)
+    for (int64_t i = 0; i < block; ++i)
+      for (int64_t j = 0; j < block; ++j)
+        bias[(m * block + j) * block + i] = masks[(m * block + i) * block + j] ? 0.f : kNegInf;
+  return bias;
+}
+
+std::string ValidateAttention(const AttentionProblem& a, int64_t num_masks) {
+  if (a.p.block % 16 != 0)
+    return "the fused kernel needs a block size that is a multiple of 16, got " +
+           std::to_string(a.p.block);
+  for (int64_t z = 0; z < a.p.t.nnz; ++z) {
+    const int32_t mi = a.mask_index[z];
+    if (mi < -1 || mi >= num_masks)
+      return "mask_index[" + std::to_string(z) + "] = " + std::to_string(mi) +
+             " must be -1 (full block) or in [0, " + std::to_string(num_masks) + ")";
+  }
+  return "";
+}
+
+}  // namespace sparse_attention

@@ -1,0 +1,161 @@
+// Fused block-sparse attention on the CPU, framework-free: forward with an
+// online softmax over the kept key blocks of each query block row, backward
+// that recomputes the probabilities from the saved per-row log-sum-exp. No
+// [B, G, Z, b, b] score tensor is ever stored; each work unit keeps one b x b
+// tile (and a few b x D panels) in its own small buffers.
+//
+// Letters as in blocksparse_cpu.h; Dv is the value head dim. The kernels
+// take head-major operands, [B, H, N, D] (q, k, dq, dk) and [B, H, N, Dv]
+// (v, out, dout, dv), so that a block of b rows of one head is one
+// contiguous b x D panel (rows of the [B, N, H, D] layout are H * D apart,
+// which makes the panels alias in the L1 cache); the TF op packs and unpacks
+// (PackHeads / UnpackHeads), converting dtypes in the same pass. lse and
+// delta are [B, H, N].
+//
+// Score tiles are held transposed, S^T[key j][query i], so the per-query
+// softmax state (running max, sum) runs down the tile's columns with whole
+// vectors of queries, and every product is a small dense GEMM:
+//   forward   S^T = K_J (scale Q_I)^T;  O_I += P V_J
+//   backward  S^T, P as above;  dP^T = V_J dO_I^T;  dS = P * (dP - delta)
+//             dV_J += P^T dO_I;  dQ_I += dS K_J;  dK_J += dS^T (scale Q_I)
+// Backward units are (batch, head, segment of block rows): one unit owns the
+// dK/dV of its head for its segment, so there are no races and no atomics;
+// segments > 1 write private partial sums that ReduceSegments adds in a fixed
+// order. Results are bitwise repeatable for a given segment count.
+#ifndef SPARSE_ATTENTION_TF_KERNELS_FUSED_ATTENTION_H_
+#define SPARSE_ATTENTION_TF_KERNELS_FUSED_ATTENTION_H_
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "custom_ops/cc/kernels/blocksparse_cpu.h"
+
+namespace sparse_attention {
+
+struct AttentionProblem {
+  Problem p;                           // p.head_dim = D
+  int64_t value_dim = 0;               // Dv
+  float scale = 1.f;                   // multiplies q . k
+  const int32_t* mask_index = nullptr; // [Z] -1 (full tile) or index into bias_t
+  const float* bias_t = nullptr;       // [M, b, b] transposed tile masks: 0 or -inf at [key j][query i]
+  const bool* key_padding = nullptr;   // [B, N] true = real key, or null (all real)
+  int64_t segments = 1;                // backward: block-row segments per head
+  const int32_t* segment_rows = nullptr;  // [Hl, segments + 1] first block row of each segment
+
+  // Offsets into the head-major operands.
+  int64_t q_offset(int64_t b, int64_t n, int64_t head) const {
+    return ((b * p.heads + head) * p.seq + n) * p.head_dim;
+  }
+  int64_t v_offset(int64_t b, int64_t n, int64_t head) const {
+    return ((b * p.heads + head) * p.seq + n) * value_dim;
+  }
+  int64_t lse_offset(int64_t b, int64_t head, int64_t n) const {
+    return (b * p.heads + head) * p.seq + n;
+  }
+  // Backward units: (b, g, h, segment), segment fastest.
+  int64_t num_backward_units() const {
+    return p.batch * p.groups() * p.t.layout_heads * segments;
+  }
+};
+
+// The operands, head-major. T is float or uint16_t (bfloat16 bits).
+template <typename T>
+struct AttentionForwardArgs {
+  const T* q;   // [B, H, N, D]
+  const T* k;   // [B, H, N, D]
+  const T* v;   // [B, H, N, Dv]
+  float* out;   // [B, H, N, Dv]
+  float* lse;   // [B, H, N]
+};
+
+template <typename T>
+struct AttentionBackwardArgs {
+  const T* q;
+  const T* k;
+  const T* v;
+  const float* lse;     // [B, H, N] from the forward
+  const float* delta;   // [B, H, N] sum_d dout * out (see PackHeads)
+  const T* dout;        // [B, H, N, Dv]
+  float* dq;            // [B, H, N, D]
+  float* dk;            // [B, H, N, D]
+  float* dv;            // [B, H, N, Dv]
+  float* partial_k;     // [segments - 1, B, H, N, D], or null when segments == 1
+  float* partial_v;     // [segments - 1, B, H, N, Dv]
+};
+
+// Forward over the query block-row units [begin, end) (see Problem::num_units).
+void AttentionForward(const AttentionProblem& a, const AttentionForwardArgs<float>& x,
+                      int64_t begin, int64_t end);
+
+// Backward over the units [begin, end) of num_backward_units().
+void AttentionBackward(const AttentionProblem& a, const AttentionBackwardArgs<float>& x,
+                       int64_t begin, int64_t end);
+
+// bfloat16 operands (raw bits) on the CPU's bf16 dot-product instructions;
+// only when HasBf16Kernels(). Accumulation and softmax in float32.
+bool HasBf16Kernels();
+void AttentionForwardBf16(const AttentionProblem& a, const AttentionForwardArgs<uint16_t>& x,
+                          int64_t begin, int64_t end);
+void AttentionBackwardBf16(const AttentionProblem& a, const AttentionBackwardArgs<uint16_t>& x,
+                           int64_t begin, int64_t end);
+
+// dk, dv += the partial sums of segments 1.. (in order), for units
+// (b, head) in [begin, end) of B * H.
+void ReduceSegments(const AttentionProblem& a, const AttentionBackwardArgs<float>& x,
+                    int64_t begin, int64_t end);
+
+// [B, N, H, D] -> [B, H, N, D] for the units (b, head, block of `rows` rows)
+// in [begin, end) of B * H * ceil(N / rows). Src is any type convertible to
+// float. If dot_with is given (same layout as x), also delta[b, head, n] =
+// sum_d x * dot_with.
+template <typename Src>
+void PackHeads(const Src* x, int64_t batch, int64_t seq, int64_t heads, int64_t dim,
+               int64_t rows, float* packed, const Src* dot_with, float* delta, int64_t begin,
+               int64_t end) {
+  const int64_t chunks = (seq + rows - 1) / rows;
+  for (int64_t u = begin; u < end; ++u) {
+    const int64_t c = u % chunks, bh = u / chunks, b = bh / heads, head = bh % heads;
+    for (int64_t n = c * rows; n < seq && n < (c + 1) * rows; ++n) {
+      const Src* src = x + ((b * seq + n) * heads + head) * dim;
+      float* dst = packed + (bh * seq + n) * dim;
+      for (int64_t d = 0; d < dim; ++d) dst[d] = static_cast<float>(src[d]);
+      if (dot_with != nullptr) {
+        const Src* o = dot_with + ((b * seq + n) * heads + head) * dim;
+        float s = 0.f;
+        for (int64_t d = 0; d < dim; ++d) s += dst[d] * static_cast<float>(o[d]);
+        delta[bh * seq + n] = s;
+      }
+    }
+  }
+}
+
+// The inverse: [B, H, N, D] float -> [B, N, H, D] Dst, same units.
+template <typename Dst>
+void UnpackHeads(const float* packed, int64_t batch, int64_t seq, int64_t heads, int64_t dim,
+                 int64_t rows, Dst* x, int64_t begin, int64_t end) {
+  const int64_t chunks = (seq + rows - 1) / rows;
+  for (int64_t u = begin; u < end; ++u) {
+    const int64_t c = u % chunks, bh = u / chunks, b = bh / heads, head = bh % heads;
+    for (int64_t n = c * rows; n < seq && n < (c + 1) * rows; ++n) {
+      const float* src = packed + (bh * seq + n) * dim;
+      Dst* dst = x + ((b * seq + n) * heads + head) * dim;
+      for (int64_t d = 0; d < dim; ++d) dst[d] = static_cast<Dst>(src[d]);
+    }
+  }
+}
+
+// Splits each layout head's block rows into `segments` contiguous ranges of
+// about equal kept-block count: [Hl, segments + 1].
+std::vector<int32_t> SegmentRows(const Tables& t, int64_t segments);
+
+// masks [M, b, b] (true: visible at [query i][key j]) -> bias [M, b, b] at
+// [key j][query i]: 0 visible, -inf hidden.
+std::vector<float> TransposedMaskBias(const bool* masks, int64_t num_masks, int64_t block);
+
+// Checks mask_index against num_masks and the value dims. "" if valid.
+std::string ValidateAttention(const AttentionProblem& a, int64_t num_masks);
+
+}  // namespace sparse_attention
+
+#endif  // SPARSE_ATTENTION_TF_KERNELS_FUSED_ATTENTION_H_

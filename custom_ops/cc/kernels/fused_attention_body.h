@@ -1,0 +1,233 @@
+// Body of the fused attention kernels (see fused_attention.h), included once
+// per instruction set by simd.cc after simd_body.h, whose Gemm, v16 vectors
+// and ExpNonPositive it uses. No include guard: included several times.
+//
+// Tiles are [key j][query i] with b (a multiple of 16) queries per row, so
+// every softmax step is a whole-vector operation over 16 queries.
+
+namespace fused {
+
+using ::sparse_attention::AttentionBackwardArgs;
+using ::sparse_attention::AttentionForwardArgs;
+using ::sparse_attention::AttentionProblem;
+using ::sparse_attention::SplitUnit;
+using ::sparse_attention::Unit;
+
+constexpr float kPosInf = __builtin_inff();
+
+// Per-unit work buffers, allocated once per call of a kernel.
+struct Buffers {
+  explicit Buffers(int64_t floats) : data(floats + 16) {}
+  float* take(int64_t n) {  // 64-byte aligned slices
+    float* base = data.data() + used;
+    const uintptr_t mis = (reinterpret_cast<uintptr_t>(base) / sizeof(float)) % 16;
+    const int64_t pad = mis ? 16 - mis : 0;
+    used += pad + n;
+    return base + pad;
+  }
+  std::vector<float> data;
+  int64_t used = 0;
+};
+
+// dst[d][i] = s * rows[i][d] (b rows of stride ld, width w): a transposed panel.
+inline void TransposePanel(const float* rows, int64_t ld, int64_t bs, int64_t w, float s,
+                           float* dst) {
+  for (int64_t i = 0; i < bs; ++i)
+    for (int64_t d = 0; d < w; ++d) dst[d * bs + i] = s * rows[i * ld + d];
+}
+
+// Key padding of the keys of block J, or null when all keys are real.
+inline const bool* KeyRow(const AttentionProblem& a, int64_t b, int64_t j) {
+  return a.key_padding == nullptr ? nullptr
+                                  : a.key_padding + b * a.p.seq + j * a.p.block;
+}
+
+inline const float* TileBias(const AttentionProblem& a, int64_t z) {
+  const int32_t mi = a.mask_index[z];
+  return mi < 0 ? nullptr : a.bias_t + mi * a.p.tile();
+}
+
+// st[j][:] += bias[j][:], or -inf for padded keys j.
+inline void ApplyMasks(float* st, const float* bias, const bool* keys, int64_t bs) {
+  if (bias == nullptr && keys == nullptr) return;
+  const v16 neg = (v16){} + kNegInf;
+  for (int64_t j = 0; j < bs; ++j) {
+    float* row = st + j * bs;
+    if (keys != nullptr && !keys[j]) {
+      for (int64_t c = 0; c < bs; c += 16) Store(row + c, neg);
+    } else if (bias != nullptr) {
+      for (int64_t c = 0; c < bs; c += 16) Store(row + c, Load(row + c) + Load(bias + j * bs + c));
+    }
+  }
+}
+
+// One step of the online softmax: st holds the masked scores S^T of the next
+// key block. Updates the running max m and sum l of each query, turns st into
+// exp(S^T - m) and sets alpha = exp(m_old - m_new), the factor that rescales
+// what was accumulated so far. Returns whether any alpha differs from 1.
+inline bool OnlineSoftmaxStep(float* st, int64_t bs, float* m, float* l, float* alpha) {
+  bool rescale = false;
+  for (int64_t c = 0; c < bs; c += 16) {  // 16 queries at a time
+    v16 mx = Load(m + c);
+    for (int64_t jj = 0; jj < bs; ++jj) {
+      const v16 s = Load(st + jj * bs + c);
+      mx = s > mx ? s : mx;
+    }
+    const v16 shift = mx == kNegInf ? (v16){} : mx;  // no visible key yet: keep 0s
+    const v16 al = ExpNonPositive(Load(m + c) - shift);
+    v16 sum = (v16){};
+    for (int64_t jj = 0; jj < bs; ++jj) {
+      const v16 e = ExpNonPositive(Load(st + jj * bs + c) - shift);
+      Store(st + jj * bs + c, e);
+      sum += e;
+    }
+    Store(l + c, Load(l + c) * al + sum);
+    Store(m + c, mx);
+    Store(alpha + c, al);
+    for (int k2 = 0; k2 < 16; ++k2) rescale |= al[k2] != 1.f;
+  }
+  return rescale;
+}
+
+// Backward tile step: pt holds the masked scores S^T, dst holds dP^T. Makes
+// pt = P^T = exp(S^T - lse) and dst = dS^T = s * P^T * (dP^T - delta).
+inline void ProbsAndScoreGrad(float* pt, float* dst, const float* lse, const float* delta,
+                              float s, int64_t bs) {
+  for (int64_t jj = 0; jj < bs; ++jj)
+    for (int64_t c = 0; c < bs; c += 16) {
+      const v16 pr = ExpNonPositive(Load(pt + jj * bs + c) - Load(lse + c));
+      Store(pt + jj * bs + c, pr);
+      Store(dst + jj * bs + c, pr * (Load(dst + jj * bs + c) - Load(delta + c)) * s);
+    }
+}
+
+// out rows = o / l; lse = m + log(l), or 0 and -inf for rows with no visible key.
+inline void FinishRows(const float* o, const float* m, const float* l, int64_t bs, int64_t dv,
+                       float* out, float* lse) {
+  for (int64_t i = 0; i < bs; ++i) {
+    const bool any = l[i] > 0.f;
+    const float inv = any ? 1.f / l[i] : 0.f;
+    for (int64_t d = 0; d < dv; ++d) out[i * dv + d] = o[i * dv + d] * inv;
+    lse[i] = any ? m[i] + std::log(l[i]) : kNegInf;
+  }
+}
+
+// The key-padding flags of block j (null: all real), the tile's bias (null:
+// full tile), and its row of per-query lse (+inf where a row sees no key,
+// so that its probabilities come out 0).
+inline void LoadLse(const AttentionProblem& a, const float* lse_in, int64_t b, int64_t head,
+                    int64_t row0, float* lse) {
+  for (int64_t i = 0; i < a.p.block; ++i) {
+    const float v = lse_in[a.lse_offset(b, head, row0 + i)];
+    lse[i] = v == kNegInf ? kPosInf : v;  // exp(anything - inf) = 0
+  }
+}
+
+// Backward unit u -> (b, g, h, segment), segment fastest.
+inline Unit BackwardUnit(const AttentionProblem& a, int64_t u, int64_t* seg) {
+  const auto& p = a.p;
+  const int64_t S = a.segments, v = u / S;
+  *seg = u % S;
+  return Unit{v / p.t.layout_heads / p.groups(), v / p.t.layout_heads % p.groups(),
+              v % p.t.layout_heads, 0};
+}
+
+void Forward(const AttentionProblem& a, const AttentionForwardArgs<float>& x, int64_t begin,
+             int64_t end) {
+  const auto& p = a.p;
+  const int64_t bs = p.block, D = p.head_dim, Dv = a.value_dim, nb = p.t.num_blocks;
+  const int64_t ldq = D, ldv = Dv;
+  Buffers buf(D * bs + bs * bs + bs * Dv + 4 * bs + 64);
+  float* qt = buf.take(D * bs);      // [D, b]  scale * Q_I^T
+  float* st = buf.take(bs * bs);     // [b, b]  S^T, then P^T
+  float* o = buf.take(bs * Dv);      // [b, Dv] unnormalised output rows
+  float* m = buf.take(bs);           // running max per query
+  float* l = buf.take(bs);           // running sum per query
+  float* alpha = buf.take(bs);       // rescale factor of this step
+  for (int64_t u = begin; u < end; ++u) {
+    const Unit w = SplitUnit(p, u);
+    const int64_t head = w.g * p.t.layout_heads + w.h, row = w.h * nb + w.i;
+    const int64_t z0 = p.t.row_offsets[row], z1 = p.t.row_offsets[row + 1];
+    TransposePanel(x.q + a.q_offset(w.b, w.i * bs, head), ldq, bs, D, a.scale, qt);
+    for (int64_t i = 0; i < bs; ++i) m[i] = kNegInf, l[i] = 0.f;
+    std::memset(o, 0, bs * Dv * sizeof(float));
+    for (int64_t z = z0; z < z1; ++z) {
+      const int64_t j = p.t.blocks[3 * z + 2];
+      std::memset(st, 0, bs * bs * sizeof(float));
+      Gemm(bs, bs, D, x.k + a.q_offset(w.b, j * bs, head), ldq, 1, qt, bs, st, bs);  // S^T
+      ApplyMasks(st, TileBias(a, z), KeyRow(a, w.b, j), bs);
+      const bool rescale = OnlineSoftmaxStep(st, bs, m, l, alpha);
+      if (rescale)
+        for (int64_t i = 0; i < bs; ++i)
+          if (alpha[i] != 1.f) Scale(o + i * Dv, alpha[i], Dv);
+      // O += P V_J, P[i][j] = st[j][i].
+      Gemm(bs, Dv, bs, st, 1, bs, x.v + a.v_offset(w.b, j * bs, head), ldv, o, Dv);
+    }
+    FinishRows(o, m, l, bs, Dv, x.out + a.v_offset(w.b, w.i * bs, head),
+               x.lse + a.lse_offset(w.b, head, w.i * bs));
+  }
+}
+
+void Backward(const AttentionProblem& a, const AttentionBackwardArgs<float>& x, int64_t begin,
+              int64_t end) {
+  const auto& p = a.p;
+  const int64_t bs = p.block, D = p.head_dim, Dv = a.value_dim, nb = p.t.num_blocks;
+  const int64_t ldq = D, ldv = Dv, S = a.segments;
+  const int64_t k_size = p.batch * p.heads * p.seq * D, v_size = p.batch * p.heads * p.seq * Dv;
+  Buffers buf(2 * D * bs + 2 * bs * bs + Dv * bs + bs * D + 2 * bs + 64);
+  float* qt = buf.take(D * bs);    // [D, b]  scale * Q_I^T
+  float* qs = buf.take(bs * D);    // [b, D]  scale * Q_I
+  float* dot = buf.take(Dv * bs);  // [Dv, b] dO_I^T
+  float* pt = buf.take(bs * bs);   // [b, b]  P^T
+  float* dst = buf.take(bs * bs);  // [b, b]  dP^T, then dS^T
+  float* dqa = buf.take(bs * D);   // [b, D]  dQ_I / scale
+  float* lse = buf.take(bs);       // lse per query, +inf for rows with no visible key
+  float* delta = buf.take(bs);     // sum_d dO * O per query
+  for (int64_t u = begin; u < end; ++u) {
+    int64_t seg;
+    const Unit w = BackwardUnit(a, u, &seg);  // w.i unused: the unit covers a row segment
+    const int64_t head = w.g * p.t.layout_heads + w.h;
+    float* dk = seg == 0 ? x.dk : x.partial_k + (seg - 1) * k_size;
+    float* dv = seg == 0 ? x.dv : x.partial_v + (seg - 1) * v_size;
+    std::memset(dk + a.q_offset(w.b, 0, head), 0, p.seq * D * sizeof(float));  // head slice
+    std::memset(dv + a.v_offset(w.b, 0, head), 0, p.seq * Dv * sizeof(float));
+    const int32_t* seg_rows = a.segment_rows + w.h * (S + 1);
+    for (int64_t bi = seg_rows[seg]; bi < seg_rows[seg + 1]; ++bi) {
+      const int64_t row = w.h * nb + bi;
+      const int64_t z0 = p.t.row_offsets[row], z1 = p.t.row_offsets[row + 1];
+      float* dq = x.dq + a.q_offset(w.b, bi * bs, head);
+      if (z0 == z1) {
+        for (int64_t i = 0; i < bs; ++i) std::memset(dq + i * ldq, 0, D * sizeof(float));
+        continue;
+      }
+      const float* q = x.q + a.q_offset(w.b, bi * bs, head);
+      const float* dout = x.dout + a.v_offset(w.b, bi * bs, head);
+      TransposePanel(q, ldq, bs, D, a.scale, qt);
+      TransposePanel(dout, ldv, bs, Dv, 1.f, dot);
+      for (int64_t i = 0; i < bs; ++i) {
+        for (int64_t d = 0; d < D; ++d) qs[i * D + d] = a.scale * q[i * ldq + d];
+        delta[i] = x.delta[a.lse_offset(w.b, head, bi * bs + i)];
+      }
+      LoadLse(a, x.lse, w.b, head, bi * bs, lse);
+      std::memset(dqa, 0, bs * D * sizeof(float));
+      for (int64_t z = z0; z < z1; ++z) {
+        const int64_t j = p.t.blocks[3 * z + 2];
+        const float* k = x.k + a.q_offset(w.b, j * bs, head);
+        const float* v = x.v + a.v_offset(w.b, j * bs, head);
+        std::memset(pt, 0, bs * bs * sizeof(float));
+        Gemm(bs, bs, D, k, ldq, 1, qt, bs, pt, bs);                 // S^T
+        ApplyMasks(pt, TileBias(a, z), KeyRow(a, w.b, j), bs);
+        std::memset(dst, 0, bs * bs * sizeof(float));
+        Gemm(bs, bs, Dv, v, ldv, 1, dot, bs, dst, bs);              // dP^T
+        ProbsAndScoreGrad(pt, dst, lse, delta, 1.f, bs);
+        Gemm(bs, Dv, bs, pt, bs, 1, dout, ldv, dv + a.v_offset(w.b, j * bs, head), ldv);  // dV_J += P^T dO_I
+        Gemm(bs, D, bs, dst, 1, bs, k, ldq, dqa, D);                                        // dQ_I += dS K_J
+        Gemm(bs, D, bs, dst, bs, 1, qs, D, dk + a.q_offset(w.b, j * bs, head), ldq);       // dK_J += dS^T Q_I
+      }
+      for (int64_t i = 0; i < bs; ++i)
+        for (int64_t d = 0; d < D; ++d) dq[i * ldq + d] = a.scale * dqa[i * D + d];
+    }
+  }
+}
+
+}  // namespace fused

@@ -1,0 +1,233 @@
+// TensorFlow CPU kernels of the fused block-sparse attention and its gradient:
+// check every shape, table and mask, then run the framework-free kernels of
+// fused_attention.h over TF's CPU thread pool.
+#include <cmath>
+
+#include "custom_ops/cc/kernels/fused_attention.h"
+#include "custom_ops/cc/kernels/op_util.h"
+
+namespace sparse_attention {
+namespace {
+
+// Checks q, k, v and the tables and fills the problem (masks and key padding
+// included). `bias` keeps the transposed tile masks alive for the kernels.
+Status MakeAttentionProblem(OpKernelContext* ctx, int first_table, int64_t block, float scale,
+                            AttentionProblem* a, std::vector<float>* bias) {
+  const Tensor& q = ctx->input(0);
+  const Tensor& k = ctx->input(1);
+  const Tensor& v = ctx->input(2);
+  TF_RETURN_IF_ERROR(CheckDense(q, "q"));
+  TF_RETURN_IF_ERROR(CheckDense(k, "k"));
+  TF_RETURN_IF_ERROR(CheckDense(v, "v"));
+  if (q.shape() != k.shape())
+    return Invalid("q and k must have the same shape, got ", ShapeString(q), " and ",
+                   ShapeString(k));
+  if (v.dim_size(0) != q.dim_size(0) || v.dim_size(1) != q.dim_size(1) ||
+      v.dim_size(2) != q.dim_size(2))
+    return Invalid("v must agree with q on [batch, seq, heads], got ", ShapeString(v), " and ",
+                   ShapeString(q));
+  const Tensor& mask_index = ctx->input(first_table + 4);
+  const Tensor& masks = ctx->input(first_table + 5);
+  const Tensor& key_padding = ctx->input(first_table + 6);
+  TF_RETURN_IF_ERROR(MakeProblem(q.dim_size(0), q.dim_size(1), q.dim_size(2), q.dim_size(3),
+                                 block, ctx->input(first_table), ctx->input(first_table + 1),
+                                 &ctx->input(first_table + 2), &ctx->input(first_table + 3),
+                                 &a->p));
+  TF_RETURN_IF_ERROR(CheckTable(mask_index, "mask_index", 1));
+  TF_RETURN_IF_ERROR(CheckTable(masks, "masks", 3));
+  if (mask_index.dim_size(0) != a->p.t.nnz)
+    return Invalid("mask_index must have one entry per block (", a->p.t.nnz, "), got ",
+                   mask_index.dim_size(0));
+  if (masks.dim_size(1) != block || masks.dim_size(2) != block)
+    return Invalid("masks must have shape [num_masks, ", block, ", ", block, "], got ",
+                   ShapeString(masks));
+  if (key_padding.dims() != 2 || key_padding.dim_size(0) != q.dim_size(0) ||
+      key_padding.dim_size(1) != q.dim_size(1))
+    return Invalid("key_padding_mask must have shape [", q.dim_size(0), ", ", q.dim_size(1),
+                   "] (batch, seq), got ", ShapeString(key_padding));
+  a->value_dim = v.dim_size(3);
+  a->scale = scale;
+  a->mask_index = mask_index.flat<int32_t>().data();
+  *bias = TransposedMaskBias(masks.flat<bool>().data(), masks.dim_size(0), block);
+  a->bias_t = bias->data();
+  // An all-true key padding mask hides nothing: skip reading it.
+  const bool* kp = key_padding.flat<bool>().data();
+  a->key_padding =
+      std::all_of(kp, kp + key_padding.NumElements(), [](bool x) { return x; }) ? nullptr : kp;
+  const std::string err = ValidateAttention(*a, masks.dim_size(0));
+  if (!err.empty()) return Invalid("invalid attention inputs: ", err);
+  return absl::OkStatus();
+}
+
+constexpr int64_t kPackRows = 64;  // rows per unit of PackHeads / UnpackHeads
+
+// x [B, N, H, D] of T -> a head-major float32 temp [B, H, N, D]; with
+// dot_with, also delta [B, H, N] = sum_d x * dot_with.
+template <typename T>
+Status PackTemp(OpKernelContext* ctx, const Tensor& x, Tensor* packed,
+                const Tensor* dot_with = nullptr, float* delta = nullptr) {
+  const int64_t b = x.dim_size(0), n = x.dim_size(1), h = x.dim_size(2), d = x.dim_size(3);
+  TF_RETURN_IF_ERROR(ctx->allocate_temp(tensorflow::DT_FLOAT, TensorShape({b, h, n, d}), packed));
+  const T* src = x.flat<T>().data();
+  const T* other = dot_with == nullptr ? nullptr : dot_with->flat<T>().data();
+  float* dst = packed->flat<float>().data();
+  ParallelUnits(ctx, b * h * ((n + kPackRows - 1) / kPackRows), kPackRows * d * 4,
+                [&](int64_t s, int64_t e) {
+                  PackHeads<T>(src, b, n, h, d, kPackRows, dst, other, delta, s, e);
+                });
+  return absl::OkStatus();
+}
+
+// A head-major float32 temp shaped for `out` [B, N, H, D].
+Status HeadMajorTemp(OpKernelContext* ctx, const Tensor& out, Tensor* packed) {
+  return ctx->allocate_temp(
+      tensorflow::DT_FLOAT,
+      TensorShape({out.dim_size(0), out.dim_size(2), out.dim_size(1), out.dim_size(3)}), packed);
+}
+
+template <typename T>
+void Unpack(OpKernelContext* ctx, const Tensor& packed, Tensor* out) {
+  const int64_t b = out->dim_size(0), n = out->dim_size(1), h = out->dim_size(2),
+                d = out->dim_size(3);
+  const float* src = packed.flat<float>().data();
+  T* dst = out->flat<T>().data();
+  ParallelUnits(ctx, b * h * ((n + kPackRows - 1) / kPackRows), kPackRows * d * 4,
+                [&](int64_t s, int64_t e) {
+                  UnpackHeads<T>(src, b, n, h, d, kPackRows, dst, s, e);
+                });
+}
+
+// Flops of one block-row unit (forward), as the thread pool's cost hint.
+int64_t AttentionRowCost(const AttentionProblem& a) {
+  return RowCost(a.p) * (a.p.head_dim + a.value_dim) / std::max<int64_t>(1, a.p.head_dim);
+}
+
+}  // namespace
+
+template <typename T>
+class AttentionOp : public OpKernel {
+ public:
+  explicit AttentionOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("scale", &scale_));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("block_size", &block_));
+  }
+
+  void Compute(OpKernelContext* ctx) override {
+    AttentionProblem a;
+    std::vector<float> bias;
+    OP_REQUIRES_OK(ctx, MakeAttentionProblem(ctx, 3, block_, scale_, &a, &bias));
+    const Problem& p = a.p;
+    Tensor *out = nullptr, *lse = nullptr;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, ctx->input(2).shape(), &out));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(1, TensorShape({p.batch, p.heads, p.seq}), &lse));
+    if (out->NumElements() == 0 && lse->NumElements() == 0) return;
+    Tensor q, k, v, o;  // head-major float32
+    OP_REQUIRES_OK(ctx, PackTemp<T>(ctx, ctx->input(0), &q));
+    OP_REQUIRES_OK(ctx, PackTemp<T>(ctx, ctx->input(1), &k));
+    OP_REQUIRES_OK(ctx, PackTemp<T>(ctx, ctx->input(2), &v));
+    OP_REQUIRES_OK(ctx, HeadMajorTemp(ctx, *out, &o));
+    const AttentionForwardArgs<float> x{q.flat<float>().data(), k.flat<float>().data(),
+                                        v.flat<float>().data(), o.flat<float>().data(),
+                                        lse->flat<float>().data()};
+    ParallelUnits(ctx, p.num_units(), AttentionRowCost(a),
+                  [&](int64_t s, int64_t e) { AttentionForward(a, x, s, e); });
+    Unpack<T>(ctx, o, out);
+  }
+
+ private:
+  float scale_;
+  int64_t block_;
+};
+
+template <typename T>
+class AttentionGradOp : public OpKernel {
+ public:
+  explicit AttentionGradOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("scale", &scale_));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("block_size", &block_));
+  }
+
+  void Compute(OpKernelContext* ctx) override {
+    AttentionProblem a;
+    std::vector<float> bias;
+    OP_REQUIRES_OK(ctx, MakeAttentionProblem(ctx, 6, block_, scale_, &a, &bias));
+    const Problem& p = a.p;
+    const Tensor& v = ctx->input(2);
+    const Tensor& out = ctx->input(3);
+    const Tensor& lse = ctx->input(4);
+    const Tensor& dout = ctx->input(5);
+    OP_REQUIRES(ctx, out.shape() == v.shape() && dout.shape() == v.shape(),
+                Invalid("out and dout must have the shape of v ", ShapeString(v), ", got ",
+                        ShapeString(out), " and ", ShapeString(dout)));
+    OP_REQUIRES(ctx, lse.shape() == TensorShape({p.batch, p.heads, p.seq}),
+                Invalid("lse must have shape [", p.batch, ", ", p.heads, ", ", p.seq,
+                        "] (batch, heads, seq), got ", ShapeString(lse)));
+    Tensor *dq = nullptr, *dk = nullptr, *dv = nullptr;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, ctx->input(0).shape(), &dq));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(1, ctx->input(1).shape(), &dk));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(2, v.shape(), &dv));
+    if (dq->NumElements() == 0 && dv->NumElements() == 0) return;
+
+    // Units are (batch, head, segment of block rows). With fewer heads than
+    // about two per thread, rows are split into segments whose dK/dV partial
+    // sums are added afterwards in a fixed order.
+    auto* pool = ctx->device()->tensorflow_cpu_worker_threads()->workers;
+    const int64_t threads = pool->NumThreads(), heads = p.batch * p.heads;
+    a.segments = std::min<int64_t>({8, p.t.num_blocks,
+                                    std::max<int64_t>(1, (2 * threads + heads - 1) / heads)});
+    const std::vector<int32_t> segment_rows = SegmentRows(p.t, a.segments);
+    a.segment_rows = segment_rows.data();
+    Tensor partial_k, partial_v;
+    if (a.segments > 1) {
+      const int64_t s = a.segments - 1;
+      OP_REQUIRES_OK(ctx, ctx->allocate_temp(tensorflow::DT_FLOAT,
+                                             TensorShape({s, dk->NumElements()}), &partial_k));
+      OP_REQUIRES_OK(ctx, ctx->allocate_temp(tensorflow::DT_FLOAT,
+                                             TensorShape({s, dv->NumElements()}), &partial_v));
+    }
+    Tensor q, k, vp, dop, delta, dqp, dkp, dvp;  // head-major float32
+    OP_REQUIRES_OK(ctx, PackTemp<T>(ctx, ctx->input(0), &q));
+    OP_REQUIRES_OK(ctx, PackTemp<T>(ctx, ctx->input(1), &k));
+    OP_REQUIRES_OK(ctx, PackTemp<T>(ctx, v, &vp));
+    OP_REQUIRES_OK(ctx, ctx->allocate_temp(tensorflow::DT_FLOAT, lse.shape(), &delta));
+    OP_REQUIRES_OK(ctx, PackTemp<T>(ctx, dout, &dop, &out, delta.flat<float>().data()));
+    OP_REQUIRES_OK(ctx, HeadMajorTemp(ctx, *dq, &dqp));
+    OP_REQUIRES_OK(ctx, HeadMajorTemp(ctx, *dk, &dkp));
+    OP_REQUIRES_OK(ctx, HeadMajorTemp(ctx, *dv, &dvp));
+    const AttentionBackwardArgs<float> x{
+        q.flat<float>().data(), k.flat<float>().data(), vp.flat<float>().data(),
+        lse.flat<float>().data(), delta.flat<float>().data(), dop.flat<float>().data(),
+        dqp.flat<float>().data(), dkp.flat<float>().data(), dvp.flat<float>().data(),
+        a.segments > 1 ? partial_k.flat<float>().data() : nullptr,
+        a.segments > 1 ? partial_v.flat<float>().data() : nullptr};
+    ParallelUnits(ctx, a.num_backward_units(),
+                  AttentionRowCost(a) * p.t.num_blocks / a.segments * 5 / 2,
+                  [&](int64_t s, int64_t e) { AttentionBackward(a, x, s, e); });
+    if (a.segments > 1)
+      ParallelUnits(ctx, heads, p.seq * (p.head_dim + a.value_dim) * a.segments,
+                    [&](int64_t s, int64_t e) { ReduceSegments(a, x, s, e); });
+    Unpack<T>(ctx, dqp, dq);
+    Unpack<T>(ctx, dkp, dk);
+    Unpack<T>(ctx, dvp, dv);
+  }
+
+ private:
+  float scale_;
+  int64_t block_;
+};
+
+#define REGISTER(T)                                                                          \
+  REGISTER_KERNEL_BUILDER(                                                                   \
+      Name("SparseAttention>BlocksparseAttention").Device(DEVICE_CPU).TypeConstraint<T>("T"), \
+      AttentionOp<T>);                                                                       \
+  REGISTER_KERNEL_BUILDER(Name("SparseAttention>BlocksparseAttentionGrad")                  \
+                              .Device(DEVICE_CPU)                                            \
+                              .TypeConstraint<T>("T"),                                       \
+                          AttentionGradOp<T>);
+
+REGISTER(float);
+REGISTER(Eigen::bfloat16);
+REGISTER(Eigen::half);
+#undef REGISTER
+
+}  // namespace sparse_attention

@@ -1,0 +1,206 @@
+// Shared pieces of the TF CPU kernels: error messages, the thread-pool split,
+// float32 views of inputs/outputs, and the shape and table checks.
+#ifndef SPARSE_ATTENTION_TF_KERNELS_OP_UTIL_H_
+#define SPARSE_ATTENTION_TF_KERNELS_OP_UTIL_H_
+
+#define EIGEN_USE_THREADS
+
+#include <algorithm>
+#include <functional>
+#include <string>
+
+#include "custom_ops/cc/kernels/blocksparse_cpu.h"
+#include "tensorflow/core/framework/op_kernel.h"
+#include "tensorflow/core/framework/register_types.h"
+#include "tensorflow/core/framework/tensor.h"
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+#include "tensorflow/core/platform/threadpool.h"
+
+namespace sparse_attention {
+
+using ::tensorflow::DEVICE_CPU;
+using ::tensorflow::OpKernel;
+using ::tensorflow::OpKernelConstruction;
+using ::tensorflow::OpKernelContext;
+using Status = ::absl::Status;
+using ::tensorflow::Tensor;
+using ::tensorflow::TensorShape;
+using CPUDevice = Eigen::ThreadPoolDevice;
+
+
+// InvalidArgument with a message built from the arguments.
+template <typename... Args>
+inline Status Invalid(const Args&... args) {
+  return absl::InvalidArgumentError(absl::StrCat(args...));
+}
+
+inline std::string ShapeString(const Tensor& t) { return t.shape().DebugString(); }
+
+// Runs fn(begin, end) over [0, units) on TF's intra-op thread pool, in fixed
+// chunks of about 1/16 of a thread's share: rows of a pattern differ a lot in
+// cost (a causal row near the end keeps many more blocks), and small chunks
+// taken on demand keep the threads evenly busy.
+inline void ParallelUnits(OpKernelContext* ctx, int64_t units, int64_t cost_per_unit,
+                   const std::function<void(int64_t, int64_t)>& fn) {
+  if (units <= 0) return;
+  auto* pool = ctx->device()->tensorflow_cpu_worker_threads()->workers;
+  const int64_t threads = pool->NumThreads();
+  if (threads <= 1 || units * cost_per_unit < 20000) {
+    fn(0, units);
+    return;
+  }
+  const int64_t chunk = std::max<int64_t>(1, units / (16 * threads));
+  pool->ParallelFor(units, tsl::thread::ThreadPool::SchedulingParams::Fixed(chunk), fn);
+}
+
+// A float32 view of an input: the tensor itself, or a converted copy.
+template <typename T>
+class FloatInput {
+ public:
+  Status Init(OpKernelContext* ctx, const Tensor& t) {
+    TF_RETURN_IF_ERROR(ctx->allocate_temp(tensorflow::DT_FLOAT, t.shape(), &copy_));
+    copy_.flat<float>().device(ctx->eigen_device<CPUDevice>()) =
+        t.flat<T>().template cast<float>();
+    data_ = copy_.flat<float>().data();
+    return absl::OkStatus();
+  }
+  const float* data() const { return data_; }
+
+ private:
+  Tensor copy_;
+  const float* data_ = nullptr;
+};
+
+template <>
+class FloatInput<float> {
+ public:
+  Status Init(OpKernelContext*, const Tensor& t) {
+    data_ = t.flat<float>().data();
+    return absl::OkStatus();
+  }
+  const float* data() const { return data_; }
+
+ private:
+  const float* data_ = nullptr;
+};
+
+// A float32 buffer for an output: the output itself, or a temporary that
+// Finish() converts into the output.
+template <typename T>
+class FloatOutput {
+ public:
+  Status Init(OpKernelContext* ctx, Tensor* out) {
+    out_ = out;
+    TF_RETURN_IF_ERROR(ctx->allocate_temp(tensorflow::DT_FLOAT, out->shape(), &buf_));
+    return absl::OkStatus();
+  }
+  float* data() { return buf_.flat<float>().data(); }
+  void Finish(OpKernelContext* ctx) {
+    out_->flat<T>().device(ctx->eigen_device<CPUDevice>()) = buf_.flat<float>().template cast<T>();
+  }
+
+ private:
+  Tensor* out_ = nullptr;
+  Tensor buf_;
+};
+
+template <>
+class FloatOutput<float> {
+ public:
+  Status Init(OpKernelContext*, Tensor* out) {
+    out_ = out;
+    return absl::OkStatus();
+  }
+  float* data() { return out_->flat<float>().data(); }
+  void Finish(OpKernelContext*) {}
+
+ private:
+  Tensor* out_ = nullptr;
+};
+
+// Checks a dense [B, N, H, D] operand.
+inline Status CheckDense(const Tensor& t, const char* name) {
+  if (t.dims() != 4)
+    return Invalid(name, " must have rank 4 [batch, seq, heads, head_dim], got shape ",
+                                   ShapeString(t));
+  if (t.dim_size(1) < 1 || t.dim_size(2) < 1 || t.dim_size(3) < 1)
+    return Invalid(name, " must have seq, heads and head_dim >= 1, got shape ",
+                                   ShapeString(t));
+  return absl::OkStatus();
+}
+
+inline Status CheckTable(const Tensor& t, const char* name, int rank) {
+  if (t.dims() != rank)
+    return Invalid(name, " must have rank ", rank, ", got shape ", ShapeString(t));
+  return absl::OkStatus();
+}
+
+// Fills p from the dense shape, the block size and the tables, and validates
+// the tables. col_offsets/col_blocks may be null.
+inline Status MakeProblem(int64_t batch, int64_t seq, int64_t heads, int64_t head_dim, int64_t block,
+                   const Tensor& blocks, const Tensor& row_offsets, const Tensor* col_offsets,
+                   const Tensor* col_blocks, Problem* p) {
+  if (block < 1) return Invalid("block size must be >= 1, got ", block);
+  if (seq % block != 0)
+    return Invalid("sequence length ", seq, " is not a multiple of the block size ",
+                                   block);
+  TF_RETURN_IF_ERROR(CheckTable(blocks, "blocks", 2));
+  if (blocks.dim_size(1) != 3)
+    return Invalid("blocks must have shape [nnz, 3], got ", ShapeString(blocks));
+  TF_RETURN_IF_ERROR(CheckTable(row_offsets, "row_offsets", 1));
+  const int64_t nb = seq / block, rows = row_offsets.dim_size(0) - 1;
+  if (rows < 1 || rows % nb != 0)
+    return Invalid("row_offsets must have layout_heads * ", nb,
+                                   " + 1 entries for a sequence of ", nb, " blocks, got ",
+                                   rows + 1);
+  p->batch = batch;
+  p->seq = seq;
+  p->heads = heads;
+  p->head_dim = head_dim;
+  p->block = block;
+  p->t.blocks = blocks.flat<int32_t>().data();
+  p->t.row_offsets = row_offsets.flat<int32_t>().data();
+  p->t.nnz = blocks.dim_size(0);
+  p->t.layout_heads = rows / nb;
+  p->t.num_blocks = nb;
+  if (col_offsets != nullptr) {
+    TF_RETURN_IF_ERROR(CheckTable(*col_offsets, "col_offsets", 1));
+    TF_RETURN_IF_ERROR(CheckTable(*col_blocks, "col_blocks", 1));
+    if (col_offsets->dim_size(0) != rows + 1)
+      return Invalid("col_offsets must have ", rows + 1, " entries like row_offsets, got ",
+                                     col_offsets->dim_size(0));
+    if (col_blocks->dim_size(0) != p->t.nnz)
+      return Invalid("col_blocks must have one entry per block (", p->t.nnz,
+                                     "), got ", col_blocks->dim_size(0));
+    p->t.col_offsets = col_offsets->flat<int32_t>().data();
+    p->t.col_blocks = col_blocks->flat<int32_t>().data();
+  }
+  const std::string err = ValidateTables(p->t, heads, col_offsets != nullptr);
+  if (!err.empty()) return Invalid("invalid lookup tables: ", err);
+  return absl::OkStatus();
+}
+
+// Checks a block-sparse [B, G, Z, b, b] operand against the problem.
+inline Status CheckSparse(const Tensor& t, const char* name, const Problem& p) {
+  if (t.dims() != 5)
+    return Invalid(name, " must have rank 5 [batch, groups, nnz, block, block], got ",
+                                   ShapeString(t));
+  if (t.dim_size(0) != p.batch || t.dim_size(1) != p.groups() || t.dim_size(2) != p.t.nnz ||
+      t.dim_size(3) != p.block || t.dim_size(4) != p.block)
+    return Invalid(name, " has shape ", ShapeString(t), " but the tables expect [",
+                                   p.batch, ", ", p.groups(), ", ", p.t.nnz, ", ", p.block, ", ",
+                                   p.block, "]");
+  return absl::OkStatus();
+}
+
+// Average flops of one row unit, as the thread pool's cost hint.
+inline int64_t RowCost(const Problem& p) {
+  const int64_t rows = p.t.layout_heads * p.t.num_blocks;
+  return std::max<int64_t>(1, 2 * p.t.nnz / rows * p.tile() * p.head_dim);
+}
+
+
+}  // namespace sparse_attention
+
+#endif  // SPARSE_ATTENTION_TF_KERNELS_OP_UTIL_H_
