@@ -159,17 +159,26 @@ def softmax_grad(y, dy, row_offsets, scale: float):
 
 
 @tf.autograph.experimental.do_not_convert
-def attention(q, k, v, tables: TableTensors, key_padding_mask, scale: float):
+def attention(q, k, v, blocks, row_offsets, col_offsets, col_blocks, mask_index, masks,
+              key_padding_mask, scale: float, block_size: int):
   """Fused block-sparse attention: (out [B,N,H,Dv], lse [B,H,N] float32).
 
   key_padding_mask: bool [B, N], True for real keys. `lse` (log-sum-exp of each
   row's visible scaled scores, -inf for rows that see no key) is what the
   gradient recomputes the probabilities from; it is not differentiable.
   """
-  t = tables
   return _ops().sparse_attention_blocksparse_attention(
-      q, k, v, *t.all_tables, t.mask_index, t.masks, key_padding_mask, scale=scale,
-      block_size=t.block_size)
+      q, k, v, blocks, row_offsets, col_offsets, col_blocks, mask_index, masks,
+      key_padding_mask, scale=scale, block_size=block_size)
+
+
+@tf.autograph.experimental.do_not_convert
+def attention_grad(q, k, v, out, lse, dout, blocks, row_offsets, col_offsets, col_blocks,
+                   mask_index, masks, key_padding_mask, scale: float, block_size: int):
+  """(dq, dk, dv) of `attention` for the output gradient dout."""
+  return _ops().sparse_attention_blocksparse_attention_grad(
+      q, k, v, out, lse, dout, blocks, row_offsets, col_offsets, col_blocks, mask_index,
+      masks, key_padding_mask, scale=scale, block_size=block_size)
 
 
 # --- gradients ------------------------------------------------------------------
@@ -209,9 +218,8 @@ def _softmax_grad(op, dy):
 
 @tf.RegisterGradient("SparseAttention>BlocksparseAttention")
 def _attention_grad(op, dout, unused_dlse):
-  q, k, v = op.inputs[:3]
+  q, k, v, *tables = op.inputs
   out, lse = op.outputs
-  dq, dk, dv = _ops().sparse_attention_blocksparse_attention_grad(
-      q, k, v, out, lse, dout, *op.inputs[3:], scale=op.get_attr("scale"),
-      block_size=op.get_attr("block_size"))
-  return (dq, dk, dv) + (None,) * 7
+  dq, dk, dv = attention_grad(q, k, v, out, lse, dout, *tables, scale=op.get_attr("scale"),
+                              block_size=op.get_attr("block_size"))
+  return (dq, dk, dv) + (None,) * len(tables)

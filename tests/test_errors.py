@@ -66,6 +66,14 @@ def _base(op: str) -> dict:
                 key_padding_mask=np.ones((B, N), bool), scale=0.5)
   if op == "softmax_grad":
     return dict(y=sparse(), dy=sparse(), row_offsets=t.row_offsets.copy(), scale=0.5)
+  fused = dict(q=dense(), k=dense(), v=dense(), **tables, mask_index=t.mask_index.copy(),
+               masks=t.masks.copy(), key_padding_mask=np.ones((B, N), bool), scale=0.5,
+               block_size=BS)
+  if op == "attention":
+    return fused
+  if op == "attention_grad":
+    return dict(fused, out=dense(), lse=rng.standard_normal((B, H, N)).astype(np.float32),
+                dout=dense())
   raise KeyError(op)
 
 
@@ -75,8 +83,13 @@ _ORDER = {
     "dsd_t": ("p", "x", "blocks", "row_offsets", "col_offsets", "col_blocks"),
     "softmax": ("x", "blocks", "row_offsets", "mask_index", "masks", "key_padding_mask"),
     "softmax_grad": ("y", "dy", "row_offsets"),
+    "attention": ("q", "k", "v", "blocks", "row_offsets", "col_offsets", "col_blocks",
+                  "mask_index", "masks", "key_padding_mask"),
+    "attention_grad": ("q", "k", "v", "out", "lse", "dout", "blocks", "row_offsets",
+                       "col_offsets", "col_blocks", "mask_index", "masks", "key_padding_mask"),
 }
-_ATTRS = {"sdd": ("block_size",), "softmax": ("scale",), "softmax_grad": ("scale",)}
+_ATTRS = {"sdd": ("block_size",), "softmax": ("scale",), "softmax_grad": ("scale",),
+          "attention": ("scale", "block_size"), "attention_grad": ("scale", "block_size")}
 
 
 def _call(ops, op: str, args: dict):
@@ -197,7 +210,7 @@ COLUMN_CASES = [
 def _assert_invalid(ops, op, args, pattern):
   with pytest.raises(tf.errors.InvalidArgumentError) as info:
     out = _call(ops, op, args)
-    np.asarray(out)  # only reached if no error: make the failure message show it
+    [np.asarray(o) for o in tf.nest.flatten(out)]  # only reached if no error
   assert re.search(pattern, info.value.message), info.value.message
 
 
@@ -221,8 +234,8 @@ def test_softmax_rejects_bad_tables(ops, case):
 def test_valid_base_inputs_run(ops):
   """The unmodified inputs are valid, so each case above tests only its corruption."""
   for op in _ORDER:
-    out = np.asarray(_call(ops, op, _base(op)))
-    assert np.isfinite(out).all()
+    for out in tf.nest.flatten(_call(ops, op, _base(op))):
+      assert np.isfinite(np.asarray(out)).all(), op
 
 
 SDD_CASES = [
@@ -331,6 +344,71 @@ def test_softmax_rejects_bad_operands(ops, case):
   _assert_invalid(ops, "softmax", mutate(_base("softmax")), pattern)
 
 
+@pytest.mark.parametrize("op", ["attention", "attention_grad"])
+@pytest.mark.parametrize("case", BLOCK_CASES + COLUMN_CASES, ids=lambda c: c[0])
+def test_fused_attention_rejects_bad_tables(ops, op, case):
+  _, mutate, pattern = case
+  args = mutate(_base(op))
+  if case[0] == "blocks_fewer_rows":   # mask_index must follow blocks, or it is reported first
+    args["mask_index"] = args["mask_index"][:-1]
+  _assert_invalid(ops, op, args, pattern)
+
+
+_QKV = ("q", "k", "v")
+ATTENTION_CASES = [
+    ("q_rank3", _set(q=lambda a: a[0]), r"q must have rank 4"),
+    ("v_rank5", _set(v=lambda a: a[None]), r"v must have rank 4"),
+    ("k_head_dim", _set(k=lambda a: a[..., :4]), r"q and k must have the same shape"),
+    ("q_k_seq", _set(k=lambda a: a[:, :64]), r"q and k must have the same shape"),
+    ("v_seq", _set(v=lambda a: a[:, :64]), r"v must agree with q on \[batch, seq, heads\]"),
+    ("v_heads", _set(v=lambda a: a[:, :, :2]), r"v must agree with q on \[batch, seq, heads\]"),
+    ("seq_not_multiple", _set(**{n: (lambda a: a[:, :120]) for n in _QKV},
+                              key_padding_mask=lambda a: a[:, :120]),
+     r"sequence length 120 is not a multiple of the block size 16"),
+    ("heads_not_multiple_of_layout", _set(**{n: (lambda a: a[:, :, :3]) for n in _QKV}),
+     r"2 layout heads, which must divide the number of heads 3"),
+    ("seq_other_length", _set(**{n: (lambda a: np.concatenate([a, a], 1)) for n in _QKV},
+                              key_padding_mask=lambda a: np.concatenate([a, a], 1)),
+     r"is out of range for 1 layout heads and 16 blocks per sequence"),
+    ("key_padding_mask_rank1", _set(key_padding_mask=lambda a: a[0]), r"key_padding_mask must have shape \[2, 128\]"),
+    ("key_padding_mask_seq", _set(key_padding_mask=lambda a: a[:, :64]), r"key_padding_mask must have shape \[2, 128\]"),
+    ("key_padding_mask_batch", _set(key_padding_mask=lambda a: a[:1]), r"key_padding_mask must have shape \[2, 128\]"),
+    ("mask_index_too_short", _set(mask_index=lambda a: a[:-1]), r"mask_index must have one entry per block"),
+    ("mask_index_below_minus_1", _entry("mask_index", 0, -2), r"mask_index\[0\] = -2 must be -1"),
+    ("mask_index_num_masks", _entry("mask_index", -1, M), rf"mask_index\[\d+\] = {M} must be -1 \(full block\) or in \[0, {M}\)"),
+    ("mask_index_int32_max", _entry("mask_index", 1, I32_MAX), r"mask_index\[1\] = 2147483647"),
+    ("masks_rank2", _set(masks=lambda a: a[0]), r"masks must have rank 3"),
+    ("masks_tile_shape", _set(masks=lambda a: a[:, :, :8]), r"masks must have shape \[num_masks, 16, 16\]"),
+    ("block_size_attr", _set(block_size=32), r"is out of range for 4 layout heads and 4 blocks per sequence"),
+]
+GRAD_CASES = [
+    ("out_shape", _set(out=lambda a: a[..., :4]), r"out and dout must have the shape of v"),
+    ("dout_shape", _set(dout=lambda a: a[:, :64]), r"out and dout must have the shape of v"),
+    ("lse_shape", _set(lse=lambda a: a[:, :, :64]), r"lse must have shape \[2, 4, 128\]"),
+    ("lse_transposed", _set(lse=lambda a: np.ascontiguousarray(a.transpose(0, 2, 1))),
+     r"lse must have shape \[2, 4, 128\]"),
+]
+
+
+@pytest.mark.parametrize("op", ["attention", "attention_grad"])
+@pytest.mark.parametrize("case", ATTENTION_CASES, ids=lambda c: c[0])
+def test_fused_attention_rejects_bad_operands(ops, op, case):
+  _, mutate, pattern = case
+  args = mutate(_base(op))
+  if op == "attention_grad":  # keep out / dout / lse consistent with the mutated q, k, v
+    v = args["v"]
+    if v.ndim == 4:
+      args["out"] = args["dout"] = np.zeros_like(v)
+      args["lse"] = np.zeros((v.shape[0], v.shape[2], v.shape[1]), np.float32)
+  _assert_invalid(ops, op, args, pattern)
+
+
+@pytest.mark.parametrize("case", GRAD_CASES, ids=lambda c: c[0])
+def test_fused_attention_grad_rejects_bad_operands(ops, case):
+  _, mutate, pattern = case
+  _assert_invalid(ops, "attention_grad", mutate(_base("attention_grad")), pattern)
+
+
 @pytest.mark.parametrize("length", [N // 2, 2 * N])
 def test_softmax_key_padding_mask_of_other_length(ops, length):
   """A [B, N'] mask (N' a multiple of the block, but not the tables' N) is rejected.
@@ -419,6 +497,17 @@ GRAPH_CASES = [
      r"key_padding_mask"),
     ("softmax_grad_mismatch", "softmax_grad", _set(dy=lambda a: a[:1]), r"y and dy must have the same shape|must be equal, but are 2 and 1"),
     ("softmax_grad_row_offsets", "softmax_grad", _entry("row_offsets", 0, 3), r"row_offsets\[0\]"),
+    ("attention_q_k_mismatch", "attention", _set(k=lambda a: a[..., :4]),
+     r"q and k must have the same shape|must be equal, but are 8 and 4"),
+    ("attention_v_seq", "attention", _set(v=lambda a: a[:, :64]),
+     r"v must agree with q|must be equal, but are 128 and 64"),
+    ("attention_masks_rank2", "attention", _set(masks=lambda a: a[0]),
+     r"masks must have rank 3|Shape must be rank 3 but is rank 2"),
+    ("attention_mask_index_out_of_range", "attention", _entry("mask_index", 0, M), r"mask_index\[0\]"),
+    ("attention_grad_lse_rank", "attention_grad", _set(lse=lambda a: a[0]),
+     r"lse must have shape|Shape must be rank 3 but is rank 2"),
+    ("attention_grad_dout", "attention_grad", _set(dout=lambda a: a[:1]),
+     r"out and dout must have the shape of v|must be equal, but are 2 and 1"),
 ]
 
 
@@ -429,7 +518,7 @@ def test_graph_mode_errors(ops, case, static):
   args = mutate(_base(op))
   signature = None if static else _unknown_signature(op, args)
   with pytest.raises(ERRORS) as info:
-    np.asarray(_graph_call(ops, op, args, signature))
+    [np.asarray(o) for o in tf.nest.flatten(_graph_call(ops, op, args, signature))]
   message = getattr(info.value, "message", None) or str(info.value)
   assert re.search(pattern, message), message
   if not static:  # no shape function can see it: the kernel must report it
@@ -439,9 +528,11 @@ def test_graph_mode_errors(ops, case, static):
 def test_graph_mode_valid_call_matches_eager(ops):
   for op in _ORDER:
     args = _base(op)
-    eager = np.asarray(_call(ops, op, args))
-    graph = np.asarray(_graph_call(ops, op, args, _unknown_signature(op, args)))
-    np.testing.assert_allclose(graph, eager, rtol=1e-5, atol=1e-6)
+    eager = tf.nest.flatten(_call(ops, op, args))
+    graph = tf.nest.flatten(_graph_call(ops, op, args, _unknown_signature(op, args)))
+    assert len(graph) == len(eager)
+    for g, e in zip(graph, eager):
+      np.testing.assert_allclose(np.asarray(g), np.asarray(e), rtol=1e-5, atol=1e-6)
 
 
 # --- 2. fuzzing in a subprocess ----------------------------------------------------
@@ -477,7 +568,8 @@ def run(op, args, **attrs):
   record(op, args, attrs)
   try:
     out = getattr(ops, op)(*[tf.convert_to_tensor(a) for a in args], **attrs)
-    np.asarray(out)
+    for o in tf.nest.flatten(out):
+      o.numpy()
     counts["ok"] += 1
     return True
   except OK:
@@ -545,6 +637,23 @@ def fuzz_softmax_grad(y, same, dy, ro, scale):
   run("softmax_grad", [float_tensor(y), float_tensor(dy), ro], scale=scale)
 
 
+@settings_
+@given(q=small_shape(), same=st.booleans(), v=small_shape(),
+       blocks=int_table(rank2_3 | small_shape()), ro=int_table(table_shape),
+       co=int_table(table_shape), cb=int_table(table_shape), mi=int_table(table_shape),
+       masks=bool_table(small_shape()), kp=bool_table(small_shape()), lse=small_shape(),
+       grad=st.booleans(), block_size=st.sampled_from([1, 8, 16, 32, 2**31 - 1]))
+def fuzz_attention(q, same, v, blocks, ro, co, cb, mi, masks, kp, lse, grad, block_size):
+  v = q if same else v
+  tables = [blocks, ro, co, cb, mi, masks, kp]
+  qkv = [float_tensor(q), float_tensor(q), float_tensor(v)]
+  if grad:
+    run("attention_grad", qkv + [float_tensor(v), float_tensor(lse), float_tensor(v)] + tables,
+        scale=0.5, block_size=block_size)
+  else:
+    run("attention", qkv + tables, scale=0.5, block_size=block_size)
+
+
 # 2. Near-valid: real tables (1 or 2 layout heads) with a few entries or sizes changed,
 # so the calls get past the shape checks and into the table validation.
 PLANS = [patterns.Fixed(16, 4, heads=2, head_groups=2).plan(64, 16).parts[0].tables,
@@ -586,12 +695,21 @@ def near_valid(draw):
 
 
 @settings_
-@given(c=near_valid(), op=st.sampled_from(["sdd", "dsd", "dsd_t", "softmax", "softmax_grad"]))
+@given(c=near_valid(), op=st.sampled_from(["sdd", "dsd", "dsd_t", "softmax", "softmax_grad",
+                                           "attention", "attention_grad"]))
 def fuzz_near_valid(c, op):
   four = [c["blocks"], c["row_offsets"], c["col_offsets"], c["col_blocks"]]
   dense = float_tensor((c["batch"], c["seq"], c["heads"], c["head_dim"]))
   sparse = float_tensor((c["batch"], c["groups"], c["nnz"], c["block"], c["block"]))
-  if op == "sdd":
+  kp = np.ones((c["batch"], c["kp_len"]), bool)
+  rest = [c["mask_index"], c["masks"], kp]
+  if op == "attention":
+    run(op, [dense, dense, dense] + four + rest, scale=1.0, block_size=max(1, c["block_attr"]))
+  elif op == "attention_grad":
+    lse = float_tensor((c["batch"], c["heads"], c["seq"]))
+    run(op, [dense, dense, dense, dense, lse, dense] + four + rest, scale=1.0,
+        block_size=max(1, c["block_attr"]))
+  elif op == "sdd":
     run(op, [dense, dense] + four, block_size=max(1, c["block_attr"]))
   elif op in ("dsd", "dsd_t"):
     run(op, [sparse, dense] + four)
@@ -606,7 +724,7 @@ def fuzz_near_valid(c, op):
 # either derived from the blocks (consistent), sorted random or plain random.
 @st.composite
 def structured(draw):
-  block, nb, hl = draw(st.sampled_from([1, 2, 4])), draw(st.integers(1, 4)), draw(st.integers(1, 3))
+  block, nb, hl = draw(st.sampled_from([1, 2, 4, 16])), draw(st.integers(1, 4)), draw(st.integers(1, 3))
   rows = hl * nb
   if draw(st.booleans()):   # a valid set of kept blocks
     cells = draw(st.sets(st.integers(0, rows * nb - 1), max_size=10))
@@ -667,14 +785,25 @@ def tables_ok(c, columns):
 
 
 @settings_
-@given(c=structured(), op=st.sampled_from(["sdd", "dsd", "dsd_t", "softmax", "softmax_grad"]))
+@given(c=structured(), op=st.sampled_from(["sdd", "dsd", "dsd_t", "softmax", "softmax_grad",
+                                           "attention", "attention_grad"]))
 def fuzz_structured(c, op):
   four = [c["blocks"], c["row_offsets"], c["col_offsets"], c["col_blocks"]]
   seq = c["nb"] * c["block"]
   dense = float_tensor((c["batch"], seq, c["heads"], c["head_dim"]))
   sparse = float_tensor((c["batch"], c["groups"], c["z"], c["block"], c["block"]))
   fits = c["heads"] == c["groups"] * c["hl"]   # the sparse operand matches the dense one
-  if op == "sdd":
+  if op in ("attention", "attention_grad"):
+    rest = [c["mask_index"], c["masks"], np.ones((c["batch"], seq), bool)]
+    lead = [dense] * 3
+    if op == "attention_grad":
+      lead += [dense, float_tensor((c["batch"], c["heads"], seq)), dense]
+    ok = run(op, lead + four + rest, scale=1.0, block_size=c["block"])
+    m = c["masks"].shape[0]
+    valid = (tables_ok(c, True) and c["block"] % 16 == 0 and
+             bool(np.all((c["mask_index"] >= -1) & (c["mask_index"] < m))))
+    fits = c["heads"] % c["hl"] == 0
+  elif op == "sdd":
     ok, valid = run(op, [dense, dense] + four, block_size=c["block"]), tables_ok(c, True)
     fits = c["heads"] % c["hl"] == 0
   elif op in ("dsd", "dsd_t"):
@@ -695,8 +824,8 @@ def fuzz_structured(c, op):
 
 
 start = time.time()
-for fuzz in (fuzz_sdd, fuzz_dsd, fuzz_softmax, fuzz_softmax_grad, fuzz_near_valid,
-             fuzz_structured):
+for fuzz in (fuzz_sdd, fuzz_dsd, fuzz_softmax, fuzz_softmax_grad, fuzz_attention,
+             fuzz_near_valid, fuzz_structured):
   fuzz()
   print(f"{fuzz.__name__}: done at {time.time() - start:.1f}s {counts}", file=sys.stderr)
 
@@ -708,6 +837,9 @@ s = ops.sdd(a, a, *tt.all_tables, block_size=16)
 y = ops.softmax(s, tt.blocks, tt.row_offsets, tt.mask_index, tt.masks, tf.ones([1, 64], tf.bool), 0.5)
 out = ops.dsd(y, a, *tt.all_tables).numpy()
 assert np.allclose(out, 1.0, atol=1e-5), out
+fused, _ = ops.attention(a, a, a, *tt.all_tables, tt.mask_index, tt.masks,
+                         tf.ones([1, 64], tf.bool), scale=0.5, block_size=16)
+assert np.allclose(fused.numpy(), 1.0, atol=1e-5), fused
 print("FUZZ_OK", counts)
 '''
 
@@ -858,5 +990,5 @@ def test_valid_call_after_errors(ops):
                           implementation="dense")
   np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-4, atol=1e-5)
   for op in _ORDER:
-    out = np.asarray(_call(ops, op, _base(op)))
-    assert np.isfinite(out).all()
+    for out in tf.nest.flatten(_call(ops, op, _base(op))):
+      assert np.isfinite(np.asarray(out)).all(), op

@@ -92,13 +92,21 @@ void AttentionForward(const AttentionProblem& a, const AttentionForwardArgs<floa
 void AttentionBackward(const AttentionProblem& a, const AttentionBackwardArgs<float>& x,
                        int64_t begin, int64_t end);
 
-// bfloat16 operands (raw bits) on the CPU's bf16 dot-product instructions;
-// only when HasBf16Kernels(). Accumulation and softmax in float32.
+// bfloat16 operands (raw bits, head-major) on the CPU's bf16 dot-product
+// instructions, when HasBf16Kernels(); accumulation and softmax in float32.
+// The forward also takes v as pairs along the sequence, the backward k (see
+// PackHeadsBf16). D and Dv must be even.
 bool HasBf16Kernels();
 void AttentionForwardBf16(const AttentionProblem& a, const AttentionForwardArgs<uint16_t>& x,
-                          int64_t begin, int64_t end);
+                          const uint16_t* v_pairs, int64_t begin, int64_t end);
 void AttentionBackwardBf16(const AttentionProblem& a, const AttentionBackwardArgs<uint16_t>& x,
-                           int64_t begin, int64_t end);
+                           const uint16_t* k_pairs, int64_t begin, int64_t end);
+
+// bf16 x [B, N, H, D] -> head-major [B, H, N, D] (if natural) and pairs along
+// the sequence [B, H, N/2, D, 2] (if pairs; N even), for the units (b, head,
+// block of `rows` rows, even) in [begin, end) of B * H * ceil(N / rows).
+void PackHeadsBf16(const uint16_t* x, int64_t batch, int64_t seq, int64_t heads, int64_t dim,
+                   int64_t rows, uint16_t* natural, uint16_t* pairs, int64_t begin, int64_t end);
 
 // dk, dv += the partial sums of segments 1.. (in order), for units
 // (b, head) in [begin, end) of B * H.
@@ -107,8 +115,8 @@ void ReduceSegments(const AttentionProblem& a, const AttentionBackwardArgs<float
 
 // [B, N, H, D] -> [B, H, N, D] for the units (b, head, block of `rows` rows)
 // in [begin, end) of B * H * ceil(N / rows). Src is any type convertible to
-// float. If dot_with is given (same layout as x), also delta[b, head, n] =
-// sum_d x * dot_with.
+// float; packed may be null. If dot_with is given (same layout as x), also
+// delta[b, head, n] = sum_d x * dot_with.
 template <typename Src>
 void PackHeads(const Src* x, int64_t batch, int64_t seq, int64_t heads, int64_t dim,
                int64_t rows, float* packed, const Src* dot_with, float* delta, int64_t begin,
@@ -118,12 +126,14 @@ void PackHeads(const Src* x, int64_t batch, int64_t seq, int64_t heads, int64_t 
     const int64_t c = u % chunks, bh = u / chunks, b = bh / heads, head = bh % heads;
     for (int64_t n = c * rows; n < seq && n < (c + 1) * rows; ++n) {
       const Src* src = x + ((b * seq + n) * heads + head) * dim;
-      float* dst = packed + (bh * seq + n) * dim;
-      for (int64_t d = 0; d < dim; ++d) dst[d] = static_cast<float>(src[d]);
+      if (packed != nullptr) {
+        float* dst = packed + (bh * seq + n) * dim;
+        for (int64_t d = 0; d < dim; ++d) dst[d] = static_cast<float>(src[d]);
+      }
       if (dot_with != nullptr) {
         const Src* o = dot_with + ((b * seq + n) * heads + head) * dim;
         float s = 0.f;
-        for (int64_t d = 0; d < dim; ++d) s += dst[d] * static_cast<float>(o[d]);
+        for (int64_t d = 0; d < dim; ++d) s += static_cast<float>(src[d]) * static_cast<float>(o[d]);
         delta[bh * seq + n] = s;
       }
     }

@@ -2,6 +2,7 @@
 // check every shape, table and mask, then run the framework-free kernels of
 // fused_attention.h over TF's CPU thread pool.
 #include <cmath>
+#include <type_traits>
 
 #include "custom_ops/cc/kernels/fused_attention.h"
 #include "custom_ops/cc/kernels/op_util.h"
@@ -61,21 +62,55 @@ Status MakeAttentionProblem(OpKernelContext* ctx, int first_table, int64_t block
 
 constexpr int64_t kPackRows = 64;  // rows per unit of PackHeads / UnpackHeads
 
-// x [B, N, H, D] of T -> a head-major float32 temp [B, H, N, D]; with
-// dot_with, also delta [B, H, N] = sum_d x * dot_with.
+// x [B, N, H, D] of T -> a head-major float32 temp [B, H, N, D] (unless
+// packed is null); with dot_with, also delta [B, H, N] = sum_d x * dot_with.
 template <typename T>
 Status PackTemp(OpKernelContext* ctx, const Tensor& x, Tensor* packed,
                 const Tensor* dot_with = nullptr, float* delta = nullptr) {
   const int64_t b = x.dim_size(0), n = x.dim_size(1), h = x.dim_size(2), d = x.dim_size(3);
-  TF_RETURN_IF_ERROR(ctx->allocate_temp(tensorflow::DT_FLOAT, TensorShape({b, h, n, d}), packed));
+  if (packed != nullptr)
+    TF_RETURN_IF_ERROR(
+        ctx->allocate_temp(tensorflow::DT_FLOAT, TensorShape({b, h, n, d}), packed));
   const T* src = x.flat<T>().data();
   const T* other = dot_with == nullptr ? nullptr : dot_with->flat<T>().data();
-  float* dst = packed->flat<float>().data();
+  float* dst = packed == nullptr ? nullptr : packed->flat<float>().data();
   ParallelUnits(ctx, b * h * ((n + kPackRows - 1) / kPackRows), kPackRows * d * 4,
                 [&](int64_t s, int64_t e) {
                   PackHeads<T>(src, b, n, h, d, kPackRows, dst, other, delta, s, e);
                 });
   return absl::OkStatus();
+}
+
+// bf16 x [B, N, H, D] -> head-major bf16 temps: natural [B, H, N, D] and/or
+// pairs along the sequence [B, H, N/2, D, 2] (either may be null).
+Status PackBf16Temps(OpKernelContext* ctx, const Tensor& x, Tensor* natural, Tensor* pairs) {
+  const int64_t b = x.dim_size(0), n = x.dim_size(1), h = x.dim_size(2), d = x.dim_size(3);
+  for (Tensor* t : {natural, pairs})
+    if (t != nullptr)
+      TF_RETURN_IF_ERROR(
+          ctx->allocate_temp(tensorflow::DT_BFLOAT16, TensorShape({b, h, n, d}), t));
+  auto bits = [](Tensor* t) {
+    return t == nullptr ? nullptr : reinterpret_cast<uint16_t*>(t->flat<Eigen::bfloat16>().data());
+  };
+  const uint16_t* src = reinterpret_cast<const uint16_t*>(x.flat<Eigen::bfloat16>().data());
+  uint16_t *nat = bits(natural), *pr = bits(pairs);
+  ParallelUnits(ctx, b * h * ((n + kPackRows - 1) / kPackRows), kPackRows * d * 2,
+                [&](int64_t s, int64_t e) {
+                  PackHeadsBf16(src, b, n, h, d, kPackRows, nat, pr, s, e);
+                });
+  return absl::OkStatus();
+}
+
+const uint16_t* Bits(const Tensor& t) {
+  return reinterpret_cast<const uint16_t*>(t.flat<Eigen::bfloat16>().data());
+}
+
+// Whether bf16 inputs take the bf16 dot-product kernels: the CPU has them and
+// the dims are even (the products read pairs).
+template <typename T>
+bool UseBf16Kernels(const AttentionProblem& a) {
+  return std::is_same<T, Eigen::bfloat16>::value && HasBf16Kernels() && a.p.head_dim % 2 == 0 &&
+         a.value_dim % 2 == 0;
 }
 
 // A head-major float32 temp shaped for `out` [B, N, H, D].
@@ -121,6 +156,20 @@ class AttentionOp : public OpKernel {
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, ctx->input(2).shape(), &out));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(1, TensorShape({p.batch, p.heads, p.seq}), &lse));
     if (out->NumElements() == 0 && lse->NumElements() == 0) return;
+    if (UseBf16Kernels<T>(a)) {
+      Tensor q, k, v, v_pairs, o;  // head-major bf16; o float32
+      OP_REQUIRES_OK(ctx, PackBf16Temps(ctx, ctx->input(0), &q, nullptr));
+      OP_REQUIRES_OK(ctx, PackBf16Temps(ctx, ctx->input(1), &k, nullptr));
+      OP_REQUIRES_OK(ctx, PackBf16Temps(ctx, ctx->input(2), &v, &v_pairs));
+      OP_REQUIRES_OK(ctx, HeadMajorTemp(ctx, *out, &o));
+      const AttentionForwardArgs<uint16_t> x{Bits(q), Bits(k), Bits(v), o.flat<float>().data(),
+                                             lse->flat<float>().data()};
+      ParallelUnits(ctx, p.num_units(), AttentionRowCost(a) / 2, [&](int64_t s, int64_t e) {
+        AttentionForwardBf16(a, x, Bits(v_pairs), s, e);
+      });
+      Unpack<T>(ctx, o, out);
+      return;
+    }
     Tensor q, k, v, o;  // head-major float32
     OP_REQUIRES_OK(ctx, PackTemp<T>(ctx, ctx->input(0), &q));
     OP_REQUIRES_OK(ctx, PackTemp<T>(ctx, ctx->input(1), &k));
@@ -185,27 +234,49 @@ class AttentionGradOp : public OpKernel {
       OP_REQUIRES_OK(ctx, ctx->allocate_temp(tensorflow::DT_FLOAT,
                                              TensorShape({s, dv->NumElements()}), &partial_v));
     }
-    Tensor q, k, vp, dop, delta, dqp, dkp, dvp;  // head-major float32
-    OP_REQUIRES_OK(ctx, PackTemp<T>(ctx, ctx->input(0), &q));
-    OP_REQUIRES_OK(ctx, PackTemp<T>(ctx, ctx->input(1), &k));
-    OP_REQUIRES_OK(ctx, PackTemp<T>(ctx, v, &vp));
+    Tensor delta, dqp, dkp, dvp;  // head-major float32
     OP_REQUIRES_OK(ctx, ctx->allocate_temp(tensorflow::DT_FLOAT, lse.shape(), &delta));
-    OP_REQUIRES_OK(ctx, PackTemp<T>(ctx, dout, &dop, &out, delta.flat<float>().data()));
     OP_REQUIRES_OK(ctx, HeadMajorTemp(ctx, *dq, &dqp));
     OP_REQUIRES_OK(ctx, HeadMajorTemp(ctx, *dk, &dkp));
     OP_REQUIRES_OK(ctx, HeadMajorTemp(ctx, *dv, &dvp));
-    const AttentionBackwardArgs<float> x{
-        q.flat<float>().data(), k.flat<float>().data(), vp.flat<float>().data(),
-        lse.flat<float>().data(), delta.flat<float>().data(), dop.flat<float>().data(),
-        dqp.flat<float>().data(), dkp.flat<float>().data(), dvp.flat<float>().data(),
-        a.segments > 1 ? partial_k.flat<float>().data() : nullptr,
-        a.segments > 1 ? partial_v.flat<float>().data() : nullptr};
-    ParallelUnits(ctx, a.num_backward_units(),
-                  AttentionRowCost(a) * p.t.num_blocks / a.segments * 5 / 2,
-                  [&](int64_t s, int64_t e) { AttentionBackward(a, x, s, e); });
+    float* partial_k_data = a.segments > 1 ? partial_k.flat<float>().data() : nullptr;
+    float* partial_v_data = a.segments > 1 ? partial_v.flat<float>().data() : nullptr;
+    const int64_t backward_cost = AttentionRowCost(a) * p.t.num_blocks / a.segments * 5 / 2;
+    if (UseBf16Kernels<T>(a)) {
+      Tensor q, k, k_pairs, vn, dop;  // head-major bf16
+      OP_REQUIRES_OK(ctx, PackBf16Temps(ctx, ctx->input(0), &q, nullptr));
+      OP_REQUIRES_OK(ctx, PackBf16Temps(ctx, ctx->input(1), &k, &k_pairs));
+      OP_REQUIRES_OK(ctx, PackBf16Temps(ctx, v, &vn, nullptr));
+      OP_REQUIRES_OK(ctx, PackBf16Temps(ctx, dout, &dop, nullptr));
+      OP_REQUIRES_OK(ctx, PackTemp<T>(ctx, dout, nullptr, &out, delta.flat<float>().data()));
+      const AttentionBackwardArgs<uint16_t> x{
+          Bits(q), Bits(k), Bits(vn), lse.flat<float>().data(), delta.flat<float>().data(),
+          Bits(dop), dqp.flat<float>().data(), dkp.flat<float>().data(),
+          dvp.flat<float>().data(), partial_k_data, partial_v_data};
+      ParallelUnits(ctx, a.num_backward_units(), backward_cost / 2, [&](int64_t s, int64_t e) {
+        AttentionBackwardBf16(a, x, Bits(k_pairs), s, e);
+      });
+    } else {
+      Tensor q, k, vp, dop;  // head-major float32
+      OP_REQUIRES_OK(ctx, PackTemp<T>(ctx, ctx->input(0), &q));
+      OP_REQUIRES_OK(ctx, PackTemp<T>(ctx, ctx->input(1), &k));
+      OP_REQUIRES_OK(ctx, PackTemp<T>(ctx, v, &vp));
+      OP_REQUIRES_OK(ctx, PackTemp<T>(ctx, dout, &dop, &out, delta.flat<float>().data()));
+      const AttentionBackwardArgs<float> x{
+          q.flat<float>().data(), k.flat<float>().data(), vp.flat<float>().data(),
+          lse.flat<float>().data(), delta.flat<float>().data(), dop.flat<float>().data(),
+          dqp.flat<float>().data(), dkp.flat<float>().data(), dvp.flat<float>().data(),
+          partial_k_data, partial_v_data};
+      ParallelUnits(ctx, a.num_backward_units(), backward_cost,
+                    [&](int64_t s, int64_t e) { AttentionBackward(a, x, s, e); });
+    }
+    const AttentionBackwardArgs<float> sums{nullptr, nullptr, nullptr, nullptr, nullptr, nullptr,
+                                            nullptr, dkp.flat<float>().data(),
+                                            dvp.flat<float>().data(), partial_k_data,
+                                            partial_v_data};
     if (a.segments > 1)
       ParallelUnits(ctx, heads, p.seq * (p.head_dim + a.value_dim) * a.segments,
-                    [&](int64_t s, int64_t e) { ReduceSegments(a, x, s, e); });
+                    [&](int64_t s, int64_t e) { ReduceSegments(a, sums, s, e); });
     Unpack<T>(ctx, dqp, dq);
     Unpack<T>(ctx, dkp, dk);
     Unpack<T>(ctx, dvp, dv);

@@ -1,0 +1,297 @@
+// bfloat16 fused attention on the CPU's bf16 dot-product instruction
+// (AVX512_BF16 `vdpbf16ps`: 16 lanes, each adding the products of one pair of
+// bf16 values to a float32 accumulator). Same algorithm and tile layout as
+// fused_attention_body.h; only the products differ: every GEMM reads its
+// operands as bf16 pairs along the summed dimension and accumulates in
+// float32. The softmax, the running max/sum and the tile gradient are the
+// float32 code of fused_attention_body.h. Built only for this instruction set
+// (runtime check in HasBf16Kernels); elsewhere bf16 inputs are converted to
+// float32 and take the float32 kernels.
+//
+// Pair layouts (uint16 units; "pairs of X along k"): element (k, c) of a
+// k x n matrix lives at base + (k / 2) * ld + 2 * c + k % 2.
+#include <immintrin.h>
+
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "custom_ops/cc/kernels/fused_attention.h"
+#include "custom_ops/cc/kernels/simd.h"
+
+namespace sparse_attention {
+namespace {
+
+bool CpuHasBf16() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+         __builtin_cpu_supports("avx512bf16");
+}
+
+namespace avx512bf16 {
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,avx512bf16,avx2,fma,prefer-vector-width=512")
+#include "custom_ops/cc/kernels/simd_body.h"
+#include "custom_ops/cc/kernels/fused_attention_body.h"
+
+using fused::ApplyMasks;
+using fused::BackwardUnit;
+using fused::Buffers;
+using fused::FinishRows;
+using fused::KeyRow;
+using fused::LoadLse;
+using fused::OnlineSoftmaxStep;
+using fused::ProbsAndScoreGrad;
+using fused::TileBias;
+
+inline int32_t Word(const uint16_t* p) {  // one bf16 pair as a 32-bit word
+  int32_t w;
+  std::memcpy(&w, p, sizeof(w));
+  return w;
+}
+
+// R rows x NV vectors of C; the last vector's columns are `last` (a lane mask).
+// A pair (r, p) at a + r * ars + p * aps; B pair row p at b + p * ldb.
+template <int R, int NV>
+inline __attribute__((always_inline)) void MicroTile(int64_t k2, const uint16_t* a, int64_t ars,
+                                                     int64_t aps, const uint16_t* b, int64_t ldb,
+                                                     float* c, int64_t ldc, __mmask16 last) {
+  __m512 acc[R][NV];
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v)
+      acc[r][v] = _mm512_maskz_loadu_ps(v == NV - 1 ? last : 0xffff, c + r * ldc + 16 * v);
+  for (int64_t p = 0; p < k2; ++p) {
+    __m512bh bv[NV];
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v)
+      bv[v] = (__m512bh)_mm512_maskz_loadu_epi32(v == NV - 1 ? last : 0xffff,
+                                                 b + p * ldb + 32 * v);
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) {
+      const __m512bh av = (__m512bh)_mm512_set1_epi32(Word(a + r * ars + p * aps));
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], av, bv[v]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v)
+      _mm512_mask_storeu_ps(c + r * ldc + 16 * v, v == NV - 1 ? last : 0xffff, acc[r][v]);
+}
+
+template <int NV>
+inline __attribute__((always_inline)) void Panel(int64_t m, int64_t k2, const uint16_t* a,
+                                                 int64_t ars, int64_t aps, const uint16_t* b,
+                                                 int64_t ldb, float* c, int64_t ldc,
+                                                 __mmask16 last) {
+  constexpr int R = 16 / NV;
+  int64_t r = 0;
+  for (; r + R <= m; r += R)
+    MicroTile<R, NV>(k2, a + r * ars, ars, aps, b, ldb, c + r * ldc, ldc, last);
+  for (; r < m; ++r) MicroTile<1, NV>(k2, a + r * ars, ars, aps, b, ldb, c + r * ldc, ldc, last);
+}
+
+// C[m x n] += A[m x k] B[k x n], k even; A and B as bf16 pairs along k.
+void GemmBf16(int64_t m, int64_t n, int64_t k, const uint16_t* a, int64_t ars, int64_t aps,
+              const uint16_t* b, int64_t ldb, float* c, int64_t ldc) {
+  const int64_t k2 = k / 2;
+  int64_t col = 0;
+  for (; col + 64 <= n; col += 64) Panel<4>(m, k2, a, ars, aps, b + 2 * col, ldb, c + col, ldc, 0xffff);
+  if (col + 32 <= n) {
+    Panel<2>(m, k2, a, ars, aps, b + 2 * col, ldb, c + col, ldc, 0xffff);
+    col += 32;
+  }
+  for (; col < n; col += 16) {
+    const int64_t w = n - col < 16 ? n - col : 16;
+    Panel<1>(m, k2, a, ars, aps, b + 2 * col, ldb, c + col, ldc,
+             static_cast<__mmask16>((1u << w) - 1));
+  }
+}
+
+// Rows 2p and 2p+1 of a float [b, b] tile -> bf16 pairs along the rows:
+// out[p][c][t] = tile[2p + t][c] (round to nearest even).
+void PairRows(const float* tile, int64_t bs, uint16_t* out) {
+  static const __m512i kInterleave = _mm512_set_epi16(
+      31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
+      23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  for (int64_t p = 0; p < bs / 2; ++p)
+    for (int64_t c = 0; c < bs; c += 16) {
+      const __m512bh both = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(tile + (2 * p + 1) * bs + c),
+                                                _mm512_loadu_ps(tile + 2 * p * bs + c));
+      _mm512_storeu_si512(out + p * 2 * bs + 2 * c,
+                          _mm512_permutexvar_epi16(kInterleave, (__m512i)both));
+    }
+}
+
+// A float [b, b] tile -> bf16, same layout (pairs along its rows' columns).
+void ToBf16(const float* tile, int64_t n, uint16_t* out) {
+  for (int64_t e = 0; e < n; e += 16)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + e),
+                        (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(tile + e)));
+}
+
+// b rows of width w (even) -> pairs along w: out[p][i] = rows[i][2p..2p+1].
+void PairColumns(const uint16_t* rows, int64_t bs, int64_t w, uint16_t* out) {
+  for (int64_t i = 0; i < bs; ++i)
+    for (int64_t p = 0; p < w / 2; ++p) std::memcpy(out + (p * bs + i) * 2, rows + i * w + 2 * p, 4);
+}
+
+// b rows of width w -> pairs along the rows: out[p][c][t] = rows[2p + t][c].
+void PairRowsBf16(const uint16_t* rows, int64_t bs, int64_t w, uint16_t* out) {
+  for (int64_t p = 0; p < bs / 2; ++p)
+    for (int64_t c = 0; c < w; ++c) {
+      out[(p * w + c) * 2] = rows[2 * p * w + c];
+      out[(p * w + c) * 2 + 1] = rows[(2 * p + 1) * w + c];
+    }
+}
+
+// The scores' scale is applied in float32 after the product (not to bf16 q).
+inline void ScaleTile(float* st, float s, int64_t n) {
+  for (int64_t e = 0; e < n; e += 16) Store(st + e, Load(st + e) * s);
+}
+
+struct U16Buffers {
+  explicit U16Buffers(int64_t n) : data(n + 32) {}
+  uint16_t* take(int64_t n) {
+    uint16_t* base = data.data() + used;
+    const uintptr_t mis = (reinterpret_cast<uintptr_t>(base) / 2) % 32;
+    const int64_t pad = mis ? 32 - mis : 0;
+    used += pad + n;
+    return base + pad;
+  }
+  std::vector<uint16_t> data;
+  int64_t used = 0;
+};
+
+void Forward(const AttentionProblem& a, const AttentionForwardArgs<uint16_t>& x,
+             const uint16_t* v_pairs, int64_t begin, int64_t end) {
+  const auto& p = a.p;
+  const int64_t bs = p.block, D = p.head_dim, Dv = a.value_dim, nb = p.t.num_blocks;
+  Buffers buf(bs * bs + bs * Dv + 3 * bs + 64);
+  float* st = buf.take(bs * bs);   // [b, b] S^T, then P^T
+  float* o = buf.take(bs * Dv);    // [b, Dv]
+  float* m = buf.take(bs);
+  float* l = buf.take(bs);
+  float* alpha = buf.take(bs);
+  U16Buffers hbuf(D * bs + bs * bs + 64);
+  uint16_t* qp = hbuf.take(D * bs);  // Q_I^T as pairs along D: [D/2, b, 2]
+  uint16_t* pp = hbuf.take(bs * bs); // P as pairs along keys: [b/2, b, 2]
+  for (int64_t u = begin; u < end; ++u) {
+    const Unit w = SplitUnit(p, u);
+    const int64_t head = w.g * p.t.layout_heads + w.h, row = w.h * nb + w.i;
+    const int64_t z0 = p.t.row_offsets[row], z1 = p.t.row_offsets[row + 1];
+    PairColumns(x.q + a.q_offset(w.b, w.i * bs, head), bs, D, qp);
+    for (int64_t i = 0; i < bs; ++i) m[i] = kNegInf, l[i] = 0.f;
+    std::memset(o, 0, bs * Dv * sizeof(float));
+    for (int64_t z = z0; z < z1; ++z) {
+      const int64_t j = p.t.blocks[3 * z + 2];
+      std::memset(st, 0, bs * bs * sizeof(float));
+      GemmBf16(bs, bs, D, x.k + a.q_offset(w.b, j * bs, head), D, 2, qp, 2 * bs, st, bs);
+      ScaleTile(st, a.scale, bs * bs);
+      ApplyMasks(st, TileBias(a, z), KeyRow(a, w.b, j), bs);
+      if (OnlineSoftmaxStep(st, bs, m, l, alpha))
+        for (int64_t i = 0; i < bs; ++i)
+          if (alpha[i] != 1.f) Scale(o + i * Dv, alpha[i], Dv);
+      PairRows(st, bs, pp);
+      GemmBf16(bs, Dv, bs, pp, 2, 2 * bs, v_pairs + a.v_offset(w.b, j * bs, head), 2 * Dv, o, Dv);
+    }
+    FinishRows(o, m, l, bs, Dv, x.out + a.v_offset(w.b, w.i * bs, head),
+               x.lse + a.lse_offset(w.b, head, w.i * bs));
+  }
+}
+
+void Backward(const AttentionProblem& a, const AttentionBackwardArgs<uint16_t>& x,
+              const uint16_t* k_pairs, int64_t begin, int64_t end) {
+  const auto& p = a.p;
+  const int64_t bs = p.block, D = p.head_dim, Dv = a.value_dim, nb = p.t.num_blocks;
+  const int64_t S = a.segments;
+  const int64_t k_size = p.batch * p.heads * p.seq * D, v_size = p.batch * p.heads * p.seq * Dv;
+  Buffers buf(2 * bs * bs + bs * D + 2 * bs + 64);
+  float* pt = buf.take(bs * bs);   // P^T
+  float* dst = buf.take(bs * bs);  // dP^T, then scale * dS^T
+  float* dqa = buf.take(bs * D);   // dQ_I
+  float* lse = buf.take(bs);
+  float* delta = buf.take(bs);
+  U16Buffers hbuf(D * bs * 2 + Dv * bs * 2 + 3 * bs * bs + 64);
+  uint16_t* qp = hbuf.take(D * bs);     // Q_I^T pairs along D   [D/2, b, 2]
+  uint16_t* qr = hbuf.take(bs * D);     // Q_I pairs along rows  [b/2, D, 2]
+  uint16_t* dop = hbuf.take(Dv * bs);   // dO_I^T pairs along Dv [Dv/2, b, 2]
+  uint16_t* dor = hbuf.take(bs * Dv);   // dO_I pairs along rows [b/2, Dv, 2]
+  uint16_t* ptb = hbuf.take(bs * bs);   // P^T bf16              [b, b]
+  uint16_t* dsb = hbuf.take(bs * bs);   // dS^T bf16             [b, b]
+  uint16_t* dsp = hbuf.take(bs * bs);   // dS pairs along keys   [b/2, b, 2]
+  for (int64_t u = begin; u < end; ++u) {
+    int64_t seg;
+    const Unit w = BackwardUnit(a, u, &seg);
+    const int64_t head = w.g * p.t.layout_heads + w.h;
+    float* dk = seg == 0 ? x.dk : x.partial_k + (seg - 1) * k_size;
+    float* dv = seg == 0 ? x.dv : x.partial_v + (seg - 1) * v_size;
+    std::memset(dk + a.q_offset(w.b, 0, head), 0, p.seq * D * sizeof(float));
+    std::memset(dv + a.v_offset(w.b, 0, head), 0, p.seq * Dv * sizeof(float));
+    const int32_t* seg_rows = a.segment_rows + w.h * (S + 1);
+    for (int64_t bi = seg_rows[seg]; bi < seg_rows[seg + 1]; ++bi) {
+      const int64_t row = w.h * nb + bi;
+      const int64_t z0 = p.t.row_offsets[row], z1 = p.t.row_offsets[row + 1];
+      float* dq = x.dq + a.q_offset(w.b, bi * bs, head);
+      if (z0 == z1) {
+        std::memset(dq, 0, bs * D * sizeof(float));
+        continue;
+      }
+      const uint16_t* q = x.q + a.q_offset(w.b, bi * bs, head);
+      const uint16_t* dout = x.dout + a.v_offset(w.b, bi * bs, head);
+      PairColumns(q, bs, D, qp);
+      PairRowsBf16(q, bs, D, qr);
+      PairColumns(dout, bs, Dv, dop);
+      PairRowsBf16(dout, bs, Dv, dor);
+      for (int64_t i = 0; i < bs; ++i) delta[i] = x.delta[a.lse_offset(w.b, head, bi * bs + i)];
+      LoadLse(a, x.lse, w.b, head, bi * bs, lse);
+      std::memset(dqa, 0, bs * D * sizeof(float));
+      for (int64_t z = z0; z < z1; ++z) {
+        const int64_t j = p.t.blocks[3 * z + 2];
+        std::memset(pt, 0, bs * bs * sizeof(float));
+        GemmBf16(bs, bs, D, x.k + a.q_offset(w.b, j * bs, head), D, 2, qp, 2 * bs, pt, bs);
+        ScaleTile(pt, a.scale, bs * bs);
+        ApplyMasks(pt, TileBias(a, z), KeyRow(a, w.b, j), bs);
+        std::memset(dst, 0, bs * bs * sizeof(float));
+        GemmBf16(bs, bs, Dv, x.v + a.v_offset(w.b, j * bs, head), Dv, 2, dop, 2 * bs, dst, bs);
+        ProbsAndScoreGrad(pt, dst, lse, delta, a.scale, bs);
+        ToBf16(pt, bs * bs, ptb);
+        ToBf16(dst, bs * bs, dsb);
+        PairRows(dst, bs, dsp);
+        GemmBf16(bs, Dv, bs, ptb, bs, 2, dor, 2 * Dv, dv + a.v_offset(w.b, j * bs, head), Dv);
+        GemmBf16(bs, D, bs, dsp, 2, 2 * bs, k_pairs + a.q_offset(w.b, j * bs, head), 2 * D, dqa, D);
+        GemmBf16(bs, D, bs, dsb, bs, 2, qr, 2 * D, dk + a.q_offset(w.b, j * bs, head), D);
+      }
+      std::memcpy(dq, dqa, bs * D * sizeof(float));
+    }
+  }
+}
+
+#pragma GCC pop_options
+}  // namespace avx512bf16
+
+}  // namespace
+
+bool HasBf16Kernels() {
+  static const bool has = CpuHasBf16() && [] {
+    const char* env = std::getenv("SPARSE_ATTENTION_TF_ISA");  // a lower ISA was asked for
+    return env == nullptr || std::string(env).empty() || std::string(env) == "avx512";
+  }();
+  return has;
+}
+
+void AttentionForwardBf16(const AttentionProblem& a, const AttentionForwardArgs<uint16_t>& x,
+                          const uint16_t* v_pairs, int64_t begin, int64_t end) {
+  avx512bf16::Forward(a, x, v_pairs, begin, end);
+}
+
+void AttentionBackwardBf16(const AttentionProblem& a, const AttentionBackwardArgs<uint16_t>& x,
+                           const uint16_t* k_pairs, int64_t begin, int64_t end) {
+  avx512bf16::Backward(a, x, k_pairs, begin, end);
+}
+
+}  // namespace sparse_attention
