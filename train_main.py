@@ -1,4 +1,4 @@
-"""Train a Sparse Transformer with Keras `model.fit`.
+"""Train a Sparse Transformer (Keras `model.fit`; a tf.distribute custom loop for multi_worker).
 
     bash scripts/train.sh                                  # set-up, then the defaults below
     .venv/bin/python train_main.py                         # byte-level LM on Python's docs
@@ -16,8 +16,16 @@ loss, bits per byte/dim, learning rate), `model.keras` (the trained model),
 `sample.txt` / `sample.png` / `sample.wav` (generated), `metrics.json`; with
 --export_dir, a SavedModel for TF Serving in `<export_dir>/1/`.
 
-Batches: --batch_size is the global batch; each of R replicas gets
-batch_size / R examples per step (it must divide evenly).
+Batches: --batch_size is the global batch; each of R replicas (all
+replicas of all workers) gets batch_size / R examples per step (it must
+divide evenly), so a step sees the same examples whatever the strategy.
+
+--strategy=multi_worker trains with `sparse_attention_tf.training.distributed_fit`
+(Keras 3.15's `fit` fails under MultiWorkerMirroredStrategy, keras-team/keras#20585):
+the same model, optimizer, schedule, data and outputs; worker 0 (the chief)
+writes them, the other workers save their checkpoints into temporary
+directories they delete, and --resume restores the chief's checkpoint on
+every worker (output_dir must be on a file system they all see).
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 import time
 
 from absl import app, flags
@@ -57,7 +66,7 @@ flags.DEFINE_float("dropout", 0.1, "dropout at the end of each residual branch")
 flags.DEFINE_bool("recompute", False, "recompute attention and feed-forward in the backward pass")
 flags.DEFINE_enum("mixed_precision", "none", ["none", "mixed_float16", "mixed_bfloat16"],
                   "Keras mixed precision policy")
-flags.DEFINE_enum("implementation", "auto", ["auto", "custom_op", "reference", "dense"],
+flags.DEFINE_enum("implementation", "auto", ["auto", "custom_op", "custom_op_unfused", "reference", "dense"],
                   "attention implementation")
 # --- optimisation ----------------------------------------------------------------
 flags.DEFINE_integer("batch_size", 16, "global batch size")
@@ -120,14 +129,6 @@ def make_pattern(sat, seq_len, num_heads):
   return sat.Dense()
 
 
-def is_chief(strategy) -> bool:
-  resolver = getattr(strategy, "cluster_resolver", None)
-  if resolver is None or not resolver.task_type:
-    return True
-  return resolver.task_type == "chief" or (resolver.task_type == "worker" and
-                                           resolver.task_id == 0)
-
-
 def write_sample(data_lib, data, tokens, out_dir, np, tf):
   """Writes generated tokens as text, a PNG image or a WAV file; returns the path."""
   if data.kind == "text":
@@ -160,6 +161,7 @@ def train():
   import keras
   import sparse_attention_tf as sat
   from sparse_attention_tf import data as data_lib
+  from sparse_attention_tf import training as training_lib
 
   keras.utils.set_random_seed(FLAGS.seed)
   for name in ("steps", "steps_per_epoch", "batch_size", "validation_steps"):
@@ -180,24 +182,27 @@ def train():
   embedding = FLAGS.embedding or ("image" if data.kind == "image" else "strided")
   unit = "bits_per_dim" if data.kind == "image" else "bits_per_byte"
 
-  out_dir = FLAGS.output_dir if is_chief(strategy) else os.path.join(
-      FLAGS.output_dir, f"worker_{strategy.cluster_resolver.task_id}")
-  backup_dir = os.path.join(out_dir, "backup")        # per worker: no two writers of one file
-  if not FLAGS.resume:
-    shutil.rmtree(backup_dir, ignore_errors=True)
-  os.makedirs(out_dir, exist_ok=True)
+  chief = training_lib.is_chief(strategy)
+  custom_loop = FLAGS.strategy == "multi_worker"   # Keras fit fails there (keras#20585)
+  out_dir = FLAGS.output_dir
+  backup_dir = os.path.join(out_dir, "backup")  # multi_worker: the chief's; others use temp dirs
+  if chief:
+    if not FLAGS.resume:
+      shutil.rmtree(backup_dir, ignore_errors=True)
+    os.makedirs(out_dir, exist_ok=True)
 
   # Data: an endless, deterministic stream of batches; a resumed run skips
   # the batches already trained on, so it continues at the same position.
   epochs = -(-FLAGS.steps // FLAGS.steps_per_epoch)
   start_epoch = 0
   metadata = os.path.join(backup_dir, "training_metadata.json")
-  if FLAGS.resume and os.path.exists(metadata):
+  if FLAGS.resume and os.path.exists(metadata) and not custom_loop:
     with open(metadata) as f:
       start_epoch = int(json.load(f)["epoch"])
   train_ds = data_lib.make_batches(data.train.repeat(), FLAGS.batch_size, shuffle=True,
                                    seed=FLAGS.seed, drop_remainder=True)
-  train_ds = train_ds.skip(start_epoch * FLAGS.steps_per_epoch)
+  if not custom_loop:   # the custom loop skips the steps of the checkpoint it restores
+    train_ds = train_ds.skip(start_epoch * FLAGS.steps_per_epoch)
   val_ds = data_lib.make_batches(data.validation, FLAGS.batch_size, shuffle=False,
                                  seed=FLAGS.seed, drop_remainder=True)
   val_steps = min(FLAGS.validation_steps, data.num_validation_examples // FLAGS.batch_size)
@@ -224,6 +229,70 @@ def train():
                   metrics=[sat.BitsPerToken(name=unit)])
     model(np.zeros((1, seq_len), np.int32))                            # build before restoring
 
+  print(f"training {FLAGS.dataset} ({data.kind}, {data.num_train_examples} train / "
+        f"{data.num_validation_examples} validation sequences of {seq_len}), "
+        f"{FLAGS.num_layers} layers x {FLAGS.d_model}, {pattern!r}, strategy "
+        f"{FLAGS.strategy} ({replicas} replica{'s' if replicas > 1 else ''})", flush=True)
+  if custom_loop:
+    run = training_lib.distributed_fit(
+        strategy, model, train_ds, val_ds, steps=FLAGS.steps,
+        steps_per_epoch=FLAGS.steps_per_epoch, validation_steps=val_steps,
+        global_batch_size=FLAGS.batch_size, backup_dir=backup_dir,
+        log_dir=os.path.join(out_dir, "logs"), unit=unit, learning_rate=schedule,
+        resume=FLAGS.resume, stop_after_epochs=FLAGS.stop_after_epochs,
+        verbose=FLAGS.verbose, print_fn=lambda line: print(line, flush=True))
+    history, final, elapsed = run["history"], run["validation"], run["train_seconds"]
+    steps_done = run["steps_done"]
+    # Every worker saves (the standard MWMS pattern: saving may read values that
+    # need all workers); only the chief's file is kept.
+    if chief:
+      model.save(os.path.join(out_dir, "model.keras"))
+    else:
+      scratch = tempfile.mkdtemp(prefix="train_worker_model_")
+      try:
+        model.save(os.path.join(scratch, "model.keras"))
+      finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+  else:
+    history, final, elapsed = fit(keras, model, schedule, train_ds, val_ds, val_steps,
+                                  epochs, backup_dir, out_dir)
+    steps_done = int(keras.ops.convert_to_numpy(model.optimizer.iterations))
+    model.save(os.path.join(out_dir, "model.keras"))
+
+  results = {"dataset": FLAGS.dataset, "seq_len": seq_len, "train_seconds": elapsed,
+             "steps_done": steps_done,
+             "validation": {k: float(v) for k, v in final.items()},
+             "history": {k: [float(x) for x in v] for k, v in history.items()}}
+  if custom_loop:   # the replicas are synchronous: every worker ends with the same weights
+    checksum = sum(float(np.abs(v).sum(dtype=np.float64)) for v in model.get_weights())
+    print(f"worker {strategy.cluster_resolver.task_id} done: {steps_done} steps, final training "
+          f"loss {history['loss'][-1]:.9g}, weight checksum {checksum:.12g}", flush=True)
+  if not chief:
+    return results
+  if data.kind == "image":
+    prompt = np.array([data.bos], np.int32)
+    tokens = model.generate(prompt, seq_len, temperature=1.0, seed=FLAGS.seed)
+  else:
+    x, _ = next(iter(data.validation.batch(1)))
+    prompt = x.numpy()[0, :min(32, seq_len // 2)]
+    count = min(FLAGS.sample_tokens, seq_len - len(prompt))
+    tokens = model.generate(prompt, count, temperature=0.8, top_k=40, seed=FLAGS.seed)
+  sample = write_sample(data_lib, data, tokens, out_dir, np, tf)
+  if FLAGS.export_dir:
+    from sparse_attention_tf import export as export_lib
+    exported = export_lib.export_saved_model(model, FLAGS.export_dir, mode=FLAGS.export_mode)
+    print(f"SavedModel ({FLAGS.export_mode}): {exported}")
+  with open(os.path.join(out_dir, "metrics.json"), "w") as f:
+    json.dump(results, f, indent=1)
+  print(f"\nvalidation {unit}: {final[unit]:.3f} after {steps_done} steps ({elapsed:.0f} s)")
+  print(f"checkpoint: {backup_dir}\nTensorBoard: tensorboard --logdir {out_dir}/logs\n"
+        f"model: {out_dir}/model.keras\nsample: {sample}\nmetrics: {out_dir}/metrics.json")
+  return results
+
+
+def fit(keras, model, schedule, train_ds, val_ds, val_steps, epochs, backup_dir, out_dir):
+  """Keras `fit` (default and mirrored strategies); returns (history, final, seconds)."""
+
   class LearningRateLogger(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
       if logs is not None:
@@ -249,10 +318,6 @@ def train():
   ]
   if FLAGS.stop_after_epochs:
     callbacks.append(StopAfter(FLAGS.stop_after_epochs))
-  print(f"training {FLAGS.dataset} ({data.kind}, {data.num_train_examples} train / "
-        f"{data.num_validation_examples} validation sequences of {seq_len}), "
-        f"{FLAGS.num_layers} layers x {FLAGS.d_model}, {pattern!r}, strategy "
-        f"{FLAGS.strategy} ({replicas} replica{'s' if replicas > 1 else ''})", flush=True)
   start = time.time()
   history = model.fit(train_ds, epochs=epochs, steps_per_epoch=FLAGS.steps_per_epoch,
                       validation_data=val_ds, validation_steps=val_steps,
@@ -260,34 +325,7 @@ def train():
                       shuffle=False)   # the dataset is shuffled, deterministically
   elapsed = time.time() - start
   final = model.evaluate(val_ds, steps=val_steps, return_dict=True, verbose=0)
-
-  results = {"dataset": FLAGS.dataset, "seq_len": seq_len, "train_seconds": elapsed,
-             "steps_done": int(keras.ops.convert_to_numpy(model.optimizer.iterations)),
-             "validation": {k: float(v) for k, v in final.items()},
-             "history": {k: [float(x) for x in v] for k, v in history.history.items()}}
-  if not is_chief(strategy):
-    return results
-  model.save(os.path.join(out_dir, "model.keras"))
-  if data.kind == "image":
-    prompt = np.array([data.bos], np.int32)
-    tokens = model.generate(prompt, seq_len, temperature=1.0, seed=FLAGS.seed)
-  else:
-    x, _ = next(iter(data.validation.batch(1)))
-    prompt = x.numpy()[0, :min(32, seq_len // 2)]
-    count = min(FLAGS.sample_tokens, seq_len - len(prompt))
-    tokens = model.generate(prompt, count, temperature=0.8, top_k=40, seed=FLAGS.seed)
-  sample = write_sample(data_lib, data, tokens, out_dir, np, tf)
-  if FLAGS.export_dir:
-    from sparse_attention_tf import export as export_lib
-    exported = export_lib.export_saved_model(model, FLAGS.export_dir, mode=FLAGS.export_mode)
-    print(f"SavedModel ({FLAGS.export_mode}): {exported}")
-  with open(os.path.join(out_dir, "metrics.json"), "w") as f:
-    json.dump(results, f, indent=1)
-  steps_done = int(keras.ops.convert_to_numpy(model.optimizer.iterations))
-  print(f"\nvalidation {unit}: {final[unit]:.3f} after {steps_done} steps ({elapsed:.0f} s)")
-  print(f"checkpoint: {backup_dir}\nTensorBoard: tensorboard --logdir {out_dir}/logs\n"
-        f"model: {out_dir}/model.keras\nsample: {sample}\nmetrics: {out_dir}/metrics.json")
-  return results
+  return history.history, final, elapsed
 
 
 def main(argv):

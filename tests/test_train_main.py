@@ -5,8 +5,10 @@
   (model, checkpoint, TensorBoard logs, a decodable sample, metrics), and the
   training loss goes down; the audio sample keeps the recordings' rate.
 * Distribution: `mirrored` on 2 logical CPUs gives the loss of `default` at
-  the same global batch; `multi_worker` with two local worker processes
-  finishes and the chief writes the outputs.
+  the same global batch; `multi_worker` (two local worker processes, the
+  custom tf.distribute loop) trains: both workers finish, end with the same
+  weights, the chief writes one checkpoint at the last step and the outputs,
+  and the losses are those of `default` at the same global batch.
 * Resume: an interrupted run continued with --resume ends exactly where an
   uninterrupted run ends; without --resume the run starts over.
 * Bad flags: exit status 2, one `train_main.py: error:` line naming the
@@ -303,11 +305,15 @@ def free_ports(count):
 # The background runs, started with the first test
 
 
+# multi_worker: two epochs of two steps, global batch 4 (2 per worker); the
+# same flags with --strategy=default are its reference.
+MULTI_WORKER = FEW_STEPS + ["--steps=4", "--steps_per_epoch=2"]
+
+
 def multi_worker_pair(out_dir):
   """The two workers' [(args, env, script)], on ports chosen free when they start."""
   cluster = {"worker": [f"127.0.0.1:{p}" for p in free_ports(2)]}
-  args = TINY + ["--dataset=pydoc", "--strategy=multi_worker", "--steps=4",
-                 "--steps_per_epoch=2", f"--output_dir={out_dir}"]
+  args = MULTI_WORKER + ["--strategy=multi_worker", f"--output_dir={out_dir}"]
   return [(args, {"TF_CONFIG": json.dumps({"cluster": cluster,
                                            "task": {"type": "worker", "index": i}})}, None)
           for i in range(2)]
@@ -335,6 +341,8 @@ def submit_background_jobs(jobs, data, selected):
           ("few_steps_default", FEW_STEPS + ["--strategy=default"], "b"),
           ("few_steps_mirrored", FEW_STEPS + ["--strategy=mirrored", "--cpu_replicas=2"], "b")],
       "test_resume": [("resume_a", RESUME + ["--stop_after_epochs=1"], "a")],
+      "test_multi_worker": [("multi_worker_reference", MULTI_WORKER + ["--strategy=default"],
+                             "b")],
       "test_bad_flags": bad,
   }
   for test, test_runs in runs.items():
@@ -512,25 +520,53 @@ def test_mirrored_matches_default(jobs):
 # 3. multi_worker: two local workers
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "Keras 3.15 fit() under MultiWorkerMirroredStrategy fails converting PerReplica values "
-    "(keras-team/keras#20585); known, reported in the closing note, issue 4 left open"))
+def worker_summary(out):
+  """(steps, final training loss, weight checksum) from a worker's last line."""
+  line = [l for l in out.splitlines() if l.startswith("worker ")][-1]
+  words = line.replace(",", "").split()
+  return int(words[3]), float(words[8]), float(words[11])
+
+
 def test_multi_worker(jobs):
   """Two workers on 127.0.0.1, started together by `Jobs` (which always stops both:
   a failed worker gets its peer killed, and both are killed after TIMEOUT)."""
+  import tensorflow as tf
   results = {w: jobs.result(w) for w in ("worker0", "worker1")}
   # Report a worker that failed by itself before one killed because its peer failed.
   for w in sorted(results, key=lambda w: results[w][0] in (0, -9, None)):
     assert results[w][0] == 0, f"{w}: " + describe(jobs.args[w], *results[w])
-  out0 = results["worker0"][1]
-  assert "strategy multi_worker (2 replicas)" in out0, out0
+  for w, (_, out, _) in results.items():
+    assert "strategy multi_worker (2 replicas)" in out, (w, out)
   out = jobs.dir("multi_worker")
-  with open(os.path.join(out, "backup", "training_metadata.json")) as f:
-    assert json.load(f)["epoch"] == 2
+  # The chief's outputs, and one checkpoint, at the last step.
   m = check_outputs(out, "sample.txt")
   assert m["steps_done"] == 4
-  assert len(m["history"]["loss"]) == 2
-  assert all(math.isfinite(x) for x in m["history"]["loss"])
+  loss = m["history"]["loss"]
+  assert len(loss) == 2 and all(math.isfinite(x) for x in loss), loss
+  assert all(math.isfinite(v) for v in m["validation"].values()), m["validation"]
+  backup = os.path.join(out, "backup")
+  with open(os.path.join(backup, "training_metadata.json")) as f:
+    assert json.load(f) == {"epoch": 2, "step": 4}
+  assert [n for n in os.listdir(backup) if n.endswith(".index")] == ["ckpt-4.index"]
+  reader = tf.train.load_checkpoint(tf.train.latest_checkpoint(backup))
+  assert int(reader.get_tensor("step/.ATTRIBUTES/VARIABLE_VALUE")) == 4
+  assert int(reader.get_tensor("optimizer/_iterations/.ATTRIBUTES/VARIABLE_VALUE")) == 4
+  # Worker 1 kept nothing (its checkpoints went to a temporary folder it deleted).
+  assert not [n for n in os.listdir(out) if n.startswith("worker")], os.listdir(out)
+  # Synchronous replicas: both workers ran 4 steps and end with the same weights.
+  summary = {w: worker_summary(results[w][1]) for w in results}
+  assert summary["worker0"][0] == summary["worker1"][0] == 4, summary
+  assert summary["worker0"][1] == pytest.approx(loss[-1], rel=1e-6), (summary, loss)
+  assert summary["worker1"][1] == summary["worker0"][1], summary
+  assert summary["worker1"][2] == pytest.approx(summary["worker0"][2], rel=1e-9), summary
+  # It really trained on the global batch: the losses of `default` at the same global
+  # batch (2 examples on each worker = the 4 of one default step).
+  jobs.ok("multi_worker_reference")
+  ref = metrics(jobs.dir("multi_worker_reference"))
+  assert loss == pytest.approx(ref["history"]["loss"], rel=1e-4), (loss, ref["history"])
+  assert loss[-1] < loss[0], loss
+  for k, v in ref["validation"].items():
+    assert m["validation"][k] == pytest.approx(v, rel=1e-4), (k, m["validation"], ref)
 
 
 # ---------------------------------------------------------------------------
