@@ -61,6 +61,14 @@ inline void ApplyMasks(float* st, const float* bias, const bool* keys, int64_t b
   }
 }
 
+// Asks for the next key block's panels (rows x width floats, contiguous) to
+// be brought into the cache while the current block is computed: each
+// panel row is read by one micro-tile, as a stream from L2 otherwise.
+inline void PrefetchPanel(const void* p, int64_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(c + off, 0, 3);
+}
+
 // One step of the online softmax: st holds the masked scores S^T of the next
 // key block. Updates the running max m and sum l of each query, turns st into
 // exp(S^T - m) and sets alpha = exp(m_old - m_new), the factor that rescales
@@ -153,8 +161,12 @@ void Forward(const AttentionProblem& a, const AttentionForwardArgs<float>& x, in
     std::memset(o, 0, bs * Dv * sizeof(float));
     for (int64_t z = z0; z < z1; ++z) {
       const int64_t j = p.t.blocks[3 * z + 2];
-      std::memset(st, 0, bs * bs * sizeof(float));
-      Gemm(bs, bs, D, x.k + a.q_offset(w.b, j * bs, head), ldq, 1, qt, bs, st, bs);  // S^T
+      if (z + 1 < z1) {
+        const int64_t jn = p.t.blocks[3 * z + 5];
+        PrefetchPanel(x.k + a.q_offset(w.b, jn * bs, head), bs * D * sizeof(float));
+        PrefetchPanel(x.v + a.v_offset(w.b, jn * bs, head), bs * Dv * sizeof(float));
+      }
+      GemmOverwrite(bs, bs, D, x.k + a.q_offset(w.b, j * bs, head), ldq, 1, qt, bs, st, bs);  // S^T
       ApplyMasks(st, TileBias(a, z), KeyRow(a, w.b, j), bs);
       const bool rescale = OnlineSoftmaxStep(st, bs, m, l, alpha);
       if (rescale)
@@ -214,11 +226,9 @@ void Backward(const AttentionProblem& a, const AttentionBackwardArgs<float>& x, 
         const int64_t j = p.t.blocks[3 * z + 2];
         const float* k = x.k + a.q_offset(w.b, j * bs, head);
         const float* v = x.v + a.v_offset(w.b, j * bs, head);
-        std::memset(pt, 0, bs * bs * sizeof(float));
-        Gemm(bs, bs, D, k, ldq, 1, qt, bs, pt, bs);                 // S^T
+        GemmOverwrite(bs, bs, D, k, ldq, 1, qt, bs, pt, bs);        // S^T
         ApplyMasks(pt, TileBias(a, z), KeyRow(a, w.b, j), bs);
-        std::memset(dst, 0, bs * bs * sizeof(float));
-        Gemm(bs, bs, Dv, v, ldv, 1, dot, bs, dst, bs);              // dP^T
+        GemmOverwrite(bs, bs, Dv, v, ldv, 1, dot, bs, dst, bs);     // dP^T
         ProbsAndScoreGrad(pt, dst, lse, delta, 1.f, bs);
         Gemm(bs, Dv, bs, pt, bs, 1, dout, ldv, dv + a.v_offset(w.b, j * bs, head), ldv);  // dV_J += P^T dO_I
         Gemm(bs, D, bs, dst, 1, bs, k, ldq, dqa, D);                                        // dQ_I += dS K_J

@@ -16,8 +16,9 @@ inline __attribute__((always_inline)) void Store(float* p, v16 v) {
   *reinterpret_cast<v16*>(p) = v;
 }
 
-// R rows x (16 * NV) columns of C kept in registers over the whole k loop.
-template <int R, int NV>
+// R rows x (16 * NV) columns of C kept in registers over the whole k loop;
+// C += A B, or C = A B when !kAccumulate (C is then never read).
+template <int R, int NV, bool kAccumulate = true>
 inline __attribute__((always_inline)) void MicroTile(
     int64_t k, const float* __restrict a, int64_t ars, int64_t aks,
     const float* __restrict b, int64_t ldb, float* __restrict c, int64_t ldc) {
@@ -25,7 +26,7 @@ inline __attribute__((always_inline)) void MicroTile(
 #pragma GCC unroll 16
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v) acc[r][v] = Load(c + r * ldc + 16 * v);
+    for (int v = 0; v < NV; ++v) acc[r][v] = kAccumulate ? Load(c + r * ldc + 16 * v) : (v16){};
   for (int64_t kk = 0; kk < k; ++kk) {
     v16 bv[NV];
 #pragma GCC unroll 8
@@ -45,33 +46,50 @@ inline __attribute__((always_inline)) void MicroTile(
 }
 
 // All rows of one column panel of width 16 * NV.
-template <int NV>
+template <int NV, bool kAccumulate>
 inline __attribute__((always_inline)) void Panel(
     int64_t m, int64_t k, const float* a, int64_t ars, int64_t aks,
     const float* b, int64_t ldb, float* c, int64_t ldc) {
   constexpr int R = 16 / NV;  // 16 accumulator registers on AVX-512
   int64_t r = 0;
   for (; r + R <= m; r += R)
-    MicroTile<R, NV>(k, a + r * ars, ars, aks, b, ldb, c + r * ldc, ldc);
-  for (; r < m; ++r) MicroTile<1, NV>(k, a + r * ars, ars, aks, b, ldb, c + r * ldc, ldc);
+    MicroTile<R, NV, kAccumulate>(k, a + r * ars, ars, aks, b, ldb, c + r * ldc, ldc);
+  for (; r < m; ++r)
+    MicroTile<1, NV, kAccumulate>(k, a + r * ars, ars, aks, b, ldb, c + r * ldc, ldc);
 }
 
-
-void Gemm(int64_t m, int64_t n, int64_t k, const float* a, int64_t ars, int64_t aks,
-          const float* b, int64_t ldb, float* c, int64_t ldc) {
+template <bool kAccumulate>
+void GemmImpl(int64_t m, int64_t n, int64_t k, const float* a, int64_t ars, int64_t aks,
+              const float* b, int64_t ldb, float* c, int64_t ldc) {
   int64_t col = 0;
-  for (; col + 64 <= n; col += 64) Panel<4>(m, k, a, ars, aks, b + col, ldb, c + col, ldc);
+  for (; col + 64 <= n; col += 64)
+    Panel<4, kAccumulate>(m, k, a, ars, aks, b + col, ldb, c + col, ldc);
   if (col + 32 <= n) {
-    Panel<2>(m, k, a, ars, aks, b + col, ldb, c + col, ldc);
+    Panel<2, kAccumulate>(m, k, a, ars, aks, b + col, ldb, c + col, ldc);
     col += 32;
   }
   if (col + 16 <= n) {
-    Panel<1>(m, k, a, ars, aks, b + col, ldb, c + col, ldc);
+    Panel<1, kAccumulate>(m, k, a, ars, aks, b + col, ldb, c + col, ldc);
     col += 16;
   }
   if (col < n) {  // fewer than 16 columns left: plain loops
+    if (!kAccumulate)
+      for (int64_t r = 0; r < m; ++r)
+        for (int64_t j = col; j < n; ++j) c[r * ldc + j] = 0.f;
     sparse_attention::GemmReference(m, n - col, k, a, ars, aks, b + col, ldb, c + col, ldc);
   }
+}
+
+// C[m x n] += A[m x k] B[k x n] (the contract of SimdKernels::gemm).
+void Gemm(int64_t m, int64_t n, int64_t k, const float* a, int64_t ars, int64_t aks,
+          const float* b, int64_t ldb, float* c, int64_t ldc) {
+  GemmImpl<true>(m, n, k, a, ars, aks, b, ldb, c, ldc);
+}
+
+// C = A B: C is written, never read.
+void GemmOverwrite(int64_t m, int64_t n, int64_t k, const float* a, int64_t ars, int64_t aks,
+                   const float* b, int64_t ldb, float* c, int64_t ldc) {
+  GemmImpl<false>(m, n, k, a, ars, aks, b, ldb, c, ldc);
 }
 
 // ---------------------------------------------------------------------------
