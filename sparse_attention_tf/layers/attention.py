@@ -37,8 +37,8 @@ class SparseMultiHeadAttention(keras.layers.Layer):
     output_initializer: initializer of the output projection kernel (the
       Sparse Transformer block scales it by `1/sqrt(2 * num_layers)`).
     bias_initializer: initializer of the biases.
-    implementation: passed to `sparse_attention`: `"auto"`, `"custom_op"`,
-      `"reference"` or `"dense"`.
+    implementation: passed to `sparse_attention`: `"auto"`, `"custom_op"`
+      (fused), `"custom_op_unfused"`, `"reference"` or `"dense"`.
     **kwargs: base layer arguments (`name`, `dtype`, ...).
 
   Call arguments:

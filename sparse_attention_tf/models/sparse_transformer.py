@@ -66,8 +66,8 @@ class SparseTransformer(keras.Model):
     recompute: recompute attention and feed-forward in the backward pass.
     block_size: attention kernel block size.
     ffn_multiplier: feed-forward width, times `d_model`.
-    implementation: attention implementation (`"auto"`, `"custom_op"`,
-      `"reference"`, `"dense"`).
+    implementation: attention implementation (`"auto"`, `"custom_op"` (fused),
+      `"custom_op_unfused"`, `"reference"`, `"dense"`).
     **kwargs: `keras.Model` arguments (`name`, ...).
 
   Call arguments:
