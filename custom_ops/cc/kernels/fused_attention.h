@@ -4,24 +4,15 @@
 // [B, G, Z, b, b] score tensor is ever stored; each work unit keeps one b x b
 // tile (and a few b x D panels) in its own small buffers.
 //
-// Letters as in blocksparse_cpu.h; Dv is the value head dim. The kernels
-// take head-major operands, [B, H, N, D] (q, k, dq, dk) and [B, H, N, Dv]
-// (v, out, dout, dv), so that a block of b rows of one head is one
-// contiguous b x D panel (rows of the [B, N, H, D] layout are H * D apart,
-// which makes the panels alias in the L1 cache); the TF op packs and unpacks
+// Letters as in blocksparse_cpu.h; Dv is the value head dim. Operands read
+// or written once per query block row (q, out, dout, dq) keep the layout of
+// the op, token-major [B, N, H, D]: each unit copies its b rows into small
+// buffers anyway. Operands read per kept block (k, v) and the dk, dv sums are
+// head-major, [B, H, N, D], so that a block of b rows of one head is one
+// contiguous b x D panel (rows of [B, N, H, D] are H * D apart, which makes
+// a panel's rows alias in the L1 cache); the TF op packs and unpacks them
 // (PackHeads / UnpackHeads), converting dtypes in the same pass. lse and
 // delta are [B, H, N].
-//
-// Score tiles are held transposed, S^T[key j][query i], so the per-query
-// softmax state (running max, sum) runs down the tile's columns with whole
-// vectors of queries, and every product is a small dense GEMM:
-//   forward   S^T = K_J (scale Q_I)^T;  O_I += P V_J
-//   backward  S^T, P as above;  dP^T = V_J dO_I^T;  dS = P * (dP - delta)
-//             dV_J += P^T dO_I;  dQ_I += dS K_J;  dK_J += dS^T (scale Q_I)
-// Backward units are (batch, head, segment of block rows): one unit owns the
-// dK/dV of its head for its segment, so there are no races and no atomics;
-// segments > 1 write private partial sums that ReduceSegments adds in a fixed
-// order. Results are bitwise repeatable for a given segment count.
 #ifndef SPARSE_ATTENTION_TF_KERNELS_FUSED_ATTENTION_H_
 #define SPARSE_ATTENTION_TF_KERNELS_FUSED_ATTENTION_H_
 
@@ -43,13 +34,21 @@ struct AttentionProblem {
   int64_t segments = 1;                // backward: block-row segments per head
   const int32_t* segment_rows = nullptr;  // [Hl, segments + 1] first block row of each segment
 
-  // Offsets into the head-major operands.
-  int64_t q_offset(int64_t b, int64_t n, int64_t head) const {
+  // Offsets into the head-major operands (k, dk: D; v, dv: Dv).
+  int64_t k_offset(int64_t b, int64_t n, int64_t head) const {
     return ((b * p.heads + head) * p.seq + n) * p.head_dim;
   }
   int64_t v_offset(int64_t b, int64_t n, int64_t head) const {
     return ((b * p.heads + head) * p.seq + n) * value_dim;
   }
+  // Offsets into the token-major operands (q, dq: D; out, dout: Dv) and
+  // their row strides.
+  int64_t q_offset(int64_t b, int64_t n, int64_t head) const { return p.dense_offset(b, n, head); }
+  int64_t o_offset(int64_t b, int64_t n, int64_t head) const {
+    return ((b * p.seq + n) * p.heads + head) * value_dim;
+  }
+  int64_t q_stride() const { return p.heads * p.head_dim; }
+  int64_t o_stride() const { return p.heads * value_dim; }
   int64_t lse_offset(int64_t b, int64_t head, int64_t n) const {
     return (b * p.heads + head) * p.seq + n;
   }
@@ -59,25 +58,25 @@ struct AttentionProblem {
   }
 };
 
-// The operands, head-major. T is float or uint16_t (bfloat16 bits).
+// The operands. T is float or uint16_t (bfloat16 bits).
 template <typename T>
 struct AttentionForwardArgs {
-  const T* q;   // [B, H, N, D]
+  const T* q;   // [B, N, H, D]
   const T* k;   // [B, H, N, D]
   const T* v;   // [B, H, N, Dv]
-  float* out;   // [B, H, N, Dv]
+  float* out;   // [B, N, H, Dv]
   float* lse;   // [B, H, N]
 };
 
 template <typename T>
 struct AttentionBackwardArgs {
-  const T* q;
-  const T* k;
-  const T* v;
+  const T* q;           // [B, N, H, D]
+  const T* k;           // [B, H, N, D]
+  const T* v;           // [B, H, N, Dv]
   const float* lse;     // [B, H, N] from the forward
   const float* delta;   // [B, H, N] sum_d dout * out (see PackHeads)
-  const T* dout;        // [B, H, N, Dv]
-  float* dq;            // [B, H, N, D]
+  const T* dout;        // [B, N, H, Dv]
+  float* dq;            // [B, N, H, D]
   float* dk;            // [B, H, N, D]
   float* dv;            // [B, H, N, Dv]
   float* partial_k;     // [segments - 1, B, H, N, D], or null when segments == 1

@@ -134,18 +134,20 @@ void ToBf16(const float* tile, int64_t n, uint16_t* out) {
                         (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(tile + e)));
 }
 
-// b rows of width w (even) -> pairs along w: out[p][i] = rows[i][2p..2p+1].
-void PairColumns(const uint16_t* rows, int64_t bs, int64_t w, uint16_t* out) {
+// b rows of width w (even, row stride ld) -> pairs along w:
+// out[p][i] = rows[i][2p..2p+1].
+void PairColumns(const uint16_t* rows, int64_t ld, int64_t bs, int64_t w, uint16_t* out) {
   for (int64_t i = 0; i < bs; ++i)
-    for (int64_t p = 0; p < w / 2; ++p) std::memcpy(out + (p * bs + i) * 2, rows + i * w + 2 * p, 4);
+    for (int64_t p = 0; p < w / 2; ++p) std::memcpy(out + (p * bs + i) * 2, rows + i * ld + 2 * p, 4);
 }
 
-// b rows of width w -> pairs along the rows: out[p][c][t] = rows[2p + t][c].
-void PairRowsBf16(const uint16_t* rows, int64_t bs, int64_t w, uint16_t* out) {
+// b rows of width w (row stride ld) -> pairs along the rows:
+// out[p][c][t] = rows[2p + t][c].
+void PairRowsBf16(const uint16_t* rows, int64_t ld, int64_t bs, int64_t w, uint16_t* out) {
   for (int64_t p = 0; p < bs / 2; ++p)
     for (int64_t c = 0; c < w; ++c) {
-      out[(p * w + c) * 2] = rows[2 * p * w + c];
-      out[(p * w + c) * 2 + 1] = rows[(2 * p + 1) * w + c];
+      out[(p * w + c) * 2] = rows[2 * p * ld + c];
+      out[(p * w + c) * 2 + 1] = rows[(2 * p + 1) * ld + c];
     }
 }
 
@@ -184,13 +186,13 @@ void Forward(const AttentionProblem& a, const AttentionForwardArgs<uint16_t>& x,
     const Unit w = SplitUnit(p, u);
     const int64_t head = w.g * p.t.layout_heads + w.h, row = w.h * nb + w.i;
     const int64_t z0 = p.t.row_offsets[row], z1 = p.t.row_offsets[row + 1];
-    PairColumns(x.q + a.q_offset(w.b, w.i * bs, head), bs, D, qp);
+    PairColumns(x.q + a.q_offset(w.b, w.i * bs, head), a.q_stride(), bs, D, qp);
     for (int64_t i = 0; i < bs; ++i) m[i] = kNegInf, l[i] = 0.f;
     std::memset(o, 0, bs * Dv * sizeof(float));
     for (int64_t z = z0; z < z1; ++z) {
       const int64_t j = p.t.blocks[3 * z + 2];
       std::memset(st, 0, bs * bs * sizeof(float));
-      GemmBf16(bs, bs, D, x.k + a.q_offset(w.b, j * bs, head), D, 2, qp, 2 * bs, st, bs);
+      GemmBf16(bs, bs, D, x.k + a.k_offset(w.b, j * bs, head), D, 2, qp, 2 * bs, st, bs);
       ScaleTile(st, a.scale, bs * bs);
       ApplyMasks(st, TileBias(a, z), KeyRow(a, w.b, j), bs);
       if (OnlineSoftmaxStep(st, bs, m, l, alpha))
@@ -199,7 +201,7 @@ void Forward(const AttentionProblem& a, const AttentionForwardArgs<uint16_t>& x,
       PairRows(st, bs, pp);
       GemmBf16(bs, Dv, bs, pp, 2, 2 * bs, v_pairs + a.v_offset(w.b, j * bs, head), 2 * Dv, o, Dv);
     }
-    FinishRows(o, m, l, bs, Dv, x.out + a.v_offset(w.b, w.i * bs, head),
+    FinishRows(o, m, l, bs, Dv, x.out + a.o_offset(w.b, w.i * bs, head), a.o_stride(),
                x.lse + a.lse_offset(w.b, head, w.i * bs));
   }
 }
@@ -230,7 +232,7 @@ void Backward(const AttentionProblem& a, const AttentionBackwardArgs<uint16_t>& 
     const int64_t head = w.g * p.t.layout_heads + w.h;
     float* dk = seg == 0 ? x.dk : x.partial_k + (seg - 1) * k_size;
     float* dv = seg == 0 ? x.dv : x.partial_v + (seg - 1) * v_size;
-    std::memset(dk + a.q_offset(w.b, 0, head), 0, p.seq * D * sizeof(float));
+    std::memset(dk + a.k_offset(w.b, 0, head), 0, p.seq * D * sizeof(float));
     std::memset(dv + a.v_offset(w.b, 0, head), 0, p.seq * Dv * sizeof(float));
     const int32_t* seg_rows = a.segment_rows + w.h * (S + 1);
     for (int64_t bi = seg_rows[seg]; bi < seg_rows[seg + 1]; ++bi) {
@@ -238,22 +240,22 @@ void Backward(const AttentionProblem& a, const AttentionBackwardArgs<uint16_t>& 
       const int64_t z0 = p.t.row_offsets[row], z1 = p.t.row_offsets[row + 1];
       float* dq = x.dq + a.q_offset(w.b, bi * bs, head);
       if (z0 == z1) {
-        std::memset(dq, 0, bs * D * sizeof(float));
+        for (int64_t i = 0; i < bs; ++i) std::memset(dq + i * a.q_stride(), 0, D * sizeof(float));
         continue;
       }
       const uint16_t* q = x.q + a.q_offset(w.b, bi * bs, head);
-      const uint16_t* dout = x.dout + a.v_offset(w.b, bi * bs, head);
-      PairColumns(q, bs, D, qp);
-      PairRowsBf16(q, bs, D, qr);
-      PairColumns(dout, bs, Dv, dop);
-      PairRowsBf16(dout, bs, Dv, dor);
+      const uint16_t* dout = x.dout + a.o_offset(w.b, bi * bs, head);
+      PairColumns(q, a.q_stride(), bs, D, qp);
+      PairRowsBf16(q, a.q_stride(), bs, D, qr);
+      PairColumns(dout, a.o_stride(), bs, Dv, dop);
+      PairRowsBf16(dout, a.o_stride(), bs, Dv, dor);
       for (int64_t i = 0; i < bs; ++i) delta[i] = x.delta[a.lse_offset(w.b, head, bi * bs + i)];
       LoadLse(a, x.lse, w.b, head, bi * bs, lse);
       std::memset(dqa, 0, bs * D * sizeof(float));
       for (int64_t z = z0; z < z1; ++z) {
         const int64_t j = p.t.blocks[3 * z + 2];
         std::memset(pt, 0, bs * bs * sizeof(float));
-        GemmBf16(bs, bs, D, x.k + a.q_offset(w.b, j * bs, head), D, 2, qp, 2 * bs, pt, bs);
+        GemmBf16(bs, bs, D, x.k + a.k_offset(w.b, j * bs, head), D, 2, qp, 2 * bs, pt, bs);
         ScaleTile(pt, a.scale, bs * bs);
         ApplyMasks(pt, TileBias(a, z), KeyRow(a, w.b, j), bs);
         std::memset(dst, 0, bs * bs * sizeof(float));
@@ -263,10 +265,11 @@ void Backward(const AttentionProblem& a, const AttentionBackwardArgs<uint16_t>& 
         ToBf16(dst, bs * bs, dsb);
         PairRows(dst, bs, dsp);
         GemmBf16(bs, Dv, bs, ptb, bs, 2, dor, 2 * Dv, dv + a.v_offset(w.b, j * bs, head), Dv);
-        GemmBf16(bs, D, bs, dsp, 2, 2 * bs, k_pairs + a.q_offset(w.b, j * bs, head), 2 * D, dqa, D);
-        GemmBf16(bs, D, bs, dsb, bs, 2, qr, 2 * D, dk + a.q_offset(w.b, j * bs, head), D);
+        GemmBf16(bs, D, bs, dsp, 2, 2 * bs, k_pairs + a.k_offset(w.b, j * bs, head), 2 * D, dqa, D);
+        GemmBf16(bs, D, bs, dsb, bs, 2, qr, 2 * D, dk + a.k_offset(w.b, j * bs, head), D);
       }
-      std::memcpy(dq, dqa, bs * D * sizeof(float));
+      for (int64_t i = 0; i < bs; ++i)
+        std::memcpy(dq + i * a.q_stride(), dqa + i * D, D * sizeof(float));
     }
   }
 }

@@ -109,13 +109,14 @@ inline void ProbsAndScoreGrad(float* pt, float* dst, const float* lse, const flo
     }
 }
 
-// out rows = o / l; lse = m + log(l), or 0 and -inf for rows with no visible key.
+// out rows (stride ld) = o / l; lse = m + log(l), or 0 and -inf for rows
+// with no visible key.
 inline void FinishRows(const float* o, const float* m, const float* l, int64_t bs, int64_t dv,
-                       float* out, float* lse) {
+                       float* out, int64_t ld, float* lse) {
   for (int64_t i = 0; i < bs; ++i) {
     const bool any = l[i] > 0.f;
     const float inv = any ? 1.f / l[i] : 0.f;
-    for (int64_t d = 0; d < dv; ++d) out[i * dv + d] = o[i * dv + d] * inv;
+    for (int64_t d = 0; d < dv; ++d) out[i * ld + d] = o[i * dv + d] * inv;
     lse[i] = any ? m[i] + std::log(l[i]) : kNegInf;
   }
 }
@@ -144,7 +145,7 @@ void Forward(const AttentionProblem& a, const AttentionForwardArgs<float>& x, in
              int64_t end) {
   const auto& p = a.p;
   const int64_t bs = p.block, D = p.head_dim, Dv = a.value_dim, nb = p.t.num_blocks;
-  const int64_t ldq = D, ldv = Dv;
+  const int64_t ldk = D, ldv = Dv;
   Buffers buf(D * bs + bs * bs + bs * Dv + 4 * bs + 64);
   float* qt = buf.take(D * bs);      // [D, b]  scale * Q_I^T
   float* st = buf.take(bs * bs);     // [b, b]  S^T, then P^T
@@ -156,17 +157,17 @@ void Forward(const AttentionProblem& a, const AttentionForwardArgs<float>& x, in
     const Unit w = SplitUnit(p, u);
     const int64_t head = w.g * p.t.layout_heads + w.h, row = w.h * nb + w.i;
     const int64_t z0 = p.t.row_offsets[row], z1 = p.t.row_offsets[row + 1];
-    TransposePanel(x.q + a.q_offset(w.b, w.i * bs, head), ldq, bs, D, a.scale, qt);
+    TransposePanel(x.q + a.q_offset(w.b, w.i * bs, head), a.q_stride(), bs, D, a.scale, qt);
     for (int64_t i = 0; i < bs; ++i) m[i] = kNegInf, l[i] = 0.f;
     std::memset(o, 0, bs * Dv * sizeof(float));
     for (int64_t z = z0; z < z1; ++z) {
       const int64_t j = p.t.blocks[3 * z + 2];
       if (z + 1 < z1) {
         const int64_t jn = p.t.blocks[3 * z + 5];
-        PrefetchPanel(x.k + a.q_offset(w.b, jn * bs, head), bs * D * sizeof(float));
+        PrefetchPanel(x.k + a.k_offset(w.b, jn * bs, head), bs * D * sizeof(float));
         PrefetchPanel(x.v + a.v_offset(w.b, jn * bs, head), bs * Dv * sizeof(float));
       }
-      GemmOverwrite(bs, bs, D, x.k + a.q_offset(w.b, j * bs, head), ldq, 1, qt, bs, st, bs);  // S^T
+      GemmOverwrite(bs, bs, D, x.k + a.k_offset(w.b, j * bs, head), ldk, 1, qt, bs, st, bs);  // S^T
       ApplyMasks(st, TileBias(a, z), KeyRow(a, w.b, j), bs);
       const bool rescale = OnlineSoftmaxStep(st, bs, m, l, alpha);
       if (rescale)
@@ -175,7 +176,7 @@ void Forward(const AttentionProblem& a, const AttentionForwardArgs<float>& x, in
       // O += P V_J, P[i][j] = st[j][i].
       Gemm(bs, Dv, bs, st, 1, bs, x.v + a.v_offset(w.b, j * bs, head), ldv, o, Dv);
     }
-    FinishRows(o, m, l, bs, Dv, x.out + a.v_offset(w.b, w.i * bs, head),
+    FinishRows(o, m, l, bs, Dv, x.out + a.o_offset(w.b, w.i * bs, head), a.o_stride(),
                x.lse + a.lse_offset(w.b, head, w.i * bs));
   }
 }
@@ -184,12 +185,14 @@ void Backward(const AttentionProblem& a, const AttentionBackwardArgs<float>& x, 
               int64_t end) {
   const auto& p = a.p;
   const int64_t bs = p.block, D = p.head_dim, Dv = a.value_dim, nb = p.t.num_blocks;
-  const int64_t ldq = D, ldv = Dv, S = a.segments;
+  const int64_t ldk = D, ldv = Dv, S = a.segments;
+  const int64_t lq = a.q_stride(), lo = a.o_stride();
   const int64_t k_size = p.batch * p.heads * p.seq * D, v_size = p.batch * p.heads * p.seq * Dv;
-  Buffers buf(2 * D * bs + 2 * bs * bs + Dv * bs + bs * D + 2 * bs + 64);
+  Buffers buf(2 * D * bs + 2 * bs * bs + 2 * Dv * bs + bs * D + 2 * bs + 64);
   float* qt = buf.take(D * bs);    // [D, b]  scale * Q_I^T
   float* qs = buf.take(bs * D);    // [b, D]  scale * Q_I
   float* dot = buf.take(Dv * bs);  // [Dv, b] dO_I^T
+  float* dor = buf.take(bs * Dv);  // [b, Dv] dO_I
   float* pt = buf.take(bs * bs);   // [b, b]  P^T
   float* dst = buf.take(bs * bs);  // [b, b]  dP^T, then dS^T
   float* dqa = buf.take(bs * D);   // [b, D]  dQ_I / scale
@@ -201,7 +204,7 @@ void Backward(const AttentionProblem& a, const AttentionBackwardArgs<float>& x, 
     const int64_t head = w.g * p.t.layout_heads + w.h;
     float* dk = seg == 0 ? x.dk : x.partial_k + (seg - 1) * k_size;
     float* dv = seg == 0 ? x.dv : x.partial_v + (seg - 1) * v_size;
-    std::memset(dk + a.q_offset(w.b, 0, head), 0, p.seq * D * sizeof(float));  // head slice
+    std::memset(dk + a.k_offset(w.b, 0, head), 0, p.seq * D * sizeof(float));  // head slice
     std::memset(dv + a.v_offset(w.b, 0, head), 0, p.seq * Dv * sizeof(float));
     const int32_t* seg_rows = a.segment_rows + w.h * (S + 1);
     for (int64_t bi = seg_rows[seg]; bi < seg_rows[seg + 1]; ++bi) {
@@ -209,33 +212,34 @@ void Backward(const AttentionProblem& a, const AttentionBackwardArgs<float>& x, 
       const int64_t z0 = p.t.row_offsets[row], z1 = p.t.row_offsets[row + 1];
       float* dq = x.dq + a.q_offset(w.b, bi * bs, head);
       if (z0 == z1) {
-        for (int64_t i = 0; i < bs; ++i) std::memset(dq + i * ldq, 0, D * sizeof(float));
+        for (int64_t i = 0; i < bs; ++i) std::memset(dq + i * lq, 0, D * sizeof(float));
         continue;
       }
       const float* q = x.q + a.q_offset(w.b, bi * bs, head);
-      const float* dout = x.dout + a.v_offset(w.b, bi * bs, head);
-      TransposePanel(q, ldq, bs, D, a.scale, qt);
-      TransposePanel(dout, ldv, bs, Dv, 1.f, dot);
+      const float* dout = x.dout + a.o_offset(w.b, bi * bs, head);
+      TransposePanel(q, lq, bs, D, a.scale, qt);
+      TransposePanel(dout, lo, bs, Dv, 1.f, dot);
       for (int64_t i = 0; i < bs; ++i) {
-        for (int64_t d = 0; d < D; ++d) qs[i * D + d] = a.scale * q[i * ldq + d];
+        for (int64_t d = 0; d < D; ++d) qs[i * D + d] = a.scale * q[i * lq + d];
+        std::memcpy(dor + i * Dv, dout + i * lo, Dv * sizeof(float));
         delta[i] = x.delta[a.lse_offset(w.b, head, bi * bs + i)];
       }
       LoadLse(a, x.lse, w.b, head, bi * bs, lse);
       std::memset(dqa, 0, bs * D * sizeof(float));
       for (int64_t z = z0; z < z1; ++z) {
         const int64_t j = p.t.blocks[3 * z + 2];
-        const float* k = x.k + a.q_offset(w.b, j * bs, head);
+        const float* k = x.k + a.k_offset(w.b, j * bs, head);
         const float* v = x.v + a.v_offset(w.b, j * bs, head);
-        GemmOverwrite(bs, bs, D, k, ldq, 1, qt, bs, pt, bs);        // S^T
+        GemmOverwrite(bs, bs, D, k, ldk, 1, qt, bs, pt, bs);        // S^T
         ApplyMasks(pt, TileBias(a, z), KeyRow(a, w.b, j), bs);
         GemmOverwrite(bs, bs, Dv, v, ldv, 1, dot, bs, dst, bs);     // dP^T
         ProbsAndScoreGrad(pt, dst, lse, delta, 1.f, bs);
-        Gemm(bs, Dv, bs, pt, bs, 1, dout, ldv, dv + a.v_offset(w.b, j * bs, head), ldv);  // dV_J += P^T dO_I
-        Gemm(bs, D, bs, dst, 1, bs, k, ldq, dqa, D);                                        // dQ_I += dS K_J
-        Gemm(bs, D, bs, dst, bs, 1, qs, D, dk + a.q_offset(w.b, j * bs, head), ldq);       // dK_J += dS^T Q_I
+        Gemm(bs, Dv, bs, pt, bs, 1, dor, Dv, dv + a.v_offset(w.b, j * bs, head), ldv);  // dV_J += P^T dO_I
+        Gemm(bs, D, bs, dst, 1, bs, k, ldk, dqa, D);                                      // dQ_I += dS K_J
+        Gemm(bs, D, bs, dst, bs, 1, qs, D, dk + a.k_offset(w.b, j * bs, head), ldk);     // dK_J += dS^T Q_I
       }
       for (int64_t i = 0; i < bs; ++i)
-        for (int64_t d = 0; d < D; ++d) dq[i * ldq + d] = a.scale * dqa[i * D + d];
+        for (int64_t d = 0; d < D; ++d) dq[i * lq + d] = a.scale * dqa[i * D + d];
     }
   }
 }

@@ -101,7 +101,7 @@ Status PackBf16Temps(OpKernelContext* ctx, const Tensor& x, Tensor* natural, Ten
   return absl::OkStatus();
 }
 
-const uint16_t* Bits(const Tensor& t) {
+const uint16_t* Bits(const Tensor& t) {  // the bits of a bfloat16 tensor
   return reinterpret_cast<const uint16_t*>(t.flat<Eigen::bfloat16>().data());
 }
 
@@ -156,31 +156,32 @@ class AttentionOp : public OpKernel {
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, ctx->input(2).shape(), &out));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(1, TensorShape({p.batch, p.heads, p.seq}), &lse));
     if (out->NumElements() == 0 && lse->NumElements() == 0) return;
+    // q is read, and out written, once per query block row: in place.
+    // k and v are read per kept block: packed head-major.
+    FloatOutput<T> fo;
+    OP_REQUIRES_OK(ctx, fo.Init(ctx, out));
     if (UseBf16Kernels<T>(a)) {
-      Tensor q, k, v, v_pairs, o;  // head-major bf16; o float32
-      OP_REQUIRES_OK(ctx, PackBf16Temps(ctx, ctx->input(0), &q, nullptr));
+      Tensor k, v, v_pairs;  // head-major bf16
       OP_REQUIRES_OK(ctx, PackBf16Temps(ctx, ctx->input(1), &k, nullptr));
       OP_REQUIRES_OK(ctx, PackBf16Temps(ctx, ctx->input(2), &v, &v_pairs));
-      OP_REQUIRES_OK(ctx, HeadMajorTemp(ctx, *out, &o));
-      const AttentionForwardArgs<uint16_t> x{Bits(q), Bits(k), Bits(v), o.flat<float>().data(),
+      const AttentionForwardArgs<uint16_t> x{Bits(ctx->input(0)), Bits(k), Bits(v), fo.data(),
                                              lse->flat<float>().data()};
       ParallelUnits(ctx, p.num_units(), AttentionRowCost(a) / 2, [&](int64_t s, int64_t e) {
         AttentionForwardBf16(a, x, Bits(v_pairs), s, e);
       });
-      Unpack<T>(ctx, o, out);
-      return;
+    } else {
+      FloatInput<T> q;
+      OP_REQUIRES_OK(ctx, q.Init(ctx, ctx->input(0)));
+      Tensor k, v;  // head-major float32
+      OP_REQUIRES_OK(ctx, PackTemp<T>(ctx, ctx->input(1), &k));
+      OP_REQUIRES_OK(ctx, PackTemp<T>(ctx, ctx->input(2), &v));
+      const AttentionForwardArgs<float> x{q.data(), k.flat<float>().data(),
+                                          v.flat<float>().data(), fo.data(),
+                                          lse->flat<float>().data()};
+      ParallelUnits(ctx, p.num_units(), AttentionRowCost(a),
+                    [&](int64_t s, int64_t e) { AttentionForward(a, x, s, e); });
     }
-    Tensor q, k, v, o;  // head-major float32
-    OP_REQUIRES_OK(ctx, PackTemp<T>(ctx, ctx->input(0), &q));
-    OP_REQUIRES_OK(ctx, PackTemp<T>(ctx, ctx->input(1), &k));
-    OP_REQUIRES_OK(ctx, PackTemp<T>(ctx, ctx->input(2), &v));
-    OP_REQUIRES_OK(ctx, HeadMajorTemp(ctx, *out, &o));
-    const AttentionForwardArgs<float> x{q.flat<float>().data(), k.flat<float>().data(),
-                                        v.flat<float>().data(), o.flat<float>().data(),
-                                        lse->flat<float>().data()};
-    ParallelUnits(ctx, p.num_units(), AttentionRowCost(a),
-                  [&](int64_t s, int64_t e) { AttentionForward(a, x, s, e); });
-    Unpack<T>(ctx, o, out);
+    fo.Finish(ctx);
   }
 
  private:
@@ -234,39 +235,40 @@ class AttentionGradOp : public OpKernel {
       OP_REQUIRES_OK(ctx, ctx->allocate_temp(tensorflow::DT_FLOAT,
                                              TensorShape({s, dv->NumElements()}), &partial_v));
     }
-    Tensor delta, dqp, dkp, dvp;  // head-major float32
+    // q, dout and dq are used once per query block row: in place; k and v
+    // are read, and dk, dv summed, per kept block: head-major.
+    Tensor delta, dkp, dvp;
     OP_REQUIRES_OK(ctx, ctx->allocate_temp(tensorflow::DT_FLOAT, lse.shape(), &delta));
-    OP_REQUIRES_OK(ctx, HeadMajorTemp(ctx, *dq, &dqp));
+    OP_REQUIRES_OK(ctx, PackTemp<T>(ctx, dout, nullptr, &out, delta.flat<float>().data()));
     OP_REQUIRES_OK(ctx, HeadMajorTemp(ctx, *dk, &dkp));
     OP_REQUIRES_OK(ctx, HeadMajorTemp(ctx, *dv, &dvp));
+    FloatOutput<T> fdq;
+    OP_REQUIRES_OK(ctx, fdq.Init(ctx, dq));
     float* partial_k_data = a.segments > 1 ? partial_k.flat<float>().data() : nullptr;
     float* partial_v_data = a.segments > 1 ? partial_v.flat<float>().data() : nullptr;
     const int64_t backward_cost = AttentionRowCost(a) * p.t.num_blocks / a.segments * 5 / 2;
     if (UseBf16Kernels<T>(a)) {
-      Tensor q, k, k_pairs, vn, dop;  // head-major bf16
-      OP_REQUIRES_OK(ctx, PackBf16Temps(ctx, ctx->input(0), &q, nullptr));
+      Tensor k, k_pairs, vn;  // head-major bf16
       OP_REQUIRES_OK(ctx, PackBf16Temps(ctx, ctx->input(1), &k, &k_pairs));
       OP_REQUIRES_OK(ctx, PackBf16Temps(ctx, v, &vn, nullptr));
-      OP_REQUIRES_OK(ctx, PackBf16Temps(ctx, dout, &dop, nullptr));
-      OP_REQUIRES_OK(ctx, PackTemp<T>(ctx, dout, nullptr, &out, delta.flat<float>().data()));
       const AttentionBackwardArgs<uint16_t> x{
-          Bits(q), Bits(k), Bits(vn), lse.flat<float>().data(), delta.flat<float>().data(),
-          Bits(dop), dqp.flat<float>().data(), dkp.flat<float>().data(),
+          Bits(ctx->input(0)), Bits(k), Bits(vn), lse.flat<float>().data(),
+          delta.flat<float>().data(), Bits(dout), fdq.data(), dkp.flat<float>().data(),
           dvp.flat<float>().data(), partial_k_data, partial_v_data};
       ParallelUnits(ctx, a.num_backward_units(), backward_cost / 2, [&](int64_t s, int64_t e) {
         AttentionBackwardBf16(a, x, Bits(k_pairs), s, e);
       });
     } else {
-      Tensor q, k, vp, dop;  // head-major float32
-      OP_REQUIRES_OK(ctx, PackTemp<T>(ctx, ctx->input(0), &q));
+      FloatInput<T> q, fdo;
+      OP_REQUIRES_OK(ctx, q.Init(ctx, ctx->input(0)));
+      OP_REQUIRES_OK(ctx, fdo.Init(ctx, dout));
+      Tensor k, vp;  // head-major float32
       OP_REQUIRES_OK(ctx, PackTemp<T>(ctx, ctx->input(1), &k));
       OP_REQUIRES_OK(ctx, PackTemp<T>(ctx, v, &vp));
-      OP_REQUIRES_OK(ctx, PackTemp<T>(ctx, dout, &dop, &out, delta.flat<float>().data()));
       const AttentionBackwardArgs<float> x{
-          q.flat<float>().data(), k.flat<float>().data(), vp.flat<float>().data(),
-          lse.flat<float>().data(), delta.flat<float>().data(), dop.flat<float>().data(),
-          dqp.flat<float>().data(), dkp.flat<float>().data(), dvp.flat<float>().data(),
-          partial_k_data, partial_v_data};
+          q.data(), k.flat<float>().data(), vp.flat<float>().data(), lse.flat<float>().data(),
+          delta.flat<float>().data(), fdo.data(), fdq.data(), dkp.flat<float>().data(),
+          dvp.flat<float>().data(), partial_k_data, partial_v_data};
       ParallelUnits(ctx, a.num_backward_units(), backward_cost,
                     [&](int64_t s, int64_t e) { AttentionBackward(a, x, s, e); });
     }
@@ -277,7 +279,7 @@ class AttentionGradOp : public OpKernel {
     if (a.segments > 1)
       ParallelUnits(ctx, heads, p.seq * (p.head_dim + a.value_dim) * a.segments,
                     [&](int64_t s, int64_t e) { ReduceSegments(a, sums, s, e); });
-    Unpack<T>(ctx, dqp, dq);
+    fdq.Finish(ctx);
     Unpack<T>(ctx, dkp, dk);
     Unpack<T>(ctx, dvp, dv);
   }
