@@ -167,6 +167,15 @@ def memory_run(n, impl, dtype, args):
 def fused_suite(args, ceiling):
   """The fused kernel's targets: speed vs dense, share of matmul, memory, bf16."""
   pattern = sat.Fixed(**FIXED)
+  if "speed" in args.sections:
+    speed_table(args, ceiling, pattern)
+  if "memory" in args.sections:
+    memory_table(args)
+  if "bf16" in args.sections:
+    bf16_table(args, pattern)
+
+
+def speed_table(args, ceiling, pattern):
   print("### Speed: Fixed(128, 32), batch 1, float32\n")
   table_header(["N", "block", "impl", "fwd ms", "fwd+bwd ms", "fwd+bwd GFLOP/s", "% of matmul",
                 "fwd+bwd speedup vs dense", "targets (>= 5x dense, >= 50% matmul)"])
@@ -193,6 +202,9 @@ def fused_suite(args, ceiling):
               f"{flops / t_all / 1e9:.1f} | {100 * share:.1f}% | {dense_all / t_all:.2f}x | "
               f"{met} |", flush=True)
 
+
+
+def memory_table(args):
   print("\n### Memory: peak resident set size of one forward+backward (fresh process)\n")
   table_header(["N", "impl", "dtype", "seconds", "q,k,v,out + grads MiB",
                 "peak RSS of fwd+bwd incl. q,k,v, MiB", "ratio", "target (<= 2x; completes)"])
@@ -210,6 +222,9 @@ def fused_suite(args, ceiling):
     print(f"| {n} | {impl} | float32 | {r['seconds']:.1f} | {8 * tensors / 2**20:.0f} | "
           f"{used / 2**20:.0f} | {ratio:.2f}x | {target} |", flush=True)
 
+
+
+def bf16_table(args, pattern):
   n = args.bf16_n
   print(f"\n### bfloat16 vs float32: fused forward+backward, N={n}, block {args.block}\n")
   q32, k32, v32 = inputs(n, args.heads, args.head_dim)
@@ -287,6 +302,8 @@ def main(argv=None):
   parser.add_argument("--heads", type=int, default=8)
   parser.add_argument("--head_dim", type=int, default=64)
   parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--sections", nargs="+", default=["speed", "memory", "bf16"],
+                      choices=["speed", "memory", "bf16"], help="parts of the fused suite")
   parser.add_argument("--memory_n", type=int, default=16384)
   parser.add_argument("--largest_n", type=int, default=65536)
   parser.add_argument("--bf16_n", type=int, default=8192)

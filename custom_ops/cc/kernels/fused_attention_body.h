@@ -74,7 +74,7 @@ inline void PrefetchPanel(const void* p, int64_t bytes) {
 // exp(S^T - m) and sets alpha = exp(m_old - m_new), the factor that rescales
 // what was accumulated so far. Returns whether any alpha differs from 1.
 inline bool OnlineSoftmaxStep(float* st, int64_t bs, float* m, float* l, float* alpha) {
-  bool rescale = false;
+  v16i changed = (v16i){};
   for (int64_t c = 0; c < bs; c += 16) {  // 16 queries at a time
     v16 mx = Load(m + c);
     for (int64_t jj = 0; jj < bs; ++jj) {
@@ -92,9 +92,12 @@ inline bool OnlineSoftmaxStep(float* st, int64_t bs, float* m, float* l, float* 
     Store(l + c, Load(l + c) * al + sum);
     Store(m + c, mx);
     Store(alpha + c, al);
-    for (int k2 = 0; k2 < 16; ++k2) rescale |= al[k2] != 1.f;
+    changed |= al != 1.f;
   }
-  return rescale;
+  int32_t any = 0;
+#pragma GCC unroll 16
+  for (int k2 = 0; k2 < 16; ++k2) any |= changed[k2];
+  return any != 0;
 }
 
 // Backward tile step: pt holds the masked scores S^T, dst holds dP^T. Makes
