@@ -1,10 +1,16 @@
 # Plain g++ build of the op library (no Bazel): `make ops` -> build/_sparse_attention_ops.so
 # Flags mirror custom_ops/build_defs.bzl (keep in sync); TF flags come from
 # tf.sysconfig of $(PYTHON) and are cached in build/tf_flags.mk.
+#
+# GPU build: `make ops GPU=1` -> build/gpu/_sparse_attention_ops.so, the same
+# library plus the CUDA kernels (custom_ops/cuda/*.cu, nvcc for CUDA_ARCHS) and
+# their DEVICE_GPU registrations (-DGOOGLE_CUDA=1). Load it with
+# SPARSE_ATTENTION_TF_OPS=build/gpu/_sparse_attention_ops.so.
 
 PYTHON ?= .venv/bin/python
 CXX ?= g++
-BUILD_DIR := build
+GPU ?= 0
+BUILD_DIR := $(if $(filter 1,$(GPU)),build/gpu,build)
 LIB := $(BUILD_DIR)/_sparse_attention_ops.so
 
 CUDA_SRCS := $(wildcard custom_ops/cc/kernels/*.cu.cc custom_ops/cc/ops/*.cu.cc)
@@ -16,6 +22,24 @@ OBJS := $(patsubst %.cc,$(BUILD_DIR)/obj/%.o,$(SRCS))
 # Never -march=native. TF headers go in via -isystem (as Bazel's `includes`).
 CXXFLAGS := -O3 -DNDEBUG -fPIC -pthread -Wall -Wno-psabi -fvisibility=hidden -fvisibility-inlines-hidden
 LDFLAGS := -shared -pthread
+
+# GPU=1 only: same as SPARSE_ATTENTION_NVCC_FLAGS in custom_ops/build_defs.bzl.
+ifeq ($(GPU),1)
+CUDA_HOME ?= /usr/local/cuda
+NVCC ?= $(CUDA_HOME)/bin/nvcc
+CUDA_ARCHS ?= 80 90
+NVCCFLAGS := -O3 -DNDEBUG -std=c++17 -Xcompiler -fPIC,-fvisibility=hidden -I. \
+  $(foreach a,$(CUDA_ARCHS),-gencode arch=compute_$(a),code=sm_$(a))
+CUDA_KERNEL_SRCS := $(sort $(wildcard custom_ops/cuda/*.cu))
+CUDA_HDRS := $(wildcard custom_ops/cuda/*.h)
+HDRS_GPU := $(CUDA_HDRS)
+OBJS_GPU := $(patsubst %.cu,$(BUILD_DIR)/obj/%.cu.o,$(CUDA_KERNEL_SRCS))
+# cudart linked statically: the .so needs no libcudart of this CUDA version at run time.
+LIBS_GPU := -L$(CUDA_HOME)/lib64 -lcudart_static -ldl -lrt
+# Only the DEVICE_GPU registrations (*_gpu.cc) see GOOGLE_CUDA: the CPU sources
+# compile exactly as in the CPU build (as in custom_ops/build_defs.bzl).
+$(BUILD_DIR)/obj/%_gpu.o: CXXFLAGS += -DGOOGLE_CUDA=1
+endif
 
 .PHONY: all ops clean
 all: ops
@@ -37,12 +61,16 @@ include $(BUILD_DIR)/tf_flags.mk
 $(shell mkdir -p $(BUILD_DIR); echo '$(SRCS)' | cmp -s - $(BUILD_DIR)/srcs.list || echo '$(SRCS)' > $(BUILD_DIR)/srcs.list)
 endif
 
-$(BUILD_DIR)/obj/%.o: %.cc $(HDRS) $(BUILD_DIR)/tf_flags.mk
+$(BUILD_DIR)/obj/%.o: %.cc $(HDRS) $(HDRS_GPU) $(BUILD_DIR)/tf_flags.mk
 	@mkdir -p $(dir $@)
 	$(CXX) $(CXXFLAGS) $(TF_CFLAGS) -I. -c $< -o $@
 
-$(LIB): $(OBJS) $(BUILD_DIR)/tf_flags.mk $(BUILD_DIR)/srcs.list
-	$(CXX) $(LDFLAGS) -o $@ $(OBJS) $(TF_LFLAGS)
+$(LIB): $(OBJS) $(OBJS_GPU) $(BUILD_DIR)/tf_flags.mk $(BUILD_DIR)/srcs.list
+	$(CXX) $(LDFLAGS) -o $@ $(OBJS) $(OBJS_GPU) $(TF_LFLAGS) $(LIBS_GPU)
+
+$(BUILD_DIR)/obj/%.cu.o: %.cu $(HDRS_GPU)
+	@mkdir -p $(dir $@)
+	$(NVCC) $(NVCCFLAGS) -c $< -o $@
 
 clean:
 	rm -rf $(BUILD_DIR)
