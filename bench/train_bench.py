@@ -3,8 +3,9 @@
     .venv/bin/python bench/train_bench.py
     .venv/bin/python bench/train_bench.py --seq_lens 1024 --max_probe 8192
 
-For each attention (`fixed`: Fixed(128, 32) with the custom op; `dense`: TF
-dense masked attention) and sequence length, a fresh process builds the same
+For each attention (`fixed`: Fixed(128, 32) with the fused custom op;
+`fixed_unfused`: the same pattern on the three-op path; `dense`: TF dense
+masked attention) and sequence length, a fresh process builds the same
 SparseTransformer (batch 1, --num_layers layers, d_model 256, 4 heads), runs
 `train_on_batch` steps and reports steps/s and tokens/s (median step after
 two warm-up steps). Then it doubles the sequence length while a training step
@@ -30,11 +31,12 @@ import numpy as np, keras
 import sparse_attention_tf as sat
 args = json.loads(sys.argv[1])
 n = args["seq_len"]
-fixed = args["attention"] == "fixed"
+fixed = args["attention"] != "dense"
+impl = {"fixed": "custom_op", "fixed_unfused": "custom_op_unfused", "dense": "dense"}
 model = sat.SparseTransformer(
     vocab_size=256, seq_len=n, num_layers=args["layers"], d_model=256, num_heads=4,
     pattern=sat.Fixed(128, 32) if fixed else sat.Dense(), block_size=32,
-    recompute=args["recompute"], implementation="custom_op" if fixed else "dense")
+    recompute=args["recompute"], implementation=impl[args["attention"]])
 model.compile(keras.optimizers.Adam(1e-3),
               keras.losses.SparseCategoricalCrossentropy(from_logits=True))
 rng = np.random.default_rng(0)
@@ -88,19 +90,22 @@ def main(argv=None):
   parser.add_argument("--memory_gb", type=float, default=20.0)
   parser.add_argument("--max_probe", type=int, default=65536, help="longest sequence tried")
   parser.add_argument("--skip_speed", action="store_true", help="only probe the longest sequence")
-  parser.add_argument("--probe", nargs="*", default=["dense", "fixed"], choices=["dense", "fixed"],
+  parser.add_argument("--attentions", nargs="+", default=["dense", "fixed_unfused", "fixed"],
+                      choices=["dense", "fixed_unfused", "fixed"], help="speed table rows")
+  parser.add_argument("--probe", nargs="*", default=["dense", "fixed"],
+                      choices=["dense", "fixed_unfused", "fixed"],
                       help="attentions whose longest sequence to probe (dense's first step at "
                            "8192 takes many minutes here)")
   parser.add_argument("--recompute", action="store_true")
   args = parser.parse_args(argv)
   print(f"SparseTransformer: {args.num_layers} layers, d_model 256, 4 heads, batch 1, float32, "
-        f"recompute={args.recompute}; fixed = Fixed(128, 32) custom op, dense = TF dense "
-        f"masked attention\n")
+        f"recompute={args.recompute}; fixed = Fixed(128, 32) fused custom op, fixed_unfused = "
+        f"the three-op path, dense = TF dense masked attention\n")
   print("| attention | seq_len | steps/s | tokens/s | peak RSS (GB) | speedup vs dense |")
   print("|---|---|---|---|---|---|")
   speed = {}
   for n in ([] if args.skip_speed else args.seq_lens):
-    for attention in ("dense", "fixed"):
+    for attention in args.attentions:
       result, peak, why = run(attention, n, args, args.steps)
       if result is None:
         print(f"| {attention} | {n} | - | - | {peak:.1f} | {why} |", flush=True)
@@ -109,7 +114,7 @@ def main(argv=None):
       ratio = (f"{speed[('dense', n)] / result['step_s']:.2f}x"
                if ("dense", n) in speed else "-")
       print(f"| {attention} | {n} | {1 / result['step_s']:.2f} | {n / result['step_s']:.0f} | "
-            f"{peak:.1f} | {ratio if attention == 'fixed' else '1.00x'} |", flush=True)
+            f"{peak:.1f} | {ratio if attention != 'dense' else '1.00x'} |", flush=True)
   print(f"\nlongest sequence with one training step within {args.memory_gb:.0f} GB "
         f"(doubling from {2 * max(args.seq_lens)}; the first step includes tracing):")
   for attention in args.probe:
