@@ -80,6 +80,20 @@ std::vector<float> TransposedMaskBias(const bool* masks, int64_t num_masks, int6
   return bias;
 }
 
+std::vector<int32_t> MaskKeyRanges(const bool* masks, int64_t num_masks, int64_t block) {
+  std::vector<int32_t> ranges(2 * num_masks);
+  for (int64_t m = 0; m < num_masks; ++m) {
+    int64_t lo = block, hi = 0;
+    for (int64_t i = 0; i < block; ++i)
+      for (int64_t j = 0; j < block; ++j)
+        if (masks[(m * block + i) * block + j]) lo = std::min(lo, j), hi = std::max(hi, j + 1);
+    if (hi <= lo) lo = hi = 0;  // an empty tile: nothing to compute
+    ranges[2 * m] = static_cast<int32_t>(lo / 16 * 16);
+    ranges[2 * m + 1] = static_cast<int32_t>((hi + 15) / 16 * 16);
+  }
+  return ranges;
+}
+
 std::string ValidateAttention(const AttentionProblem& a, int64_t num_masks) {
   if (a.p.block % 16 != 0)
     return "the fused kernel needs a block size that is a multiple of 16, got " +

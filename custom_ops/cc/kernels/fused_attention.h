@@ -30,6 +30,8 @@ struct AttentionProblem {
   float scale = 1.f;                   // multiplies q . k
   const int32_t* mask_index = nullptr; // [Z] -1 (full tile) or index into bias_t
   const float* bias_t = nullptr;       // [M, b, b] transposed tile masks: 0 or -inf at [key j][query i]
+  const int32_t* key_range = nullptr;  // [M, 2] key columns [lo, hi) of each tile mask
+                                       // that any query sees (multiples of 16), or null
   const bool* key_padding = nullptr;   // [B, N] true = real key, or null (all real)
   int64_t segments = 1;                // backward: block-row segments per head
   const int32_t* segment_rows = nullptr;  // [Hl, segments + 1] first block row of each segment
@@ -129,10 +131,16 @@ void PackHeads(const Src* x, int64_t batch, int64_t seq, int64_t heads, int64_t 
         float* dst = packed + (bh * seq + n) * dim;
         for (int64_t d = 0; d < dim; ++d) dst[d] = static_cast<float>(src[d]);
       }
-      if (dot_with != nullptr) {
+      if (dot_with != nullptr) {  // 16 partial sums, so that the loop vectorises
         const Src* o = dot_with + ((b * seq + n) * heads + head) * dim;
+        float acc[16] = {};
+        int64_t d = 0;
+        for (; d + 16 <= dim; d += 16)
+          for (int t = 0; t < 16; ++t)
+            acc[t] += static_cast<float>(src[d + t]) * static_cast<float>(o[d + t]);
         float s = 0.f;
-        for (int64_t d = 0; d < dim; ++d) s += static_cast<float>(src[d]) * static_cast<float>(o[d]);
+        for (int t = 0; t < 16; ++t) s += acc[t];
+        for (; d < dim; ++d) s += static_cast<float>(src[d]) * static_cast<float>(o[d]);
         delta[bh * seq + n] = s;
       }
     }
@@ -161,6 +169,11 @@ std::vector<int32_t> SegmentRows(const Tables& t, int64_t segments);
 // masks [M, b, b] (true: visible at [query i][key j]) -> bias [M, b, b] at
 // [key j][query i]: 0 visible, -inf hidden.
 std::vector<float> TransposedMaskBias(const bool* masks, int64_t num_masks, int64_t block);
+
+// The key columns [lo, hi) of each tile mask [M, b, b] that some query sees,
+// widened to multiples of 16: [M, 2]. Tiles compute only these keys (a
+// pattern's tile can be half empty, e.g. Fixed's summary columns at b=64).
+std::vector<int32_t> MaskKeyRanges(const bool* masks, int64_t num_masks, int64_t block);
 
 // Checks mask_index against num_masks and the value dims. "" if valid.
 std::string ValidateAttention(const AttentionProblem& a, int64_t num_masks);

@@ -39,6 +39,7 @@ using fused::ApplyMasks;
 using fused::BackwardUnit;
 using fused::Buffers;
 using fused::FinishRows;
+using fused::KeyRange;
 using fused::KeyRow;
 using fused::LoadLse;
 using fused::OnlineSoftmaxStep;
@@ -112,13 +113,13 @@ void GemmBf16(int64_t m, int64_t n, int64_t k, const uint16_t* a, int64_t ars, i
   }
 }
 
-// Rows 2p and 2p+1 of a float [b, b] tile -> bf16 pairs along the rows:
+// Rows 2p and 2p+1 of a float [rows, b] tile -> bf16 pairs along the rows:
 // out[p][c][t] = tile[2p + t][c] (round to nearest even).
-void PairRows(const float* tile, int64_t bs, uint16_t* out) {
+void PairRows(const float* tile, int64_t rows, int64_t bs, uint16_t* out) {
   static const __m512i kInterleave = _mm512_set_epi16(
       31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
       23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
-  for (int64_t p = 0; p < bs / 2; ++p)
+  for (int64_t p = 0; p < rows / 2; ++p)
     for (int64_t c = 0; c < bs; c += 16) {
       const __m512bh both = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(tile + (2 * p + 1) * bs + c),
                                                 _mm512_loadu_ps(tile + 2 * p * bs + c));
@@ -191,15 +192,21 @@ void Forward(const AttentionProblem& a, const AttentionForwardArgs<uint16_t>& x,
     std::memset(o, 0, bs * Dv * sizeof(float));
     for (int64_t z = z0; z < z1; ++z) {
       const int64_t j = p.t.blocks[3 * z + 2];
-      std::memset(st, 0, bs * bs * sizeof(float));
-      GemmBf16(bs, bs, D, x.k + a.k_offset(w.b, j * bs, head), D, 2, qp, 2 * bs, st, bs);
-      ScaleTile(st, a.scale, bs * bs);
-      ApplyMasks(st, TileBias(a, z), KeyRow(a, w.b, j), bs);
-      if (OnlineSoftmaxStep(st, bs, m, l, alpha))
+      int64_t j0, j1;  // the tile's key rows that can be visible
+      KeyRange(a, z, &j0, &j1);
+      if (j1 <= j0) continue;
+      const int64_t rows = j1 - j0;
+      float* sr = st + j0 * bs;
+      std::memset(sr, 0, rows * bs * sizeof(float));
+      GemmBf16(rows, bs, D, x.k + a.k_offset(w.b, j * bs + j0, head), D, 2, qp, 2 * bs, sr, bs);
+      ScaleTile(sr, a.scale, rows * bs);
+      ApplyMasks(sr, TileBias(a, z, j0), KeyRow(a, w.b, j, j0), rows, bs);
+      if (OnlineSoftmaxStep(sr, rows, bs, m, l, alpha))
         for (int64_t i = 0; i < bs; ++i)
           if (alpha[i] != 1.f) Scale(o + i * Dv, alpha[i], Dv);
-      PairRows(st, bs, pp);
-      GemmBf16(bs, Dv, bs, pp, 2, 2 * bs, v_pairs + a.v_offset(w.b, j * bs, head), 2 * Dv, o, Dv);
+      PairRows(sr, rows, bs, pp);
+      GemmBf16(bs, Dv, rows, pp, 2, 2 * bs, v_pairs + a.v_offset(w.b, j * bs + j0, head), 2 * Dv,
+               o, Dv);
     }
     FinishRows(o, m, l, bs, Dv, x.out + a.o_offset(w.b, w.i * bs, head), a.o_stride(),
                x.lse + a.lse_offset(w.b, head, w.i * bs));
@@ -254,19 +261,24 @@ void Backward(const AttentionProblem& a, const AttentionBackwardArgs<uint16_t>& 
       std::memset(dqa, 0, bs * D * sizeof(float));
       for (int64_t z = z0; z < z1; ++z) {
         const int64_t j = p.t.blocks[3 * z + 2];
-        std::memset(pt, 0, bs * bs * sizeof(float));
-        GemmBf16(bs, bs, D, x.k + a.k_offset(w.b, j * bs, head), D, 2, qp, 2 * bs, pt, bs);
-        ScaleTile(pt, a.scale, bs * bs);
-        ApplyMasks(pt, TileBias(a, z), KeyRow(a, w.b, j), bs);
-        std::memset(dst, 0, bs * bs * sizeof(float));
-        GemmBf16(bs, bs, Dv, x.v + a.v_offset(w.b, j * bs, head), Dv, 2, dop, 2 * bs, dst, bs);
-        ProbsAndScoreGrad(pt, dst, lse, delta, a.scale, bs);
-        ToBf16(pt, bs * bs, ptb);
-        ToBf16(dst, bs * bs, dsb);
-        PairRows(dst, bs, dsp);
-        GemmBf16(bs, Dv, bs, ptb, bs, 2, dor, 2 * Dv, dv + a.v_offset(w.b, j * bs, head), Dv);
-        GemmBf16(bs, D, bs, dsp, 2, 2 * bs, k_pairs + a.k_offset(w.b, j * bs, head), 2 * D, dqa, D);
-        GemmBf16(bs, D, bs, dsb, bs, 2, qr, 2 * D, dk + a.k_offset(w.b, j * bs, head), D);
+        int64_t j0, j1;  // the tile's key rows that can be visible
+        KeyRange(a, z, &j0, &j1);
+        if (j1 <= j0) continue;
+        const int64_t rows = j1 - j0, n0 = j * bs + j0;
+        float *pr = pt + j0 * bs, *dr = dst + j0 * bs;
+        std::memset(pr, 0, rows * bs * sizeof(float));
+        GemmBf16(rows, bs, D, x.k + a.k_offset(w.b, n0, head), D, 2, qp, 2 * bs, pr, bs);
+        ScaleTile(pr, a.scale, rows * bs);
+        ApplyMasks(pr, TileBias(a, z, j0), KeyRow(a, w.b, j, j0), rows, bs);
+        std::memset(dr, 0, rows * bs * sizeof(float));
+        GemmBf16(rows, bs, Dv, x.v + a.v_offset(w.b, n0, head), Dv, 2, dop, 2 * bs, dr, bs);
+        ProbsAndScoreGrad(pr, dr, lse, delta, a.scale, rows, bs);
+        ToBf16(pr, rows * bs, ptb);
+        ToBf16(dr, rows * bs, dsb);
+        PairRows(dr, rows, bs, dsp);
+        GemmBf16(rows, Dv, bs, ptb, bs, 2, dor, 2 * Dv, dv + a.v_offset(w.b, n0, head), Dv);
+        GemmBf16(bs, D, rows, dsp, 2, 2 * bs, k_pairs + a.k_offset(w.b, n0, head), 2 * D, dqa, D);
+        GemmBf16(rows, D, bs, dsb, bs, 2, qr, 2 * D, dk + a.k_offset(w.b, n0, head), D);
       }
       for (int64_t i = 0; i < bs; ++i)
         std::memcpy(dq + i * a.q_stride(), dqa + i * D, D * sizeof(float));

@@ -36,22 +36,36 @@ inline void TransposePanel(const float* rows, int64_t ld, int64_t bs, int64_t w,
     for (int64_t d = 0; d < w; ++d) dst[d * bs + i] = s * rows[i * ld + d];
 }
 
-// Key padding of the keys of block J, or null when all keys are real.
-inline const bool* KeyRow(const AttentionProblem& a, int64_t b, int64_t j) {
+// Key padding of the keys of block J from key row j0 on, or null when all
+// keys are real.
+inline const bool* KeyRow(const AttentionProblem& a, int64_t b, int64_t j, int64_t j0) {
   return a.key_padding == nullptr ? nullptr
-                                  : a.key_padding + b * a.p.seq + j * a.p.block;
+                                  : a.key_padding + b * a.p.seq + j * a.p.block + j0;
 }
 
-inline const float* TileBias(const AttentionProblem& a, int64_t z) {
+// The transposed tile mask of block z from key row j0 on, or null (full tile).
+inline const float* TileBias(const AttentionProblem& a, int64_t z, int64_t j0) {
   const int32_t mi = a.mask_index[z];
-  return mi < 0 ? nullptr : a.bias_t + mi * a.p.tile();
+  return mi < 0 ? nullptr : a.bias_t + mi * a.p.tile() + j0 * a.p.block;
 }
 
-// st[j][:] += bias[j][:], or -inf for padded keys j.
-inline void ApplyMasks(float* st, const float* bias, const bool* keys, int64_t bs) {
+// The key rows [lo, hi) of block z's tile that can be visible (all b rows
+// for a full tile).
+inline void KeyRange(const AttentionProblem& a, int64_t z, int64_t* lo, int64_t* hi) {
+  const int32_t mi = a.mask_index[z];
+  if (mi < 0 || a.key_range == nullptr) {
+    *lo = 0, *hi = a.p.block;
+  } else {
+    *lo = a.key_range[2 * mi], *hi = a.key_range[2 * mi + 1];
+  }
+}
+
+// rows key rows of S^T (row stride bs): st[j][:] += bias[j][:], or -inf for
+// padded keys j.
+inline void ApplyMasks(float* st, const float* bias, const bool* keys, int64_t rows, int64_t bs) {
   if (bias == nullptr && keys == nullptr) return;
   const v16 neg = (v16){} + kNegInf;
-  for (int64_t j = 0; j < bs; ++j) {
+  for (int64_t j = 0; j < rows; ++j) {
     float* row = st + j * bs;
     if (keys != nullptr && !keys[j]) {
       for (int64_t c = 0; c < bs; c += 16) Store(row + c, neg);
@@ -70,21 +84,23 @@ inline void PrefetchPanel(const void* p, int64_t bytes) {
 }
 
 // One step of the online softmax: st holds the masked scores S^T of the next
-// key block. Updates the running max m and sum l of each query, turns st into
-// exp(S^T - m) and sets alpha = exp(m_old - m_new), the factor that rescales
-// what was accumulated so far. Returns whether any alpha differs from 1.
-inline bool OnlineSoftmaxStep(float* st, int64_t bs, float* m, float* l, float* alpha) {
+// key block (rows key rows, row stride bs). Updates the running max m and sum
+// l of each query, turns st into exp(S^T - m) and sets alpha =
+// exp(m_old - m_new), the factor that rescales what was accumulated so far.
+// Returns whether any alpha differs from 1.
+inline bool OnlineSoftmaxStep(float* st, int64_t rows, int64_t bs, float* m, float* l,
+                              float* alpha) {
   v16i changed = (v16i){};
   for (int64_t c = 0; c < bs; c += 16) {  // 16 queries at a time
     v16 mx = Load(m + c);
-    for (int64_t jj = 0; jj < bs; ++jj) {
+    for (int64_t jj = 0; jj < rows; ++jj) {
       const v16 s = Load(st + jj * bs + c);
       mx = s > mx ? s : mx;
     }
     const v16 shift = mx == kNegInf ? (v16){} : mx;  // no visible key yet: keep 0s
     const v16 al = ExpNonPositive(Load(m + c) - shift);
     v16 sum = (v16){};
-    for (int64_t jj = 0; jj < bs; ++jj) {
+    for (int64_t jj = 0; jj < rows; ++jj) {
       const v16 e = ExpNonPositive(Load(st + jj * bs + c) - shift);
       Store(st + jj * bs + c, e);
       sum += e;
@@ -100,11 +116,12 @@ inline bool OnlineSoftmaxStep(float* st, int64_t bs, float* m, float* l, float* 
   return any != 0;
 }
 
-// Backward tile step: pt holds the masked scores S^T, dst holds dP^T. Makes
-// pt = P^T = exp(S^T - lse) and dst = dS^T = s * P^T * (dP^T - delta).
+// Backward tile step: pt holds the masked scores S^T, dst holds dP^T (rows
+// key rows, row stride bs). Makes pt = P^T = exp(S^T - lse) and
+// dst = dS^T = s * P^T * (dP^T - delta).
 inline void ProbsAndScoreGrad(float* pt, float* dst, const float* lse, const float* delta,
-                              float s, int64_t bs) {
-  for (int64_t jj = 0; jj < bs; ++jj)
+                              float s, int64_t rows, int64_t bs) {
+  for (int64_t jj = 0; jj < rows; ++jj)
     for (int64_t c = 0; c < bs; c += 16) {
       const v16 pr = ExpNonPositive(Load(pt + jj * bs + c) - Load(lse + c));
       Store(pt + jj * bs + c, pr);
@@ -170,14 +187,20 @@ void Forward(const AttentionProblem& a, const AttentionForwardArgs<float>& x, in
         PrefetchPanel(x.k + a.k_offset(w.b, jn * bs, head), bs * D * sizeof(float));
         PrefetchPanel(x.v + a.v_offset(w.b, jn * bs, head), bs * Dv * sizeof(float));
       }
-      GemmOverwrite(bs, bs, D, x.k + a.k_offset(w.b, j * bs, head), ldk, 1, qt, bs, st, bs);  // S^T
-      ApplyMasks(st, TileBias(a, z), KeyRow(a, w.b, j), bs);
-      const bool rescale = OnlineSoftmaxStep(st, bs, m, l, alpha);
+      int64_t j0, j1;  // the tile's key rows that can be visible
+      KeyRange(a, z, &j0, &j1);
+      if (j1 <= j0) continue;
+      const int64_t rows = j1 - j0;
+      float* sr = st + j0 * bs;
+      GemmOverwrite(rows, bs, D, x.k + a.k_offset(w.b, j * bs + j0, head), ldk, 1, qt, bs, sr,
+                    bs);                                                      // S^T
+      ApplyMasks(sr, TileBias(a, z, j0), KeyRow(a, w.b, j, j0), rows, bs);
+      const bool rescale = OnlineSoftmaxStep(sr, rows, bs, m, l, alpha);
       if (rescale)
         for (int64_t i = 0; i < bs; ++i)
           if (alpha[i] != 1.f) Scale(o + i * Dv, alpha[i], Dv);
       // O += P V_J, P[i][j] = st[j][i].
-      Gemm(bs, Dv, bs, st, 1, bs, x.v + a.v_offset(w.b, j * bs, head), ldv, o, Dv);
+      Gemm(bs, Dv, rows, sr, 1, bs, x.v + a.v_offset(w.b, j * bs + j0, head), ldv, o, Dv);
     }
     FinishRows(o, m, l, bs, Dv, x.out + a.o_offset(w.b, w.i * bs, head), a.o_stride(),
                x.lse + a.lse_offset(w.b, head, w.i * bs));
@@ -233,13 +256,19 @@ void Backward(const AttentionProblem& a, const AttentionBackwardArgs<float>& x, 
         const int64_t j = p.t.blocks[3 * z + 2];
         const float* k = x.k + a.k_offset(w.b, j * bs, head);
         const float* v = x.v + a.v_offset(w.b, j * bs, head);
-        GemmOverwrite(bs, bs, D, k, ldk, 1, qt, bs, pt, bs);        // S^T
-        ApplyMasks(pt, TileBias(a, z), KeyRow(a, w.b, j), bs);
-        GemmOverwrite(bs, bs, Dv, v, ldv, 1, dot, bs, dst, bs);     // dP^T
-        ProbsAndScoreGrad(pt, dst, lse, delta, 1.f, bs);
-        Gemm(bs, Dv, bs, pt, bs, 1, dor, Dv, dv + a.v_offset(w.b, j * bs, head), ldv);  // dV_J += P^T dO_I
-        Gemm(bs, D, bs, dst, 1, bs, k, ldk, dqa, D);                                      // dQ_I += dS K_J
-        Gemm(bs, D, bs, dst, bs, 1, qs, D, dk + a.k_offset(w.b, j * bs, head), ldk);     // dK_J += dS^T Q_I
+        int64_t j0, j1;  // the tile's key rows that can be visible
+        KeyRange(a, z, &j0, &j1);
+        if (j1 <= j0) continue;
+        const int64_t rows = j1 - j0;
+        float *pr = pt + j0 * bs, *dr = dst + j0 * bs;
+        const float* kr = k + j0 * D;
+        GemmOverwrite(rows, bs, D, kr, ldk, 1, qt, bs, pr, bs);             // S^T
+        ApplyMasks(pr, TileBias(a, z, j0), KeyRow(a, w.b, j, j0), rows, bs);
+        GemmOverwrite(rows, bs, Dv, v + j0 * Dv, ldv, 1, dot, bs, dr, bs);  // dP^T
+        ProbsAndScoreGrad(pr, dr, lse, delta, 1.f, rows, bs);
+        Gemm(rows, Dv, bs, pr, bs, 1, dor, Dv, dv + a.v_offset(w.b, j * bs + j0, head), ldv);  // dV_J += P^T dO_I
+        Gemm(bs, D, rows, dr, 1, bs, kr, ldk, dqa, D);                                           // dQ_I += dS K_J
+        Gemm(rows, D, bs, dr, bs, 1, qs, D, dk + a.k_offset(w.b, j * bs + j0, head), ldk);      // dK_J += dS^T Q_I
       }
       for (int64_t i = 0; i < bs; ++i)
         for (int64_t d = 0; d < D; ++d) dq[i * lq + d] = a.scale * dqa[i * D + d];

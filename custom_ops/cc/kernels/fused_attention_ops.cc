@@ -11,9 +11,11 @@ namespace sparse_attention {
 namespace {
 
 // Checks q, k, v and the tables and fills the problem (masks and key padding
-// included). `bias` keeps the transposed tile masks alive for the kernels.
+// included). `bias` and `key_range` keep the transposed tile masks and their
+// key ranges alive for the kernels.
 Status MakeAttentionProblem(OpKernelContext* ctx, int first_table, int64_t block, float scale,
-                            AttentionProblem* a, std::vector<float>* bias) {
+                            AttentionProblem* a, std::vector<float>* bias,
+                            std::vector<int32_t>* key_range) {
   const Tensor& q = ctx->input(0);
   const Tensor& k = ctx->input(1);
   const Tensor& v = ctx->input(2);
@@ -51,6 +53,8 @@ Status MakeAttentionProblem(OpKernelContext* ctx, int first_table, int64_t block
   a->mask_index = mask_index.flat<int32_t>().data();
   *bias = TransposedMaskBias(masks.flat<bool>().data(), masks.dim_size(0), block);
   a->bias_t = bias->data();
+  *key_range = MaskKeyRanges(masks.flat<bool>().data(), masks.dim_size(0), block);
+  a->key_range = key_range->data();
   // An all-true key padding mask hides nothing: skip reading it.
   const bool* kp = key_padding.flat<bool>().data();
   a->key_padding =
@@ -150,7 +154,8 @@ class AttentionOp : public OpKernel {
   void Compute(OpKernelContext* ctx) override {
     AttentionProblem a;
     std::vector<float> bias;
-    OP_REQUIRES_OK(ctx, MakeAttentionProblem(ctx, 3, block_, scale_, &a, &bias));
+    std::vector<int32_t> key_range;
+    OP_REQUIRES_OK(ctx, MakeAttentionProblem(ctx, 3, block_, scale_, &a, &bias, &key_range));
     const Problem& p = a.p;
     Tensor *out = nullptr, *lse = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, ctx->input(2).shape(), &out));
@@ -200,7 +205,8 @@ class AttentionGradOp : public OpKernel {
   void Compute(OpKernelContext* ctx) override {
     AttentionProblem a;
     std::vector<float> bias;
-    OP_REQUIRES_OK(ctx, MakeAttentionProblem(ctx, 6, block_, scale_, &a, &bias));
+    std::vector<int32_t> key_range;
+    OP_REQUIRES_OK(ctx, MakeAttentionProblem(ctx, 6, block_, scale_, &a, &bias, &key_range));
     const Problem& p = a.p;
     const Tensor& v = ctx->input(2);
     const Tensor& out = ctx->input(3);
