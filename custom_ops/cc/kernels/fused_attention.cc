@@ -23,16 +23,17 @@ void ReduceSegments(const AttentionProblem& a, const AttentionBackwardArgs<float
   const Problem& p = a.p;
   const int64_t D = p.head_dim, Dv = a.value_dim;
   const int64_t k_size = p.batch * p.seq * p.heads * D, v_size = p.batch * p.seq * p.heads * Dv;
-  const int64_t nk = p.seq * D, nv = p.seq * Dv;  // one head's slice
-  for (int64_t u = begin; u < end; ++u) {
-    for (int64_t s = 1; s < a.segments; ++s) {
-      float* dk = x.dk + u * nk;
-      const float* pk = x.partial_k + (s - 1) * k_size + u * nk;
-      for (int64_t e = 0; e < nk; ++e) dk[e] += pk[e];
-      float* dv = x.dv + u * nv;
-      const float* pv = x.partial_v + (s - 1) * v_size + u * nv;
-      for (int64_t e = 0; e < nv; ++e) dv[e] += pv[e];
-    }
+  for (int64_t u = begin; u < end; ++u) {  // (b, head): that head's rows, token-major
+    const int64_t b = u / p.heads, head = u % p.heads;
+    for (int64_t s = 1; s < a.segments; ++s)
+      for (int64_t n = 0; n < p.seq; ++n) {
+        float* dk = x.dk + a.q_offset(b, n, head);
+        const float* pk = x.partial_k + (s - 1) * k_size + a.q_offset(b, n, head);
+        for (int64_t d = 0; d < D; ++d) dk[d] += pk[d];
+        float* dv = x.dv + a.o_offset(b, n, head);
+        const float* pv = x.partial_v + (s - 1) * v_size + a.o_offset(b, n, head);
+        for (int64_t d = 0; d < Dv; ++d) dv[d] += pv[d];
+      }
   }
 }
 

@@ -4,15 +4,15 @@
 // [B, G, Z, b, b] score tensor is ever stored; each work unit keeps one b x b
 // tile (and a few b x D panels) in its own small buffers.
 //
-// Letters as in blocksparse_cpu.h; Dv is the value head dim. Operands read
-// or written once per query block row (q, out, dout, dq) keep the layout of
-// the op, token-major [B, N, H, D]: each unit copies its b rows into small
-// buffers anyway. Operands read per kept block (k, v) and the dk, dv sums are
-// head-major, [B, H, N, D], so that a block of b rows of one head is one
-// contiguous b x D panel (rows of [B, N, H, D] are H * D apart, which makes
-// a panel's rows alias in the L1 cache); the TF op packs and unpacks them
-// (PackHeads / UnpackHeads), converting dtypes in the same pass. lse and
-// delta are [B, H, N].
+// Letters as in blocksparse_cpu.h; Dv is the value head dim. Outputs and the
+// operands used once per query block row keep the op's token-major layout
+// [B, N, H, D] (q, out, dout, dq, and dk, dv: those are only the accumulators
+// C of the products, loaded and stored once per product). k and v, read as
+// the A/B operands of every product of a kept block, are head-major,
+// [B, H, N, D], so that a block of b rows of one head is one contiguous
+// b x D panel (rows of [B, N, H, D] are H * D apart, which makes a panel's
+// rows alias in the L1 cache); the TF op packs them (PackHeads), converting
+// dtypes in the same pass. lse and delta are [B, H, N].
 #ifndef SPARSE_ATTENTION_TF_KERNELS_FUSED_ATTENTION_H_
 #define SPARSE_ATTENTION_TF_KERNELS_FUSED_ATTENTION_H_
 
@@ -79,10 +79,10 @@ struct AttentionBackwardArgs {
   const float* delta;   // [B, H, N] sum_d dout * out (see PackHeads)
   const T* dout;        // [B, N, H, Dv]
   float* dq;            // [B, N, H, D]
-  float* dk;            // [B, H, N, D]
-  float* dv;            // [B, H, N, Dv]
-  float* partial_k;     // [segments - 1, B, H, N, D], or null when segments == 1
-  float* partial_v;     // [segments - 1, B, H, N, Dv]
+  float* dk;            // [B, N, H, D]
+  float* dv;            // [B, N, H, Dv]
+  float* partial_k;     // [segments - 1, B, N, H, D], or null when segments == 1
+  float* partial_v;     // [segments - 1, B, N, H, Dv]
 };
 
 // Forward over the query block-row units [begin, end) (see Problem::num_units).

@@ -32,8 +32,13 @@ bool CpuHasBf16() {
 namespace avx512bf16 {
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,avx512bf16,avx2,fma,prefer-vector-width=512")
+// Only part of the two bodies is used here (the float32 GEMM and the softmax
+// steps); the rest is compiled for this ISA and dropped.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wunused-function"
 #include "custom_ops/cc/kernels/simd_body.h"
 #include "custom_ops/cc/kernels/fused_attention_body.h"
+#pragma GCC diagnostic pop
 
 using fused::ApplyMasks;
 using fused::BackwardUnit;
@@ -239,8 +244,7 @@ void Backward(const AttentionProblem& a, const AttentionBackwardArgs<uint16_t>& 
     const int64_t head = w.g * p.t.layout_heads + w.h;
     float* dk = seg == 0 ? x.dk : x.partial_k + (seg - 1) * k_size;
     float* dv = seg == 0 ? x.dv : x.partial_v + (seg - 1) * v_size;
-    std::memset(dk + a.k_offset(w.b, 0, head), 0, p.seq * D * sizeof(float));
-    std::memset(dv + a.v_offset(w.b, 0, head), 0, p.seq * Dv * sizeof(float));
+    fused::ZeroHead(a, w.b, head, dk, dv);
     const int32_t* seg_rows = a.segment_rows + w.h * (S + 1);
     for (int64_t bi = seg_rows[seg]; bi < seg_rows[seg + 1]; ++bi) {
       const int64_t row = w.h * nb + bi;
@@ -276,9 +280,9 @@ void Backward(const AttentionProblem& a, const AttentionBackwardArgs<uint16_t>& 
         ToBf16(pr, rows * bs, ptb);
         ToBf16(dr, rows * bs, dsb);
         PairRows(dr, rows, bs, dsp);
-        GemmBf16(rows, Dv, bs, ptb, bs, 2, dor, 2 * Dv, dv + a.v_offset(w.b, n0, head), Dv);
+        GemmBf16(rows, Dv, bs, ptb, bs, 2, dor, 2 * Dv, dv + a.o_offset(w.b, n0, head), a.o_stride());
         GemmBf16(bs, D, rows, dsp, 2, 2 * bs, k_pairs + a.k_offset(w.b, n0, head), 2 * D, dqa, D);
-        GemmBf16(rows, D, bs, dsb, bs, 2, qr, 2 * D, dk + a.k_offset(w.b, n0, head), D);
+        GemmBf16(rows, D, bs, dsb, bs, 2, qr, 2 * D, dk + a.q_offset(w.b, n0, head), a.q_stride());
       }
       for (int64_t i = 0; i < bs; ++i)
         std::memcpy(dq + i * a.q_stride(), dqa + i * D, D * sizeof(float));

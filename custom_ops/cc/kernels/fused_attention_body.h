@@ -152,6 +152,15 @@ inline void LoadLse(const AttentionProblem& a, const float* lse_in, int64_t b, i
   }
 }
 
+// Zeroes one head's rows of the token-major dk [B, N, H, D] and dv [B, N, H, Dv]
+// (accumulators: gradients of keys no query sees stay 0).
+inline void ZeroHead(const AttentionProblem& a, int64_t b, int64_t head, float* dk, float* dv) {
+  for (int64_t n = 0; n < a.p.seq; ++n) {
+    std::memset(dk + a.q_offset(b, n, head), 0, a.p.head_dim * sizeof(float));
+    std::memset(dv + a.o_offset(b, n, head), 0, a.value_dim * sizeof(float));
+  }
+}
+
 // Backward unit u -> (b, g, h, segment), segment fastest.
 inline Unit BackwardUnit(const AttentionProblem& a, int64_t u, int64_t* seg) {
   const auto& p = a.p;
@@ -215,6 +224,7 @@ void Backward(const AttentionProblem& a, const AttentionBackwardArgs<float>& x, 
   const int64_t lq = a.q_stride(), lo = a.o_stride();
   const int64_t k_size = p.batch * p.heads * p.seq * D, v_size = p.batch * p.heads * p.seq * Dv;
   Buffers buf(2 * D * bs + 2 * bs * bs + 2 * Dv * bs + bs * D + 2 * bs + 64);
+  (void)ldv;
   float* qt = buf.take(D * bs);    // [D, b]  scale * Q_I^T
   float* qs = buf.take(bs * D);    // [b, D]  scale * Q_I
   float* dot = buf.take(Dv * bs);  // [Dv, b] dO_I^T
@@ -230,8 +240,7 @@ void Backward(const AttentionProblem& a, const AttentionBackwardArgs<float>& x, 
     const int64_t head = w.g * p.t.layout_heads + w.h;
     float* dk = seg == 0 ? x.dk : x.partial_k + (seg - 1) * k_size;
     float* dv = seg == 0 ? x.dv : x.partial_v + (seg - 1) * v_size;
-    std::memset(dk + a.k_offset(w.b, 0, head), 0, p.seq * D * sizeof(float));  // head slice
-    std::memset(dv + a.v_offset(w.b, 0, head), 0, p.seq * Dv * sizeof(float));
+    ZeroHead(a, w.b, head, dk, dv);
     const int32_t* seg_rows = a.segment_rows + w.h * (S + 1);
     for (int64_t bi = seg_rows[seg]; bi < seg_rows[seg + 1]; ++bi) {
       const int64_t row = w.h * nb + bi;
@@ -266,9 +275,9 @@ void Backward(const AttentionProblem& a, const AttentionBackwardArgs<float>& x, 
         ApplyMasks(pr, TileBias(a, z, j0), KeyRow(a, w.b, j, j0), rows, bs);
         GemmOverwrite(rows, bs, Dv, v + j0 * Dv, ldv, 1, dot, bs, dr, bs);  // dP^T
         ProbsAndScoreGrad(pr, dr, lse, delta, 1.f, rows, bs);
-        Gemm(rows, Dv, bs, pr, bs, 1, dor, Dv, dv + a.v_offset(w.b, j * bs + j0, head), ldv);  // dV_J += P^T dO_I
-        Gemm(bs, D, rows, dr, 1, bs, kr, ldk, dqa, D);                                           // dQ_I += dS K_J
-        Gemm(rows, D, bs, dr, bs, 1, qs, D, dk + a.k_offset(w.b, j * bs + j0, head), ldk);      // dK_J += dS^T Q_I
+        Gemm(rows, Dv, bs, pr, bs, 1, dor, Dv, dv + a.o_offset(w.b, j * bs + j0, head), lo);  // dV_J += P^T dO_I
+        Gemm(bs, D, rows, dr, 1, bs, kr, ldk, dqa, D);                                         // dQ_I += dS K_J
+        Gemm(rows, D, bs, dr, bs, 1, qs, D, dk + a.q_offset(w.b, j * bs + j0, head), lq);     // dK_J += dS^T Q_I
       }
       for (int64_t i = 0; i < bs; ++i)
         for (int64_t d = 0; d < D; ++d) dq[i * lq + d] = a.scale * dqa[i * D + d];

@@ -117,25 +117,6 @@ bool UseBf16Kernels(const AttentionProblem& a) {
          a.value_dim % 2 == 0;
 }
 
-// A head-major float32 temp shaped for `out` [B, N, H, D].
-Status HeadMajorTemp(OpKernelContext* ctx, const Tensor& out, Tensor* packed) {
-  return ctx->allocate_temp(
-      tensorflow::DT_FLOAT,
-      TensorShape({out.dim_size(0), out.dim_size(2), out.dim_size(1), out.dim_size(3)}), packed);
-}
-
-template <typename T>
-void Unpack(OpKernelContext* ctx, const Tensor& packed, Tensor* out) {
-  const int64_t b = out->dim_size(0), n = out->dim_size(1), h = out->dim_size(2),
-                d = out->dim_size(3);
-  const float* src = packed.flat<float>().data();
-  T* dst = out->flat<T>().data();
-  ParallelUnits(ctx, b * h * ((n + kPackRows - 1) / kPackRows), kPackRows * d * 4,
-                [&](int64_t s, int64_t e) {
-                  UnpackHeads<T>(src, b, n, h, d, kPackRows, dst, s, e);
-                });
-}
-
 // Flops of one block-row unit (forward), as the thread pool's cost hint.
 int64_t AttentionRowCost(const AttentionProblem& a) {
   return RowCost(a.p) * (a.p.head_dim + a.value_dim) / std::max<int64_t>(1, a.p.head_dim);
@@ -243,13 +224,13 @@ class AttentionGradOp : public OpKernel {
     }
     // q, dout and dq are used once per query block row: in place; k and v
     // are read, and dk, dv summed, per kept block: head-major.
-    Tensor delta, dkp, dvp;
+    Tensor delta;
     OP_REQUIRES_OK(ctx, ctx->allocate_temp(tensorflow::DT_FLOAT, lse.shape(), &delta));
     OP_REQUIRES_OK(ctx, PackTemp<T>(ctx, dout, nullptr, &out, delta.flat<float>().data()));
-    OP_REQUIRES_OK(ctx, HeadMajorTemp(ctx, *dk, &dkp));
-    OP_REQUIRES_OK(ctx, HeadMajorTemp(ctx, *dv, &dvp));
-    FloatOutput<T> fdq;
+    FloatOutput<T> fdq, fdk, fdv;
     OP_REQUIRES_OK(ctx, fdq.Init(ctx, dq));
+    OP_REQUIRES_OK(ctx, fdk.Init(ctx, dk));
+    OP_REQUIRES_OK(ctx, fdv.Init(ctx, dv));
     float* partial_k_data = a.segments > 1 ? partial_k.flat<float>().data() : nullptr;
     float* partial_v_data = a.segments > 1 ? partial_v.flat<float>().data() : nullptr;
     const int64_t backward_cost = AttentionRowCost(a) * p.t.num_blocks / a.segments * 5 / 2;
@@ -259,8 +240,8 @@ class AttentionGradOp : public OpKernel {
       OP_REQUIRES_OK(ctx, PackBf16Temps(ctx, v, &vn, nullptr));
       const AttentionBackwardArgs<uint16_t> x{
           Bits(ctx->input(0)), Bits(k), Bits(vn), lse.flat<float>().data(),
-          delta.flat<float>().data(), Bits(dout), fdq.data(), dkp.flat<float>().data(),
-          dvp.flat<float>().data(), partial_k_data, partial_v_data};
+          delta.flat<float>().data(), Bits(dout), fdq.data(), fdk.data(), fdv.data(),
+          partial_k_data, partial_v_data};
       ParallelUnits(ctx, a.num_backward_units(), backward_cost / 2, [&](int64_t s, int64_t e) {
         AttentionBackwardBf16(a, x, Bits(k_pairs), s, e);
       });
@@ -273,21 +254,20 @@ class AttentionGradOp : public OpKernel {
       OP_REQUIRES_OK(ctx, PackTemp<T>(ctx, v, &vp));
       const AttentionBackwardArgs<float> x{
           q.data(), k.flat<float>().data(), vp.flat<float>().data(), lse.flat<float>().data(),
-          delta.flat<float>().data(), fdo.data(), fdq.data(), dkp.flat<float>().data(),
-          dvp.flat<float>().data(), partial_k_data, partial_v_data};
+          delta.flat<float>().data(), fdo.data(), fdq.data(), fdk.data(), fdv.data(),
+          partial_k_data, partial_v_data};
       ParallelUnits(ctx, a.num_backward_units(), backward_cost,
                     [&](int64_t s, int64_t e) { AttentionBackward(a, x, s, e); });
     }
-    const AttentionBackwardArgs<float> sums{nullptr, nullptr, nullptr, nullptr, nullptr, nullptr,
-                                            nullptr, dkp.flat<float>().data(),
-                                            dvp.flat<float>().data(), partial_k_data,
-                                            partial_v_data};
+    const AttentionBackwardArgs<float> sums{nullptr,    nullptr,    nullptr,        nullptr,
+                                            nullptr,    nullptr,    nullptr,        fdk.data(),
+                                            fdv.data(), partial_k_data, partial_v_data};
     if (a.segments > 1)
       ParallelUnits(ctx, heads, p.seq * (p.head_dim + a.value_dim) * a.segments,
                     [&](int64_t s, int64_t e) { ReduceSegments(a, sums, s, e); });
     fdq.Finish(ctx);
-    Unpack<T>(ctx, dkp, dk);
-    Unpack<T>(ctx, dvp, dv);
+    fdk.Finish(ctx);
+    fdv.Finish(ctx);
   }
 
  private:
