@@ -21,33 +21,15 @@
 #include <string>
 #include <vector>
 
-#include "absl/status/status.h"
-#include "absl/strings/str_cat.h"
-#include "custom_ops/cc/kernels/blocksparse_cpu.h"
+#include "custom_ops/cc/kernels/op_util.h"  // the CPU kernels' checks and messages
 #include "custom_ops/cuda/blocksparse_gpu.h"
-#include "tensorflow/core/framework/op_kernel.h"
-#include "tensorflow/core/framework/register_types.h"
-#include "tensorflow/core/framework/tensor.h"
 #include "xla/stream_executor/stream.h"
 
 namespace sparse_attention {
 
 using ::tensorflow::DEVICE_GPU;
-using ::tensorflow::OpKernel;
-using ::tensorflow::OpKernelConstruction;
-using ::tensorflow::OpKernelContext;
-using ::tensorflow::Tensor;
-using ::tensorflow::TensorShape;
-using Status = ::absl::Status;
 
 namespace {
-
-template <typename... Args>
-Status Invalid(const Args&... args) {
-  return absl::InvalidArgumentError(absl::StrCat(args...));
-}
-
-std::string ShapeString(const Tensor& t) { return t.shape().DebugString(); }
 
 template <typename T>
 struct GpuType;
@@ -75,79 +57,8 @@ Status FromLaunch(const std::string& err) {
   return err.empty() ? absl::OkStatus() : Invalid(err);
 }
 
-// ---- checks (the CPU kernels' checks and messages) ---------------------------
-Status CheckDense(const Tensor& t, const char* name) {
-  if (t.dims() != 4)
-    return Invalid(name, " must have rank 4 [batch, seq, heads, head_dim], got shape ",
-                   ShapeString(t));
-  if (t.dim_size(1) < 1 || t.dim_size(2) < 1 || t.dim_size(3) < 1)
-    return Invalid(name, " must have seq, heads and head_dim >= 1, got shape ", ShapeString(t));
-  return absl::OkStatus();
-}
-
-Status CheckTable(const Tensor& t, const char* name, int rank) {
-  if (t.dims() != rank) return Invalid(name, " must have rank ", rank, ", got shape ", ShapeString(t));
-  return absl::OkStatus();
-}
-
-// Fills p from the shapes (host table pointers included); the table contents
-// are checked by ValidateProblem.
-Status MakeProblem(int64_t batch, int64_t seq, int64_t heads, int64_t head_dim, int64_t block,
-                   const Tensor& blocks, const Tensor& row_offsets, const Tensor* col_offsets,
-                   const Tensor* col_blocks, Problem* p) {
-  if (block < 1) return Invalid("block size must be >= 1, got ", block);
-  if (seq % block != 0)
-    return Invalid("sequence length ", seq, " is not a multiple of the block size ", block);
-  TF_RETURN_IF_ERROR(CheckTable(blocks, "blocks", 2));
-  if (blocks.dim_size(1) != 3)
-    return Invalid("blocks must have shape [nnz, 3], got ", ShapeString(blocks));
-  TF_RETURN_IF_ERROR(CheckTable(row_offsets, "row_offsets", 1));
-  const int64_t nb = seq / block, rows = row_offsets.dim_size(0) - 1;
-  if (rows < 1 || rows % nb != 0)
-    return Invalid("row_offsets must have layout_heads * ", nb, " + 1 entries for a sequence of ",
-                   nb, " blocks, got ", rows + 1);
-  p->batch = batch;
-  p->seq = seq;
-  p->heads = heads;
-  p->head_dim = head_dim;
-  p->block = block;
-  p->t.blocks = blocks.flat<int32_t>().data();
-  p->t.row_offsets = row_offsets.flat<int32_t>().data();
-  p->t.nnz = blocks.dim_size(0);
-  p->t.layout_heads = rows / nb;
-  p->t.num_blocks = nb;
-  if (col_offsets != nullptr) {
-    TF_RETURN_IF_ERROR(CheckTable(*col_offsets, "col_offsets", 1));
-    TF_RETURN_IF_ERROR(CheckTable(*col_blocks, "col_blocks", 1));
-    if (col_offsets->dim_size(0) != rows + 1)
-      return Invalid("col_offsets must have ", rows + 1, " entries like row_offsets, got ",
-                     col_offsets->dim_size(0));
-    if (col_blocks->dim_size(0) != p->t.nnz)
-      return Invalid("col_blocks must have one entry per block (", p->t.nnz, "), got ",
-                     col_blocks->dim_size(0));
-    p->t.col_offsets = col_offsets->flat<int32_t>().data();
-    p->t.col_blocks = col_blocks->flat<int32_t>().data();
-  }
-  return absl::OkStatus();
-}
-
-Status ValidateProblem(const Problem& p, bool need_columns) {
-  const std::string err = ValidateTables(p.t, p.heads, need_columns);
-  if (!err.empty()) return Invalid("invalid lookup tables: ", err);
-  return absl::OkStatus();
-}
-
-Status CheckSparse(const Tensor& t, const char* name, const Problem& p) {
-  if (t.dims() != 5)
-    return Invalid(name, " must have rank 5 [batch, groups, nnz, block, block], got ",
-                   ShapeString(t));
-  if (t.dim_size(0) != p.batch || t.dim_size(1) != p.groups() || t.dim_size(2) != p.t.nnz ||
-      t.dim_size(3) != p.block || t.dim_size(4) != p.block)
-    return Invalid(name, " has shape ", ShapeString(t), " but the tables expect [", p.batch, ", ",
-                   p.groups(), ", ", p.t.nnz, ", ", p.block, ", ", p.block, "]");
-  return absl::OkStatus();
-}
-
+// ---- checks: shapes and tables as in op_util.h (FillProblem, ValidateProblem,
+// CheckDense, CheckTable, CheckSparse); masks and key padding here ----------
 // mask_index [Z] and masks [M, b, b] against the problem; fills m (host
 // mask_index, num_masks) for ValidateMasks.
 Status CheckMaskShapes(const Tensor& mask_index, const Tensor& masks, const Problem& p,
@@ -291,7 +202,7 @@ class SddGpuOp : public OpKernel {
                 Invalid("a and b must have the same shape, got ", ShapeString(a), " and ",
                         ShapeString(b)));
     Problem p;
-    OP_REQUIRES_OK(ctx, MakeProblem(a.dim_size(0), a.dim_size(1), a.dim_size(2), a.dim_size(3),
+    OP_REQUIRES_OK(ctx, FillProblem(a.dim_size(0), a.dim_size(1), a.dim_size(2), a.dim_size(3),
                                     block_, ctx->input(2), ctx->input(3), &ctx->input(4),
                                     &ctx->input(5), &p));
     Tensor keep;
@@ -325,7 +236,7 @@ class DsdGpuOp : public OpKernel {
                 Invalid("p must have rank 5 [batch, groups, nnz, block, block], got ",
                         ShapeString(probs)));
     Problem p;
-    OP_REQUIRES_OK(ctx, MakeProblem(x.dim_size(0), x.dim_size(1), x.dim_size(2), x.dim_size(3),
+    OP_REQUIRES_OK(ctx, FillProblem(x.dim_size(0), x.dim_size(1), x.dim_size(2), x.dim_size(3),
                                     probs.dim_size(3), ctx->input(2), ctx->input(3), &ctx->input(4),
                                     &ctx->input(5), &p));
     Tensor keep;
@@ -376,7 +287,7 @@ class SoftmaxGpuOp : public OpKernel {
     const int64_t nb = seq / block;
     const int64_t layout_heads = (row_offsets.dim_size(0) - 1) / nb;
     Problem p;
-    const Status made = MakeProblem(x.dim_size(0), seq,
+    const Status made = FillProblem(x.dim_size(0), seq,
                                     x.dim_size(1) * std::max<int64_t>(1, layout_heads), 1, block,
                                     blocks, row_offsets, nullptr, nullptr, &p);
     OP_REQUIRES(ctx, made.ok(),
@@ -480,7 +391,7 @@ Status CheckAttention(const Tensor& q, const Tensor& k, const Tensor& v, OpKerne
     return Invalid("v must have the batch, seq and heads of q ", ShapeString(q), ", got ",
                    ShapeString(v));
   const int i = first_table;
-  TF_RETURN_IF_ERROR(MakeProblem(q.dim_size(0), q.dim_size(1), q.dim_size(2), q.dim_size(3), block,
+  TF_RETURN_IF_ERROR(FillProblem(q.dim_size(0), q.dim_size(1), q.dim_size(2), q.dim_size(3), block,
                                  ctx->input(i), ctx->input(i + 1), &ctx->input(i + 2),
                                  &ctx->input(i + 3), p));
   TF_RETURN_IF_ERROR(CheckMaskShapes(ctx->input(i + 4), ctx->input(i + 5), *p, m));

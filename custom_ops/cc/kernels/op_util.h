@@ -136,9 +136,10 @@ inline Status CheckTable(const Tensor& t, const char* name, int rank) {
   return absl::OkStatus();
 }
 
-// Fills p from the dense shape, the block size and the tables, and validates
-// the tables. col_offsets/col_blocks may be null.
-inline Status MakeProblem(int64_t batch, int64_t seq, int64_t heads, int64_t head_dim, int64_t block,
+// Fills p from the dense shape, the block size and the table shapes (host
+// table pointers included), without reading the tables' contents.
+// col_offsets/col_blocks may be null.
+inline Status FillProblem(int64_t batch, int64_t seq, int64_t heads, int64_t head_dim, int64_t block,
                    const Tensor& blocks, const Tensor& row_offsets, const Tensor* col_offsets,
                    const Tensor* col_blocks, Problem* p) {
   if (block < 1) return Invalid("block size must be >= 1, got ", block);
@@ -176,9 +177,23 @@ inline Status MakeProblem(int64_t batch, int64_t seq, int64_t heads, int64_t hea
     p->t.col_offsets = col_offsets->flat<int32_t>().data();
     p->t.col_blocks = col_blocks->flat<int32_t>().data();
   }
-  const std::string err = ValidateTables(p->t, heads, col_offsets != nullptr);
+  return absl::OkStatus();
+}
+
+// Checks the contents of p's tables (every index a kernel will read).
+inline Status ValidateProblem(const Problem& p, bool need_columns) {
+  const std::string err = ValidateTables(p.t, p.heads, need_columns);
   if (!err.empty()) return Invalid("invalid lookup tables: ", err);
   return absl::OkStatus();
+}
+
+// FillProblem, then ValidateProblem.
+inline Status MakeProblem(int64_t batch, int64_t seq, int64_t heads, int64_t head_dim,
+                          int64_t block, const Tensor& blocks, const Tensor& row_offsets,
+                          const Tensor* col_offsets, const Tensor* col_blocks, Problem* p) {
+  TF_RETURN_IF_ERROR(FillProblem(batch, seq, heads, head_dim, block, blocks, row_offsets,
+                                 col_offsets, col_blocks, p));
+  return ValidateProblem(*p, col_offsets != nullptr);
 }
 
 // Checks a block-sparse [B, G, Z, b, b] operand against the problem.
