@@ -109,7 +109,7 @@ def test_fused_matches_unfused_tightly(ops, rng):
       loss = tf.reduce_sum(out * out)
     outs.append([out] + tape.gradient(loss, [q, k, v]))
   for a, b in zip(*outs):
-    assert npref.rel_err(a, b) <= 2e-6
+    assert npref.rel_err(a, b) <= 1e-5  # float32, two summation orders
 
 
 # Work split: the backward runs (batch, head, row segment) units; with fewer

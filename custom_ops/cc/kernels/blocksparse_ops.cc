@@ -97,50 +97,19 @@ class SoftmaxOp : public OpKernel {
     const Tensor& mask_index = ctx->input(3);
     const Tensor& masks = ctx->input(4);
     const Tensor& key_padding = ctx->input(5);
-    OP_REQUIRES(ctx, x.dims() == 5,
-                Invalid("x must have rank 5 [batch, groups, nnz, block, block], got ",
-                                        ShapeString(x)));
-    OP_REQUIRES(ctx, key_padding.dims() == 2 && key_padding.dim_size(0) == x.dim_size(0),
-                Invalid("key_padding_mask must have shape [batch, seq] with batch ",
-                                        x.dim_size(0), ", got ", ShapeString(key_padding)));
-    OP_REQUIRES(ctx, key_padding.dim_size(1) >= 1,
-                Invalid("key_padding_mask must have seq >= 1, got ",
-                                        ShapeString(key_padding)));
-    // The softmax has no dense operand: heads = groups * layout heads.
-    const int64_t block = x.dim_size(3), seq = key_padding.dim_size(1);
-    OP_REQUIRES(ctx, block >= 1 && seq % block == 0,
-                Invalid("key_padding_mask length ", seq,
-                                        " is not a multiple of the block size ", block));
-    const Tensor& row_offsets = ctx->input(2);
-    OP_REQUIRES_OK(ctx, CheckTable(row_offsets, "row_offsets", 1));
-    const int64_t nb = seq / block;
-    const int64_t layout_heads = (row_offsets.dim_size(0) - 1) / nb;
     Problem p;
-    const Status made = MakeProblem(x.dim_size(0), seq, x.dim_size(1) * std::max<int64_t>(1, layout_heads),
-                                    1, block, ctx->input(1), row_offsets, nullptr, nullptr, &p);
-    OP_REQUIRES(ctx, made.ok(),
-                Invalid(made.message(), " (the sequence length ", seq,
-                        " is read from key_padding_mask [batch, seq]: check its length)"));
+    OP_REQUIRES_OK(ctx, FillSoftmaxProblem(x, ctx->input(1), ctx->input(2), key_padding, &p));
+    const Status valid = ValidateProblem(p, false);
+    OP_REQUIRES(ctx, valid.ok(), SeqFromKeyPadding(valid, p.seq));
     OP_REQUIRES_OK(ctx, CheckSparse(x, "x", p));
-    OP_REQUIRES_OK(ctx, CheckTable(mask_index, "mask_index", 1));
-    OP_REQUIRES_OK(ctx, CheckTable(masks, "masks", 3));
-    OP_REQUIRES(ctx, mask_index.dim_size(0) == p.t.nnz,
-                Invalid("mask_index must have one entry per block (", p.t.nnz,
-                                        "), got ", mask_index.dim_size(0)));
-    OP_REQUIRES(ctx, masks.dim_size(1) == block && masks.dim_size(2) == block,
-                Invalid("masks must have shape [num_masks, ", block, ", ", block,
-                                        "], got ", ShapeString(masks)));
     SoftmaxMasks m;
-    m.mask_index = mask_index.flat<int32_t>().data();
-    m.masks = masks.flat<bool>().data();
-    m.num_masks = masks.dim_size(0);
+    OP_REQUIRES_OK(ctx, CheckMaskShapes(mask_index, masks, p, &m));
     // An all-true key padding mask hides nothing: skip reading it per element.
     const bool* kp = key_padding.flat<bool>().data();
     m.key_padding = std::all_of(kp, kp + key_padding.NumElements(), [](bool k) { return k; })
                         ? nullptr
                         : kp;
-    const std::string err = ValidateMasks(p, m);
-    OP_REQUIRES(ctx, err.empty(), Invalid("invalid masks: ", err));
+    OP_REQUIRES_OK(ctx, ValidateMaskIndex(p, m));
 
     Tensor* y = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, x.shape(), &y));
@@ -149,7 +118,7 @@ class SoftmaxOp : public OpKernel {
     OP_REQUIRES_OK(ctx, fx.Init(ctx, x));
     FloatOutput<T> fy;
     OP_REQUIRES_OK(ctx, fy.Init(ctx, y));
-    ParallelUnits(ctx, p.num_units(), RowCost(p) / std::max<int64_t>(1, block), [&](int64_t s, int64_t e) {
+    ParallelUnits(ctx, p.num_units(), RowCost(p) / std::max<int64_t>(1, p.block), [&](int64_t s, int64_t e) {
       SoftmaxRows(p, m, scale_, fx.data(), fy.data(), s, e);
     });
     fy.Finish(ctx);

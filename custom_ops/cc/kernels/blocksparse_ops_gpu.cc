@@ -57,39 +57,9 @@ Status FromLaunch(const std::string& err) {
   return err.empty() ? absl::OkStatus() : Invalid(err);
 }
 
-// ---- checks: shapes and tables as in op_util.h (FillProblem, ValidateProblem,
-// CheckDense, CheckTable, CheckSparse); masks and key padding here ----------
-// mask_index [Z] and masks [M, b, b] against the problem; fills m (host
-// mask_index, num_masks) for ValidateMasks.
-Status CheckMaskShapes(const Tensor& mask_index, const Tensor& masks, const Problem& p,
-                       SoftmaxMasks* m) {
-  TF_RETURN_IF_ERROR(CheckTable(mask_index, "mask_index", 1));
-  TF_RETURN_IF_ERROR(CheckTable(masks, "masks", 3));
-  if (mask_index.dim_size(0) != p.t.nnz)
-    return Invalid("mask_index must have one entry per block (", p.t.nnz, "), got ",
-                   mask_index.dim_size(0));
-  if (masks.dim_size(1) != p.block || masks.dim_size(2) != p.block)
-    return Invalid("masks must have shape [num_masks, ", p.block, ", ", p.block, "], got ",
-                   ShapeString(masks));
-  m->mask_index = mask_index.flat<int32_t>().data();
-  m->num_masks = masks.dim_size(0);
-  return absl::OkStatus();
-}
-
-Status ValidateMaskIndex(const Problem& p, const SoftmaxMasks& m) {
-  const std::string err = ValidateMasks(p, m);
-  if (!err.empty()) return Invalid("invalid masks: ", err);
-  return absl::OkStatus();
-}
-
-Status CheckKeyPadding(const Tensor& key_padding, int64_t batch, int64_t seq) {
-  if (key_padding.dims() != 2 || key_padding.dim_size(0) != batch ||
-      key_padding.dim_size(1) != seq)
-    return Invalid("key_padding_mask must have shape [batch, seq] = [", batch, ", ", seq,
-                   "], got ", ShapeString(key_padding));
-  return absl::OkStatus();
-}
-
+// ---- checks: op_util.h (FillProblem, ValidateProblem, CheckSparse,
+// CheckMaskShapes, ValidateMaskIndex, FillSoftmaxProblem, CheckAttentionShapes),
+// the CPU kernels' checks and messages ---------------------------------------
 // ---- device copies of the tables --------------------------------------------
 // The int32 host tables of one kernel, uploaded to the device once per
 // distinct content (and checked by `validate` only then): a pattern's tables
@@ -271,28 +241,8 @@ class SoftmaxGpuOp : public OpKernel {
     const Tensor& mask_index = ctx->input(3);
     const Tensor& masks = ctx->input(4);
     const Tensor& key_padding = ctx->input(5);
-    OP_REQUIRES(ctx, x.dims() == 5,
-                Invalid("x must have rank 5 [batch, groups, nnz, block, block], got ",
-                        ShapeString(x)));
-    OP_REQUIRES(ctx, key_padding.dims() == 2 && key_padding.dim_size(0) == x.dim_size(0),
-                Invalid("key_padding_mask must have shape [batch, seq] with batch ", x.dim_size(0),
-                        ", got ", ShapeString(key_padding)));
-    OP_REQUIRES(ctx, key_padding.dim_size(1) >= 1,
-                Invalid("key_padding_mask must have seq >= 1, got ", ShapeString(key_padding)));
-    const int64_t block = x.dim_size(3), seq = key_padding.dim_size(1);
-    OP_REQUIRES(ctx, block >= 1 && seq % block == 0,
-                Invalid("key_padding_mask length ", seq, " is not a multiple of the block size ",
-                        block));
-    OP_REQUIRES_OK(ctx, CheckTable(row_offsets, "row_offsets", 1));
-    const int64_t nb = seq / block;
-    const int64_t layout_heads = (row_offsets.dim_size(0) - 1) / nb;
     Problem p;
-    const Status made = FillProblem(x.dim_size(0), seq,
-                                    x.dim_size(1) * std::max<int64_t>(1, layout_heads), 1, block,
-                                    blocks, row_offsets, nullptr, nullptr, &p);
-    OP_REQUIRES(ctx, made.ok(),
-                Invalid(made.message(), " (the sequence length ", seq,
-                        " is read from key_padding_mask [batch, seq]: check its length)"));
+    OP_REQUIRES_OK(ctx, FillSoftmaxProblem(x, blocks, row_offsets, key_padding, &p));
     OP_REQUIRES_OK(ctx, CheckSparse(x, "x", p));
     SoftmaxMasks m;
     OP_REQUIRES_OK(ctx, CheckMaskShapes(mask_index, masks, p, &m));
@@ -375,31 +325,6 @@ class SoftmaxGradGpuOp : public OpKernel {
 };
 
 // ---- fused attention ---------------------------------------------------------
-namespace {
-
-// Shape checks shared by the forward and the gradient: q, k [B, N, H, D],
-// v [B, N, H, Dv], tables, masks, key padding. Fills p and m.
-Status CheckAttention(const Tensor& q, const Tensor& k, const Tensor& v, OpKernelContext* ctx,
-                      int first_table, int64_t block, Problem* p, SoftmaxMasks* m) {
-  TF_RETURN_IF_ERROR(CheckDense(q, "q"));
-  if (k.shape() != q.shape())
-    return Invalid("q and k must have the same shape, got ", ShapeString(q), " and ",
-                   ShapeString(k));
-  TF_RETURN_IF_ERROR(CheckDense(v, "v"));
-  if (v.dim_size(0) != q.dim_size(0) || v.dim_size(1) != q.dim_size(1) ||
-      v.dim_size(2) != q.dim_size(2))
-    return Invalid("v must have the batch, seq and heads of q ", ShapeString(q), ", got ",
-                   ShapeString(v));
-  const int i = first_table;
-  TF_RETURN_IF_ERROR(FillProblem(q.dim_size(0), q.dim_size(1), q.dim_size(2), q.dim_size(3), block,
-                                 ctx->input(i), ctx->input(i + 1), &ctx->input(i + 2),
-                                 &ctx->input(i + 3), p));
-  TF_RETURN_IF_ERROR(CheckMaskShapes(ctx->input(i + 4), ctx->input(i + 5), *p, m));
-  return CheckKeyPadding(ctx->input(i + 6), p->batch, p->seq);
-}
-
-}  // namespace
-
 template <typename T>
 class AttentionGpuOp : public OpKernel {
  public:
@@ -416,7 +341,7 @@ class AttentionGpuOp : public OpKernel {
     const Tensor& v = ctx->input(2);
     Problem p;
     SoftmaxMasks m;
-    OP_REQUIRES_OK(ctx, CheckAttention(q, k, v, ctx, 3, block_, &p, &m));
+    OP_REQUIRES_OK(ctx, CheckAttentionShapes(ctx, 3, block_, &p, &m));
     Tensor keep;
     std::vector<const int32_t*> ptrs;
     OP_REQUIRES_OK(ctx, cache_.Get(ctx,
@@ -466,7 +391,7 @@ class AttentionGradGpuOp : public OpKernel {
     const Tensor& dout = ctx->input(5);
     Problem p;
     SoftmaxMasks m;
-    OP_REQUIRES_OK(ctx, CheckAttention(q, k, v, ctx, 6, block_, &p, &m));
+    OP_REQUIRES_OK(ctx, CheckAttentionShapes(ctx, 6, block_, &p, &m));
     OP_REQUIRES(ctx, out.shape() == v.shape() && dout.shape() == v.shape(),
                 Invalid("out and dout must have the shape of v ", ShapeString(v), ", got ",
                         ShapeString(out), " and ", ShapeString(dout)));

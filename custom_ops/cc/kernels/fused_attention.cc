@@ -95,16 +95,10 @@ std::vector<int32_t> MaskKeyRanges(const bool* masks, int64_t num_masks, int64_t
   return ranges;
 }
 
-std::string ValidateAttention(const AttentionProblem& a, int64_t num_masks) {
+std::string ValidateAttention(const AttentionProblem& a) {
   if (a.p.block % 16 != 0)
     return "the fused kernel needs a block size that is a multiple of 16, got " +
            std::to_string(a.p.block);
-  for (int64_t z = 0; z < a.p.t.nnz; ++z) {
-    const int32_t mi = a.mask_index[z];
-    if (mi < -1 || mi >= num_masks)
-      return "mask_index[" + std::to_string(z) + "] = " + std::to_string(mi) +
-             " must be -1 (full block) or in [0, " + std::to_string(num_masks) + ")";
-  }
   return "";
 }
 

@@ -147,21 +147,6 @@ void PackHeads(const Src* x, int64_t batch, int64_t seq, int64_t heads, int64_t 
   }
 }
 
-// The inverse: [B, H, N, D] float -> [B, N, H, D] Dst, same units.
-template <typename Dst>
-void UnpackHeads(const float* packed, int64_t batch, int64_t seq, int64_t heads, int64_t dim,
-                 int64_t rows, Dst* x, int64_t begin, int64_t end) {
-  const int64_t chunks = (seq + rows - 1) / rows;
-  for (int64_t u = begin; u < end; ++u) {
-    const int64_t c = u % chunks, bh = u / chunks, b = bh / heads, head = bh % heads;
-    for (int64_t n = c * rows; n < seq && n < (c + 1) * rows; ++n) {
-      const float* src = packed + (bh * seq + n) * dim;
-      Dst* dst = x + ((b * seq + n) * heads + head) * dim;
-      for (int64_t d = 0; d < dim; ++d) dst[d] = static_cast<Dst>(src[d]);
-    }
-  }
-}
-
 // Splits each layout head's block rows into `segments` contiguous ranges of
 // about equal kept-block count: [Hl, segments + 1].
 std::vector<int32_t> SegmentRows(const Tables& t, int64_t segments);
@@ -175,8 +160,9 @@ std::vector<float> TransposedMaskBias(const bool* masks, int64_t num_masks, int6
 // pattern's tile can be half empty, e.g. Fixed's summary columns at b=64).
 std::vector<int32_t> MaskKeyRanges(const bool* masks, int64_t num_masks, int64_t block);
 
-// Checks mask_index against num_masks and the value dims. "" if valid.
-std::string ValidateAttention(const AttentionProblem& a, int64_t num_masks);
+// What the fused kernels need beyond valid tables and masks (ValidateTables,
+// ValidateMasks): a block size that is a multiple of 16. "" if valid.
+std::string ValidateAttention(const AttentionProblem& a);
 
 }  // namespace sparse_attention
 

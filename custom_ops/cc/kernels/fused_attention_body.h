@@ -224,7 +224,6 @@ void Backward(const AttentionProblem& a, const AttentionBackwardArgs<float>& x, 
   const int64_t lq = a.q_stride(), lo = a.o_stride();
   const int64_t k_size = p.batch * p.heads * p.seq * D, v_size = p.batch * p.heads * p.seq * Dv;
   Buffers buf(2 * D * bs + 2 * bs * bs + 2 * Dv * bs + bs * D + 2 * bs + 64);
-  (void)ldv;
   float* qt = buf.take(D * bs);    // [D, b]  scale * Q_I^T
   float* qs = buf.take(bs * D);    // [b, D]  scale * Q_I
   float* dot = buf.take(Dv * bs);  // [Dv, b] dO_I^T

@@ -16,41 +16,17 @@ namespace {
 Status MakeAttentionProblem(OpKernelContext* ctx, int first_table, int64_t block, float scale,
                             AttentionProblem* a, std::vector<float>* bias,
                             std::vector<int32_t>* key_range) {
-  const Tensor& q = ctx->input(0);
-  const Tensor& k = ctx->input(1);
-  const Tensor& v = ctx->input(2);
-  TF_RETURN_IF_ERROR(CheckDense(q, "q"));
-  TF_RETURN_IF_ERROR(CheckDense(k, "k"));
-  TF_RETURN_IF_ERROR(CheckDense(v, "v"));
-  if (q.shape() != k.shape())
-    return Invalid("q and k must have the same shape, got ", ShapeString(q), " and ",
-                   ShapeString(k));
-  if (v.dim_size(0) != q.dim_size(0) || v.dim_size(1) != q.dim_size(1) ||
-      v.dim_size(2) != q.dim_size(2))
-    return Invalid("v must agree with q on [batch, seq, heads], got ", ShapeString(v), " and ",
-                   ShapeString(q));
-  const Tensor& mask_index = ctx->input(first_table + 4);
+  SoftmaxMasks m;
+  TF_RETURN_IF_ERROR(CheckAttentionShapes(ctx, first_table, block, &a->p, &m));
+  TF_RETURN_IF_ERROR(ValidateProblem(a->p, true));
+  TF_RETURN_IF_ERROR(ValidateMaskIndex(a->p, m));
+  const std::string err = ValidateAttention(*a);
+  if (!err.empty()) return Invalid("invalid attention inputs: ", err);
   const Tensor& masks = ctx->input(first_table + 5);
   const Tensor& key_padding = ctx->input(first_table + 6);
-  TF_RETURN_IF_ERROR(MakeProblem(q.dim_size(0), q.dim_size(1), q.dim_size(2), q.dim_size(3),
-                                 block, ctx->input(first_table), ctx->input(first_table + 1),
-                                 &ctx->input(first_table + 2), &ctx->input(first_table + 3),
-                                 &a->p));
-  TF_RETURN_IF_ERROR(CheckTable(mask_index, "mask_index", 1));
-  TF_RETURN_IF_ERROR(CheckTable(masks, "masks", 3));
-  if (mask_index.dim_size(0) != a->p.t.nnz)
-    return Invalid("mask_index must have one entry per block (", a->p.t.nnz, "), got ",
-                   mask_index.dim_size(0));
-  if (masks.dim_size(1) != block || masks.dim_size(2) != block)
-    return Invalid("masks must have shape [num_masks, ", block, ", ", block, "], got ",
-                   ShapeString(masks));
-  if (key_padding.dims() != 2 || key_padding.dim_size(0) != q.dim_size(0) ||
-      key_padding.dim_size(1) != q.dim_size(1))
-    return Invalid("key_padding_mask must have shape [", q.dim_size(0), ", ", q.dim_size(1),
-                   "] (batch, seq), got ", ShapeString(key_padding));
-  a->value_dim = v.dim_size(3);
+  a->value_dim = ctx->input(2).dim_size(3);
   a->scale = scale;
-  a->mask_index = mask_index.flat<int32_t>().data();
+  a->mask_index = m.mask_index;
   *bias = TransposedMaskBias(masks.flat<bool>().data(), masks.dim_size(0), block);
   a->bias_t = bias->data();
   *key_range = MaskKeyRanges(masks.flat<bool>().data(), masks.dim_size(0), block);
@@ -59,12 +35,10 @@ Status MakeAttentionProblem(OpKernelContext* ctx, int first_table, int64_t block
   const bool* kp = key_padding.flat<bool>().data();
   a->key_padding =
       std::all_of(kp, kp + key_padding.NumElements(), [](bool x) { return x; }) ? nullptr : kp;
-  const std::string err = ValidateAttention(*a, masks.dim_size(0));
-  if (!err.empty()) return Invalid("invalid attention inputs: ", err);
   return absl::OkStatus();
 }
 
-constexpr int64_t kPackRows = 64;  // rows per unit of PackHeads / UnpackHeads
+constexpr int64_t kPackRows = 64;  // rows per unit of PackHeads / PackHeadsBf16
 
 // x [B, N, H, D] of T -> a head-major float32 temp [B, H, N, D] (unless
 // packed is null); with dot_with, also delta [B, H, N] = sum_d x * dot_with.

@@ -209,6 +209,92 @@ inline Status CheckSparse(const Tensor& t, const char* name, const Problem& p) {
   return absl::OkStatus();
 }
 
+// mask_index [Z] and masks [M, b, b] against the problem; fills m's mask
+// fields (the contents are checked by ValidateMaskIndex).
+inline Status CheckMaskShapes(const Tensor& mask_index, const Tensor& masks, const Problem& p,
+                              SoftmaxMasks* m) {
+  TF_RETURN_IF_ERROR(CheckTable(mask_index, "mask_index", 1));
+  TF_RETURN_IF_ERROR(CheckTable(masks, "masks", 3));
+  if (mask_index.dim_size(0) != p.t.nnz)
+    return Invalid("mask_index must have one entry per block (", p.t.nnz, "), got ",
+                   mask_index.dim_size(0));
+  if (masks.dim_size(1) != p.block || masks.dim_size(2) != p.block)
+    return Invalid("masks must have shape [num_masks, ", p.block, ", ", p.block, "], got ",
+                   ShapeString(masks));
+  m->mask_index = mask_index.flat<int32_t>().data();
+  m->masks = masks.flat<bool>().data();
+  m->num_masks = masks.dim_size(0);
+  return absl::OkStatus();
+}
+
+inline Status ValidateMaskIndex(const Problem& p, const SoftmaxMasks& m) {
+  const std::string err = ValidateMasks(p, m);
+  if (!err.empty()) return Invalid("invalid masks: ", err);
+  return absl::OkStatus();
+}
+
+// Adds where the softmax's sequence length comes from to a table error.
+inline Status SeqFromKeyPadding(const Status& s, int64_t seq) {
+  return Invalid(s.message(), " (the sequence length ", seq,
+                 " is read from key_padding_mask [batch, seq]: check its length)");
+}
+
+// The shapes of the softmax's operands: x [B, G, Z, b, b], the row tables and
+// key_padding [B, N], which is where the sequence length comes from. Fills p
+// (heads = groups * layout heads, head_dim 1) without reading the tables.
+inline Status FillSoftmaxProblem(const Tensor& x, const Tensor& blocks, const Tensor& row_offsets,
+                                 const Tensor& key_padding, Problem* p) {
+  if (x.dims() != 5)
+    return Invalid("x must have rank 5 [batch, groups, nnz, block, block], got ", ShapeString(x));
+  if (key_padding.dims() != 2 || key_padding.dim_size(0) != x.dim_size(0))
+    return Invalid("key_padding_mask must have shape [batch, seq] with batch ", x.dim_size(0),
+                   ", got ", ShapeString(key_padding));
+  if (key_padding.dim_size(1) < 1)
+    return Invalid("key_padding_mask must have seq >= 1, got ", ShapeString(key_padding));
+  const int64_t block = x.dim_size(3), seq = key_padding.dim_size(1);
+  if (block < 1 || seq % block != 0)
+    return Invalid("key_padding_mask length ", seq, " is not a multiple of the block size ",
+                   block);
+  TF_RETURN_IF_ERROR(CheckTable(row_offsets, "row_offsets", 1));
+  const int64_t layout_heads = (row_offsets.dim_size(0) - 1) / (seq / block);
+  const Status made = FillProblem(x.dim_size(0), seq,
+                                  x.dim_size(1) * std::max<int64_t>(1, layout_heads), 1, block,
+                                  blocks, row_offsets, nullptr, nullptr, p);
+  if (!made.ok()) return SeqFromKeyPadding(made, seq);
+  return absl::OkStatus();
+}
+
+// The shapes of the fused attention's operands: q, k [B, N, H, D],
+// v [B, N, H, Dv], then from input first_table the four tables, mask_index,
+// masks and key_padding_mask [B, N]. Fills p and m without reading the tables.
+inline Status CheckAttentionShapes(OpKernelContext* ctx, int first_table, int64_t block,
+                                   Problem* p, SoftmaxMasks* m) {
+  const Tensor& q = ctx->input(0);
+  const Tensor& k = ctx->input(1);
+  const Tensor& v = ctx->input(2);
+  TF_RETURN_IF_ERROR(CheckDense(q, "q"));
+  TF_RETURN_IF_ERROR(CheckDense(k, "k"));
+  TF_RETURN_IF_ERROR(CheckDense(v, "v"));
+  if (q.shape() != k.shape())
+    return Invalid("q and k must have the same shape, got ", ShapeString(q), " and ",
+                   ShapeString(k));
+  if (v.dim_size(0) != q.dim_size(0) || v.dim_size(1) != q.dim_size(1) ||
+      v.dim_size(2) != q.dim_size(2))
+    return Invalid("v must agree with q on [batch, seq, heads], got ", ShapeString(v), " and ",
+                   ShapeString(q));
+  const int i = first_table;
+  TF_RETURN_IF_ERROR(FillProblem(q.dim_size(0), q.dim_size(1), q.dim_size(2), q.dim_size(3),
+                                 block, ctx->input(i), ctx->input(i + 1), &ctx->input(i + 2),
+                                 &ctx->input(i + 3), p));
+  TF_RETURN_IF_ERROR(CheckMaskShapes(ctx->input(i + 4), ctx->input(i + 5), *p, m));
+  const Tensor& key_padding = ctx->input(i + 6);
+  if (key_padding.dims() != 2 || key_padding.dim_size(0) != p->batch ||
+      key_padding.dim_size(1) != p->seq)
+    return Invalid("key_padding_mask must have shape [", p->batch, ", ", p->seq,
+                   "] (batch, seq), got ", ShapeString(key_padding));
+  return absl::OkStatus();
+}
+
 // Average flops of one row unit, as the thread pool's cost hint.
 inline int64_t RowCost(const Problem& p) {
   const int64_t rows = p.t.layout_heads * p.t.num_blocks;
