@@ -11,8 +11,9 @@
 // the A/B operands of every product of a kept block, are head-major,
 // [B, H, N, D], so that a block of b rows of one head is one contiguous
 // b x D panel (rows of [B, N, H, D] are H * D apart, which makes a panel's
-// rows alias in the L1 cache); the TF op packs them (PackHeads), converting
-// dtypes in the same pass. lse and delta are [B, H, N].
+// rows alias in the L1 cache); for the forward the TF op packs them
+// (PackHeads), converting dtypes in the same pass, and each backward unit
+// packs the one head it works on. lse is [B, H, N].
 #ifndef SPARSE_ATTENTION_TF_KERNELS_FUSED_ATTENTION_H_
 #define SPARSE_ATTENTION_TF_KERNELS_FUSED_ATTENTION_H_
 
@@ -70,13 +71,18 @@ struct AttentionForwardArgs {
   float* lse;   // [B, H, N]
 };
 
+// The backward reads every operand token-major, as the op gets it: each
+// backward unit owns one head, packs that head's k and v rows once
+// (contiguous [N, D] panels, in its own buffers) and computes
+// delta = sum_d dout * out per query row as it goes, so no pass over the
+// whole tensors runs before it.
 template <typename T>
 struct AttentionBackwardArgs {
   const T* q;           // [B, N, H, D]
-  const T* k;           // [B, H, N, D]
-  const T* v;           // [B, H, N, Dv]
+  const T* k;           // [B, N, H, D]
+  const T* v;           // [B, N, H, Dv]
+  const T* out;         // [B, N, H, Dv] the forward's output
   const float* lse;     // [B, H, N] from the forward
-  const float* delta;   // [B, H, N] sum_d dout * out (see PackHeads)
   const T* dout;        // [B, N, H, Dv]
   float* dq;            // [B, N, H, D]
   float* dk;            // [B, N, H, D]
@@ -89,19 +95,21 @@ struct AttentionBackwardArgs {
 void AttentionForward(const AttentionProblem& a, const AttentionForwardArgs<float>& x,
                       int64_t begin, int64_t end);
 
-// Backward over the units [begin, end) of num_backward_units().
+// Backward over the units [begin, end) of num_backward_units(). Each call
+// holds N * (D + Dv) * 4 floats of buffers (the packed head and its dK, dV).
 void AttentionBackward(const AttentionProblem& a, const AttentionBackwardArgs<float>& x,
                        int64_t begin, int64_t end);
 
-// bfloat16 operands (raw bits, head-major) on the CPU's bf16 dot-product
-// instructions, when HasBf16Kernels(); accumulation and softmax in float32.
-// The forward also takes v as pairs along the sequence, the backward k (see
-// PackHeadsBf16). D and Dv must be even.
+// bfloat16 operands (raw bits) on the CPU's bf16 dot-product instructions,
+// when HasBf16Kernels(); accumulation and softmax in float32. The forward
+// takes k and v head-major and v also as pairs along the sequence (see
+// PackHeadsBf16); the backward packs its heads itself. D and Dv must be even
+// (and so N, as a multiple of the block size).
 bool HasBf16Kernels();
 void AttentionForwardBf16(const AttentionProblem& a, const AttentionForwardArgs<uint16_t>& x,
                           const uint16_t* v_pairs, int64_t begin, int64_t end);
 void AttentionBackwardBf16(const AttentionProblem& a, const AttentionBackwardArgs<uint16_t>& x,
-                           const uint16_t* k_pairs, int64_t begin, int64_t end);
+                           int64_t begin, int64_t end);
 
 // bf16 x [B, N, H, D] -> head-major [B, H, N, D] (if natural) and pairs along
 // the sequence [B, H, N/2, D, 2] (if pairs; N even), for the units (b, head,
@@ -116,33 +124,17 @@ void ReduceSegments(const AttentionProblem& a, const AttentionBackwardArgs<float
 
 // [B, N, H, D] -> [B, H, N, D] for the units (b, head, block of `rows` rows)
 // in [begin, end) of B * H * ceil(N / rows). Src is any type convertible to
-// float; packed may be null. If dot_with is given (same layout as x), also
-// delta[b, head, n] = sum_d x * dot_with.
+// float.
 template <typename Src>
 void PackHeads(const Src* x, int64_t batch, int64_t seq, int64_t heads, int64_t dim,
-               int64_t rows, float* packed, const Src* dot_with, float* delta, int64_t begin,
-               int64_t end) {
+               int64_t rows, float* packed, int64_t begin, int64_t end) {
   const int64_t chunks = (seq + rows - 1) / rows;
   for (int64_t u = begin; u < end; ++u) {
     const int64_t c = u % chunks, bh = u / chunks, b = bh / heads, head = bh % heads;
     for (int64_t n = c * rows; n < seq && n < (c + 1) * rows; ++n) {
       const Src* src = x + ((b * seq + n) * heads + head) * dim;
-      if (packed != nullptr) {
-        float* dst = packed + (bh * seq + n) * dim;
-        for (int64_t d = 0; d < dim; ++d) dst[d] = static_cast<float>(src[d]);
-      }
-      if (dot_with != nullptr) {  // 16 partial sums, so that the loop vectorises
-        const Src* o = dot_with + ((b * seq + n) * heads + head) * dim;
-        float acc[16] = {};
-        int64_t d = 0;
-        for (; d + 16 <= dim; d += 16)
-          for (int t = 0; t < 16; ++t)
-            acc[t] += static_cast<float>(src[d + t]) * static_cast<float>(o[d + t]);
-        float s = 0.f;
-        for (int t = 0; t < 16; ++t) s += acc[t];
-        for (; d < dim; ++d) s += static_cast<float>(src[d]) * static_cast<float>(o[d]);
-        delta[bh * seq + n] = s;
-      }
+      float* dst = packed + (bh * seq + n) * dim;
+      for (int64_t d = 0; d < dim; ++d) dst[d] = static_cast<float>(src[d]);
     }
   }
 }

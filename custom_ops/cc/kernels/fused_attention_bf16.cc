@@ -14,6 +14,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <memory>
 #include <vector>
 
 #include "custom_ops/cc/kernels/fused_attention.h"
@@ -36,8 +37,11 @@ namespace avx512bf16 {
 // steps); the rest is compiled for this ISA and dropped.
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wunused-function"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // the intrinsics' `__Y = __Y`
+#define SPARSE_ATTENTION_BODY_AVX512 1
 #include "custom_ops/cc/kernels/simd_body.h"
 #include "custom_ops/cc/kernels/fused_attention_body.h"
+#undef SPARSE_ATTENTION_BODY_AVX512
 #pragma GCC diagnostic pop
 
 using fused::ApplyMasks;
@@ -48,6 +52,8 @@ using fused::KeyRange;
 using fused::KeyRow;
 using fused::LoadLse;
 using fused::OnlineSoftmaxStep;
+using fused::PrefetchNextRow;
+using fused::PrefetchRows;
 using fused::ProbsAndScoreGrad;
 using fused::TileBias;
 
@@ -179,7 +185,7 @@ void Forward(const AttentionProblem& a, const AttentionForwardArgs<uint16_t>& x,
              const uint16_t* v_pairs, int64_t begin, int64_t end) {
   const auto& p = a.p;
   const int64_t bs = p.block, D = p.head_dim, Dv = a.value_dim, nb = p.t.num_blocks;
-  Buffers buf(bs * bs + bs * Dv + 3 * bs + 64);
+  Buffers buf(bs * bs + bs * Dv + 3 * bs);
   float* st = buf.take(bs * bs);   // [b, b] S^T, then P^T
   float* o = buf.take(bs * Dv);    // [b, Dv]
   float* m = buf.take(bs);
@@ -195,6 +201,12 @@ void Forward(const AttentionProblem& a, const AttentionForwardArgs<uint16_t>& x,
     PairColumns(x.q + a.q_offset(w.b, w.i * bs, head), a.q_stride(), bs, D, qp);
     for (int64_t i = 0; i < bs; ++i) m[i] = kNegInf, l[i] = 0.f;
     std::memset(o, 0, bs * Dv * sizeof(float));
+    if (u + 1 < end) {  // the next unit's q and out rows
+      const Unit n = SplitUnit(p, u + 1);
+      const int64_t nh = n.g * p.t.layout_heads + n.h;
+      PrefetchRows(x.q + a.q_offset(n.b, n.i * bs, nh), a.q_stride(), bs, D, false);
+      PrefetchRows(x.out + a.o_offset(n.b, n.i * bs, nh), a.o_stride(), bs, Dv, true);
+    }
     for (int64_t z = z0; z < z1; ++z) {
       const int64_t j = p.t.blocks[3 * z + 2];
       int64_t j0, j1;  // the tile's key rows that can be visible
@@ -218,19 +230,41 @@ void Forward(const AttentionProblem& a, const AttentionForwardArgs<uint16_t>& x,
   }
 }
 
-void Backward(const AttentionProblem& a, const AttentionBackwardArgs<uint16_t>& x,
-              const uint16_t* k_pairs, int64_t begin, int64_t end) {
+// sum_d x[d] * y[d] over bf16 rows, in float32.
+inline float DotBf16(const uint16_t* x, const uint16_t* y, int64_t n) {
+  float s = 0.f;
+  for (int64_t d = 0; d < n; ++d) {
+    const uint32_t xb = uint32_t{x[d]} << 16, yb = uint32_t{y[d]} << 16;
+    float xf, yf;
+    std::memcpy(&xf, &xb, 4);
+    std::memcpy(&yf, &yb, 4);
+    s += xf * yf;
+  }
+  return s;
+}
+
+// One head's rows of a token-major bf16 [B, N, H, w] tensor (x at the
+// head's row 0, row stride ld) -> dst [N, w].
+inline void PackHeadBf16(const uint16_t* x, int64_t ld, int64_t seq, int64_t w, uint16_t* dst) {
+  for (int64_t n = 0; n < seq; ++n) std::memcpy(dst + n * w, x + n * ld, w * 2);
+}
+
+void Backward(const AttentionProblem& a, const AttentionBackwardArgs<uint16_t>& x, int64_t begin,
+              int64_t end) {
   const auto& p = a.p;
   const int64_t bs = p.block, D = p.head_dim, Dv = a.value_dim, nb = p.t.num_blocks;
-  const int64_t S = a.segments;
-  const int64_t k_size = p.batch * p.heads * p.seq * D, v_size = p.batch * p.heads * p.seq * Dv;
-  Buffers buf(2 * bs * bs + bs * D + 2 * bs + 64);
+  const int64_t S = a.segments, N = p.seq;
+  const int64_t lq = a.q_stride(), lo = a.o_stride();
+  const int64_t k_size = p.batch * p.heads * N * D, v_size = p.batch * p.heads * N * Dv;
+  Buffers buf(2 * bs * bs + bs * D + 2 * bs + N * (D + Dv));
   float* pt = buf.take(bs * bs);   // P^T
   float* dst = buf.take(bs * bs);  // dP^T, then scale * dS^T
   float* dqa = buf.take(bs * D);   // dQ_I
   float* lse = buf.take(bs);
   float* delta = buf.take(bs);
-  U16Buffers hbuf(D * bs * 2 + Dv * bs * 2 + 3 * bs * bs + 64);
+  float* hk = buf.take(N * D);     // [N, D]  this head's dK (see StoreHead)
+  float* hv = buf.take(N * Dv);    // [N, Dv] this head's dV
+  U16Buffers hbuf(D * bs * 2 + Dv * bs * 2 + 3 * bs * bs + N * (2 * D + Dv) + 64);
   uint16_t* qp = hbuf.take(D * bs);     // Q_I^T pairs along D   [D/2, b, 2]
   uint16_t* qr = hbuf.take(bs * D);     // Q_I pairs along rows  [b/2, D, 2]
   uint16_t* dop = hbuf.take(Dv * bs);   // dO_I^T pairs along Dv [Dv/2, b, 2]
@@ -238,29 +272,38 @@ void Backward(const AttentionProblem& a, const AttentionBackwardArgs<uint16_t>& 
   uint16_t* ptb = hbuf.take(bs * bs);   // P^T bf16              [b, b]
   uint16_t* dsb = hbuf.take(bs * bs);   // dS^T bf16             [b, b]
   uint16_t* dsp = hbuf.take(bs * bs);   // dS pairs along keys   [b/2, b, 2]
+  uint16_t* kn = hbuf.take(N * D);      // this head's keys      [N, D]
+  uint16_t* kp = hbuf.take(N * D);      // ... pairs along rows  [N/2, D, 2]
+  uint16_t* vn = hbuf.take(N * Dv);     // this head's values    [N, Dv]
   for (int64_t u = begin; u < end; ++u) {
     int64_t seg;
     const Unit w = BackwardUnit(a, u, &seg);
     const int64_t head = w.g * p.t.layout_heads + w.h;
     float* dk = seg == 0 ? x.dk : x.partial_k + (seg - 1) * k_size;
     float* dv = seg == 0 ? x.dv : x.partial_v + (seg - 1) * v_size;
-    fused::ZeroHead(a, w.b, head, dk, dv);
+    PackHeadBf16(x.k + a.q_offset(w.b, 0, head), lq, N, D, kn);
+    PairRowsBf16(x.k + a.q_offset(w.b, 0, head), lq, N, D, kp);
+    PackHeadBf16(x.v + a.o_offset(w.b, 0, head), lo, N, Dv, vn);
+    std::memset(hk, 0, N * D * sizeof(float));
+    std::memset(hv, 0, N * Dv * sizeof(float));
     const int32_t* seg_rows = a.segment_rows + w.h * (S + 1);
     for (int64_t bi = seg_rows[seg]; bi < seg_rows[seg + 1]; ++bi) {
       const int64_t row = w.h * nb + bi;
       const int64_t z0 = p.t.row_offsets[row], z1 = p.t.row_offsets[row + 1];
       float* dq = x.dq + a.q_offset(w.b, bi * bs, head);
       if (z0 == z1) {
-        for (int64_t i = 0; i < bs; ++i) std::memset(dq + i * a.q_stride(), 0, D * sizeof(float));
+        for (int64_t i = 0; i < bs; ++i) std::memset(dq + i * lq, 0, D * sizeof(float));
         continue;
       }
       const uint16_t* q = x.q + a.q_offset(w.b, bi * bs, head);
       const uint16_t* dout = x.dout + a.o_offset(w.b, bi * bs, head);
-      PairColumns(q, a.q_stride(), bs, D, qp);
-      PairRowsBf16(q, a.q_stride(), bs, D, qr);
-      PairColumns(dout, a.o_stride(), bs, Dv, dop);
-      PairRowsBf16(dout, a.o_stride(), bs, Dv, dor);
-      for (int64_t i = 0; i < bs; ++i) delta[i] = x.delta[a.lse_offset(w.b, head, bi * bs + i)];
+      const uint16_t* out = x.out + a.o_offset(w.b, bi * bs, head);
+      if (bi + 1 < seg_rows[seg + 1]) PrefetchNextRow(a, q, dout, out, dq);
+      PairColumns(q, lq, bs, D, qp);
+      PairRowsBf16(q, lq, bs, D, qr);
+      PairColumns(dout, lo, bs, Dv, dop);
+      PairRowsBf16(dout, lo, bs, Dv, dor);
+      for (int64_t i = 0; i < bs; ++i) delta[i] = DotBf16(dout + i * lo, out + i * lo, Dv);
       LoadLse(a, x.lse, w.b, head, bi * bs, lse);
       std::memset(dqa, 0, bs * D * sizeof(float));
       for (int64_t z = z0; z < z1; ++z) {
@@ -271,22 +314,22 @@ void Backward(const AttentionProblem& a, const AttentionBackwardArgs<uint16_t>& 
         const int64_t rows = j1 - j0, n0 = j * bs + j0;
         float *pr = pt + j0 * bs, *dr = dst + j0 * bs;
         std::memset(pr, 0, rows * bs * sizeof(float));
-        GemmBf16(rows, bs, D, x.k + a.k_offset(w.b, n0, head), D, 2, qp, 2 * bs, pr, bs);
+        GemmBf16(rows, bs, D, kn + n0 * D, D, 2, qp, 2 * bs, pr, bs);
         ScaleTile(pr, a.scale, rows * bs);
         ApplyMasks(pr, TileBias(a, z, j0), KeyRow(a, w.b, j, j0), rows, bs);
         std::memset(dr, 0, rows * bs * sizeof(float));
-        GemmBf16(rows, bs, Dv, x.v + a.v_offset(w.b, n0, head), Dv, 2, dop, 2 * bs, dr, bs);
+        GemmBf16(rows, bs, Dv, vn + n0 * Dv, Dv, 2, dop, 2 * bs, dr, bs);
         ProbsAndScoreGrad(pr, dr, lse, delta, a.scale, rows, bs);
         ToBf16(pr, rows * bs, ptb);
         ToBf16(dr, rows * bs, dsb);
         PairRows(dr, rows, bs, dsp);
-        GemmBf16(rows, Dv, bs, ptb, bs, 2, dor, 2 * Dv, dv + a.o_offset(w.b, n0, head), a.o_stride());
-        GemmBf16(bs, D, rows, dsp, 2, 2 * bs, k_pairs + a.k_offset(w.b, n0, head), 2 * D, dqa, D);
-        GemmBf16(rows, D, bs, dsb, bs, 2, qr, 2 * D, dk + a.q_offset(w.b, n0, head), a.q_stride());
+        GemmBf16(rows, Dv, bs, ptb, bs, 2, dor, 2 * Dv, hv + n0 * Dv, Dv);
+        GemmBf16(bs, D, rows, dsp, 2, 2 * bs, kp + n0 * D, 2 * D, dqa, D);
+        GemmBf16(rows, D, bs, dsb, bs, 2, qr, 2 * D, hk + n0 * D, D);
       }
-      for (int64_t i = 0; i < bs; ++i)
-        std::memcpy(dq + i * a.q_stride(), dqa + i * D, D * sizeof(float));
+      for (int64_t i = 0; i < bs; ++i) std::memcpy(dq + i * lq, dqa + i * D, D * sizeof(float));
     }
+    fused::StoreHead(a, w.b, head, hk, hv, dk, dv);
   }
 }
 
@@ -309,8 +352,8 @@ void AttentionForwardBf16(const AttentionProblem& a, const AttentionForwardArgs<
 }
 
 void AttentionBackwardBf16(const AttentionProblem& a, const AttentionBackwardArgs<uint16_t>& x,
-                           const uint16_t* k_pairs, int64_t begin, int64_t end) {
-  avx512bf16::Backward(a, x, k_pairs, begin, end);
+                           int64_t begin, int64_t end) {
+  avx512bf16::Backward(a, x, begin, end);
 }
 
 }  // namespace sparse_attention

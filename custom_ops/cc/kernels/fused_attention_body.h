@@ -15,25 +15,84 @@ using ::sparse_attention::Unit;
 
 constexpr float kPosInf = __builtin_inff();
 
-// Per-unit work buffers, allocated once per call of a kernel.
+// Per-unit work buffers, allocated once per call of a kernel and not
+// zeroed: every buffer is written before it is read. `floats` is the sum of
+// the slices; room for the alignment of up to 32 slices is added.
 struct Buffers {
-  explicit Buffers(int64_t floats) : data(floats + 16) {}
+  explicit Buffers(int64_t floats) : data(new float[floats + 16 * 33]) {}
   float* take(int64_t n) {  // 64-byte aligned slices
-    float* base = data.data() + used;
+    float* base = data.get() + used;
     const uintptr_t mis = (reinterpret_cast<uintptr_t>(base) / sizeof(float)) % 16;
     const int64_t pad = mis ? 16 - mis : 0;
     used += pad + n;
     return base + pad;
   }
-  std::vector<float> data;
+  std::unique_ptr<float[]> data;
   int64_t used = 0;
 };
 
-// dst[d][i] = s * rows[i][d] (b rows of stride ld, width w): a transposed panel.
+// One head's rows of a token-major [B, N, H, w] tensor (x points at the
+// head's row 0, row stride ld) -> dst [N, w], contiguous.
+inline void PackHead(const float* x, int64_t ld, int64_t seq, int64_t w, float* dst) {
+  constexpr int64_t kAhead = 16;  // rows fetched ahead: rows H * D apart defeat the prefetcher
+  for (int64_t n = 0; n < seq; ++n) {
+    if (n + kAhead < seq)
+      for (int64_t off = 0; off < w; off += 16) __builtin_prefetch(x + (n + kAhead) * ld + off, 0, 0);
+    std::memcpy(dst + n * w, x + n * ld, w * sizeof(float));
+  }
+}
+
+#if defined(SPARSE_ATTENTION_BODY_AVX512)
+// 16 rows of 16 floats -> their transpose, in registers (unpack 32-bit and
+// 64-bit pairs within 128-bit lanes, then gather the lanes in two steps).
+inline __attribute__((always_inline)) void Transpose16(__m512 r[16]) {
+  __m512 t[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {  // r[4i + c], lane L: rows 4i..4i+3 of column 4L + c
+    const __m512d a = _mm512_castps_pd(t[4 * i]), b = _mm512_castps_pd(t[4 * i + 1]);
+    const __m512d c = _mm512_castps_pd(t[4 * i + 2]), d = _mm512_castps_pd(t[4 * i + 3]);
+    r[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
+    r[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
+    r[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
+    r[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
+  }
+  for (int c = 0; c < 4; ++c) {
+    const __m512 u0 = _mm512_shuffle_f32x4(r[c], r[4 + c], 0x88);  // lanes 0, 2
+    const __m512 u1 = _mm512_shuffle_f32x4(r[c], r[4 + c], 0xdd);  // lanes 1, 3
+    const __m512 w0 = _mm512_shuffle_f32x4(r[8 + c], r[12 + c], 0x88);
+    const __m512 w1 = _mm512_shuffle_f32x4(r[8 + c], r[12 + c], 0xdd);
+    t[c] = _mm512_shuffle_f32x4(u0, w0, 0x88);       // column c
+    t[8 + c] = _mm512_shuffle_f32x4(u0, w0, 0xdd);   // column 8 + c
+    t[4 + c] = _mm512_shuffle_f32x4(u1, w1, 0x88);   // column 4 + c
+    t[12 + c] = _mm512_shuffle_f32x4(u1, w1, 0xdd);  // column 12 + c
+  }
+  for (int i = 0; i < 16; ++i) r[i] = t[i];
+}
+#endif
+
+// dst[d][i] = s * rows[i][d] (bs rows of stride ld, bs a multiple of 16,
+// width w): a transposed panel. Where AVX-512 is compiled in, 16 x 16 blocks
+// go through registers (the scalar loop's scattered stores took 8% of the
+// forward's time).
 inline void TransposePanel(const float* rows, int64_t ld, int64_t bs, int64_t w, float s,
                            float* dst) {
+  int64_t d0 = 0;
+#if defined(SPARSE_ATTENTION_BODY_AVX512)
+  const __m512 sv = _mm512_set1_ps(s);
+  for (; d0 + 16 <= w; d0 += 16)
+    for (int64_t i0 = 0; i0 < bs; i0 += 16) {
+      __m512 r[16];
+      for (int k = 0; k < 16; ++k)
+        r[k] = _mm512_mul_ps(sv, _mm512_loadu_ps(rows + (i0 + k) * ld + d0));
+      Transpose16(r);
+      for (int c = 0; c < 16; ++c) _mm512_storeu_ps(dst + (d0 + c) * bs + i0, r[c]);
+    }
+#endif
   for (int64_t i = 0; i < bs; ++i)
-    for (int64_t d = 0; d < w; ++d) dst[d * bs + i] = s * rows[i * ld + d];
+    for (int64_t d = d0; d < w; ++d) dst[d * bs + i] = s * rows[i * ld + d];
 }
 
 // Key padding of the keys of block J from key row j0 on, or null when all
@@ -75,12 +134,33 @@ inline void ApplyMasks(float* st, const float* bias, const bool* keys, int64_t r
   }
 }
 
-// Asks for the next key block's panels (rows x width floats, contiguous) to
-// be brought into the cache while the current block is computed: each
-// panel row is read by one micro-tile, as a stream from L2 otherwise.
-inline void PrefetchPanel(const void* p, int64_t bytes) {
-  const char* c = static_cast<const char*>(p);
-  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(c + off, 0, 3);
+// Asks for `rows` rows of `width` floats (row stride ld) to be brought into
+// the cache, for reading or (write) for writing. Used one work unit ahead for
+// the token-major q, out, dout and dq rows: they are H * D floats apart,
+// which the hardware prefetcher does not follow, so each row read or
+// written cold would wait on memory.
+template <typename T>
+inline void PrefetchRows(const T* p, int64_t ld, int64_t rows, int64_t width, bool write) {
+  constexpr int64_t kLine = 64 / sizeof(T);
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t off = 0; off < width; off += kLine) {
+      if (write)
+        __builtin_prefetch(p + i * ld + off, 1, 2);
+      else
+        __builtin_prefetch(p + i * ld + off, 0, 2);
+    }
+}
+
+// The backward's next block row: its q, dout and out rows (read) and dq
+// rows (written), given this row's.
+template <typename T>
+inline void PrefetchNextRow(const AttentionProblem& a, const T* q, const T* dout, const T* out,
+                            const float* dq) {
+  const int64_t bs = a.p.block, lq = a.q_stride(), lo = a.o_stride();
+  PrefetchRows(q + bs * lq, lq, bs, a.p.head_dim, false);
+  PrefetchRows(dout + bs * lo, lo, bs, a.value_dim, false);
+  PrefetchRows(out + bs * lo, lo, bs, a.value_dim, false);
+  PrefetchRows(dq + bs * lq, lq, bs, a.p.head_dim, true);
 }
 
 // One step of the online softmax: st holds the masked scores S^T of the next
@@ -152,12 +232,16 @@ inline void LoadLse(const AttentionProblem& a, const float* lse_in, int64_t b, i
   }
 }
 
-// Zeroes one head's rows of the token-major dk [B, N, H, D] and dv [B, N, H, Dv]
-// (accumulators: gradients of keys no query sees stay 0).
-inline void ZeroHead(const AttentionProblem& a, int64_t b, int64_t head, float* dk, float* dv) {
+// Copies one head's dK and dV, accumulated head-major in hk [N, D] and
+// hv [N, Dv], to its rows of the token-major dk [B, N, H, D] and dv
+// [B, N, H, Dv]. (Summing into token-major rows directly is slower: they are
+// H * D floats apart, so a head's rows fall into a few cache sets.)
+inline void StoreHead(const AttentionProblem& a, int64_t b, int64_t head, const float* hk,
+                      const float* hv, float* dk, float* dv) {
+  const int64_t D = a.p.head_dim, Dv = a.value_dim;
   for (int64_t n = 0; n < a.p.seq; ++n) {
-    std::memset(dk + a.q_offset(b, n, head), 0, a.p.head_dim * sizeof(float));
-    std::memset(dv + a.o_offset(b, n, head), 0, a.value_dim * sizeof(float));
+    std::memcpy(dk + a.q_offset(b, n, head), hk + n * D, D * sizeof(float));
+    std::memcpy(dv + a.o_offset(b, n, head), hv + n * Dv, Dv * sizeof(float));
   }
 }
 
@@ -175,7 +259,7 @@ void Forward(const AttentionProblem& a, const AttentionForwardArgs<float>& x, in
   const auto& p = a.p;
   const int64_t bs = p.block, D = p.head_dim, Dv = a.value_dim, nb = p.t.num_blocks;
   const int64_t ldk = D, ldv = Dv;
-  Buffers buf(D * bs + bs * bs + bs * Dv + 4 * bs + 64);
+  Buffers buf(D * bs + bs * bs + bs * Dv + 3 * bs);
   float* qt = buf.take(D * bs);      // [D, b]  scale * Q_I^T
   float* st = buf.take(bs * bs);     // [b, b]  S^T, then P^T
   float* o = buf.take(bs * Dv);      // [b, Dv] unnormalised output rows
@@ -189,13 +273,14 @@ void Forward(const AttentionProblem& a, const AttentionForwardArgs<float>& x, in
     TransposePanel(x.q + a.q_offset(w.b, w.i * bs, head), a.q_stride(), bs, D, a.scale, qt);
     for (int64_t i = 0; i < bs; ++i) m[i] = kNegInf, l[i] = 0.f;
     std::memset(o, 0, bs * Dv * sizeof(float));
+    if (u + 1 < end) {  // the next unit's q and out rows
+      const Unit n = SplitUnit(p, u + 1);
+      const int64_t nh = n.g * p.t.layout_heads + n.h;
+      PrefetchRows(x.q + a.q_offset(n.b, n.i * bs, nh), a.q_stride(), bs, D, false);
+      PrefetchRows(x.out + a.o_offset(n.b, n.i * bs, nh), a.o_stride(), bs, Dv, true);
+    }
     for (int64_t z = z0; z < z1; ++z) {
       const int64_t j = p.t.blocks[3 * z + 2];
-      if (z + 1 < z1) {
-        const int64_t jn = p.t.blocks[3 * z + 5];
-        PrefetchPanel(x.k + a.k_offset(w.b, jn * bs, head), bs * D * sizeof(float));
-        PrefetchPanel(x.v + a.v_offset(w.b, jn * bs, head), bs * Dv * sizeof(float));
-      }
       int64_t j0, j1;  // the tile's key rows that can be visible
       KeyRange(a, z, &j0, &j1);
       if (j1 <= j0) continue;
@@ -220,10 +305,10 @@ void Backward(const AttentionProblem& a, const AttentionBackwardArgs<float>& x, 
               int64_t end) {
   const auto& p = a.p;
   const int64_t bs = p.block, D = p.head_dim, Dv = a.value_dim, nb = p.t.num_blocks;
-  const int64_t ldk = D, ldv = Dv, S = a.segments;
+  const int64_t S = a.segments, N = p.seq;
   const int64_t lq = a.q_stride(), lo = a.o_stride();
-  const int64_t k_size = p.batch * p.heads * p.seq * D, v_size = p.batch * p.heads * p.seq * Dv;
-  Buffers buf(2 * D * bs + 2 * bs * bs + 2 * Dv * bs + bs * D + 2 * bs + 64);
+  const int64_t k_size = p.batch * p.heads * N * D, v_size = p.batch * p.heads * N * Dv;
+  Buffers buf(2 * D * bs + 2 * bs * bs + 2 * Dv * bs + bs * D + 2 * bs + 2 * N * (D + Dv));
   float* qt = buf.take(D * bs);    // [D, b]  scale * Q_I^T
   float* qs = buf.take(bs * D);    // [b, D]  scale * Q_I
   float* dot = buf.take(Dv * bs);  // [Dv, b] dO_I^T
@@ -233,13 +318,20 @@ void Backward(const AttentionProblem& a, const AttentionBackwardArgs<float>& x, 
   float* dqa = buf.take(bs * D);   // [b, D]  dQ_I / scale
   float* lse = buf.take(bs);       // lse per query, +inf for rows with no visible key
   float* delta = buf.take(bs);     // sum_d dO * O per query
+  float* pk = buf.take(N * D);     // [N, D]  this head's keys
+  float* pv = buf.take(N * Dv);    // [N, Dv] this head's values
+  float* hk = buf.take(N * D);     // [N, D]  this head's dK
+  float* hv = buf.take(N * Dv);    // [N, Dv] this head's dV
   for (int64_t u = begin; u < end; ++u) {
     int64_t seg;
     const Unit w = BackwardUnit(a, u, &seg);  // w.i unused: the unit covers a row segment
     const int64_t head = w.g * p.t.layout_heads + w.h;
     float* dk = seg == 0 ? x.dk : x.partial_k + (seg - 1) * k_size;
     float* dv = seg == 0 ? x.dv : x.partial_v + (seg - 1) * v_size;
-    ZeroHead(a, w.b, head, dk, dv);
+    PackHead(x.k + a.q_offset(w.b, 0, head), lq, N, D, pk);
+    PackHead(x.v + a.o_offset(w.b, 0, head), lo, N, Dv, pv);
+    std::memset(hk, 0, N * D * sizeof(float));
+    std::memset(hv, 0, N * Dv * sizeof(float));
     const int32_t* seg_rows = a.segment_rows + w.h * (S + 1);
     for (int64_t bi = seg_rows[seg]; bi < seg_rows[seg + 1]; ++bi) {
       const int64_t row = w.h * nb + bi;
@@ -251,36 +343,37 @@ void Backward(const AttentionProblem& a, const AttentionBackwardArgs<float>& x, 
       }
       const float* q = x.q + a.q_offset(w.b, bi * bs, head);
       const float* dout = x.dout + a.o_offset(w.b, bi * bs, head);
+      const float* out = x.out + a.o_offset(w.b, bi * bs, head);
+      if (bi + 1 < seg_rows[seg + 1]) PrefetchNextRow(a, q, dout, out, dq);
       TransposePanel(q, lq, bs, D, a.scale, qt);
       TransposePanel(dout, lo, bs, Dv, 1.f, dot);
       for (int64_t i = 0; i < bs; ++i) {
         for (int64_t d = 0; d < D; ++d) qs[i * D + d] = a.scale * q[i * lq + d];
         std::memcpy(dor + i * Dv, dout + i * lo, Dv * sizeof(float));
-        delta[i] = x.delta[a.lse_offset(w.b, head, bi * bs + i)];
+        delta[i] = Dot(dout + i * lo, out + i * lo, Dv);
       }
       LoadLse(a, x.lse, w.b, head, bi * bs, lse);
       std::memset(dqa, 0, bs * D * sizeof(float));
       for (int64_t z = z0; z < z1; ++z) {
         const int64_t j = p.t.blocks[3 * z + 2];
-        const float* k = x.k + a.k_offset(w.b, j * bs, head);
-        const float* v = x.v + a.v_offset(w.b, j * bs, head);
         int64_t j0, j1;  // the tile's key rows that can be visible
         KeyRange(a, z, &j0, &j1);
         if (j1 <= j0) continue;
-        const int64_t rows = j1 - j0;
+        const int64_t rows = j1 - j0, n0 = j * bs + j0;
         float *pr = pt + j0 * bs, *dr = dst + j0 * bs;
-        const float* kr = k + j0 * D;
-        GemmOverwrite(rows, bs, D, kr, ldk, 1, qt, bs, pr, bs);             // S^T
+        const float* kr = pk + n0 * D;
+        GemmOverwrite(rows, bs, D, kr, D, 1, qt, bs, pr, bs);                // S^T
         ApplyMasks(pr, TileBias(a, z, j0), KeyRow(a, w.b, j, j0), rows, bs);
-        GemmOverwrite(rows, bs, Dv, v + j0 * Dv, ldv, 1, dot, bs, dr, bs);  // dP^T
+        GemmOverwrite(rows, bs, Dv, pv + n0 * Dv, Dv, 1, dot, bs, dr, bs);   // dP^T
         ProbsAndScoreGrad(pr, dr, lse, delta, 1.f, rows, bs);
-        Gemm(rows, Dv, bs, pr, bs, 1, dor, Dv, dv + a.o_offset(w.b, j * bs + j0, head), lo);  // dV_J += P^T dO_I
-        Gemm(bs, D, rows, dr, 1, bs, kr, ldk, dqa, D);                                         // dQ_I += dS K_J
-        Gemm(rows, D, bs, dr, bs, 1, qs, D, dk + a.q_offset(w.b, j * bs + j0, head), lq);     // dK_J += dS^T Q_I
+        Gemm(rows, Dv, bs, pr, bs, 1, dor, Dv, hv + n0 * Dv, Dv);  // dV_J += P^T dO_I
+        Gemm(bs, D, rows, dr, 1, bs, kr, D, dqa, D);               // dQ_I += dS K_J
+        Gemm(rows, D, bs, dr, bs, 1, qs, D, hk + n0 * D, D);       // dK_J += dS^T Q_I
       }
       for (int64_t i = 0; i < bs; ++i)
         for (int64_t d = 0; d < D; ++d) dq[i * lq + d] = a.scale * dqa[i * D + d];
     }
+    StoreHead(a, w.b, head, hk, hv, dk, dv);
   }
 }
 

@@ -40,22 +40,15 @@ Status MakeAttentionProblem(OpKernelContext* ctx, int first_table, int64_t block
 
 constexpr int64_t kPackRows = 64;  // rows per unit of PackHeads / PackHeadsBf16
 
-// x [B, N, H, D] of T -> a head-major float32 temp [B, H, N, D] (unless
-// packed is null); with dot_with, also delta [B, H, N] = sum_d x * dot_with.
+// x [B, N, H, D] of T -> a head-major float32 temp [B, H, N, D].
 template <typename T>
-Status PackTemp(OpKernelContext* ctx, const Tensor& x, Tensor* packed,
-                const Tensor* dot_with = nullptr, float* delta = nullptr) {
+Status PackTemp(OpKernelContext* ctx, const Tensor& x, Tensor* packed) {
   const int64_t b = x.dim_size(0), n = x.dim_size(1), h = x.dim_size(2), d = x.dim_size(3);
-  if (packed != nullptr)
-    TF_RETURN_IF_ERROR(
-        ctx->allocate_temp(tensorflow::DT_FLOAT, TensorShape({b, h, n, d}), packed));
+  TF_RETURN_IF_ERROR(ctx->allocate_temp(tensorflow::DT_FLOAT, TensorShape({b, h, n, d}), packed));
   const T* src = x.flat<T>().data();
-  const T* other = dot_with == nullptr ? nullptr : dot_with->flat<T>().data();
-  float* dst = packed == nullptr ? nullptr : packed->flat<float>().data();
+  float* dst = packed->flat<float>().data();
   ParallelUnits(ctx, b * h * ((n + kPackRows - 1) / kPackRows), kPackRows * d * 4,
-                [&](int64_t s, int64_t e) {
-                  PackHeads<T>(src, b, n, h, d, kPackRows, dst, other, delta, s, e);
-                });
+                [&](int64_t s, int64_t e) { PackHeads<T>(src, b, n, h, d, kPackRows, dst, s, e); });
   return absl::OkStatus();
 }
 
@@ -196,11 +189,8 @@ class AttentionGradOp : public OpKernel {
       OP_REQUIRES_OK(ctx, ctx->allocate_temp(tensorflow::DT_FLOAT,
                                              TensorShape({s, dv->NumElements()}), &partial_v));
     }
-    // q, dout and dq are used once per query block row: in place; k and v
-    // are read, and dk, dv summed, per kept block: head-major.
-    Tensor delta;
-    OP_REQUIRES_OK(ctx, ctx->allocate_temp(tensorflow::DT_FLOAT, lse.shape(), &delta));
-    OP_REQUIRES_OK(ctx, PackTemp<T>(ctx, dout, nullptr, &out, delta.flat<float>().data()));
+    // Every operand is read in place (token-major): each unit packs the k
+    // and v of its head and computes delta as it goes (fused_attention.h).
     FloatOutput<T> fdq, fdk, fdv;
     OP_REQUIRES_OK(ctx, fdq.Init(ctx, dq));
     OP_REQUIRES_OK(ctx, fdk.Init(ctx, dk));
@@ -209,27 +199,22 @@ class AttentionGradOp : public OpKernel {
     float* partial_v_data = a.segments > 1 ? partial_v.flat<float>().data() : nullptr;
     const int64_t backward_cost = AttentionRowCost(a) * p.t.num_blocks / a.segments * 5 / 2;
     if (UseBf16Kernels<T>(a)) {
-      Tensor k, k_pairs, vn;  // head-major bf16
-      OP_REQUIRES_OK(ctx, PackBf16Temps(ctx, ctx->input(1), &k, &k_pairs));
-      OP_REQUIRES_OK(ctx, PackBf16Temps(ctx, v, &vn, nullptr));
       const AttentionBackwardArgs<uint16_t> x{
-          Bits(ctx->input(0)), Bits(k), Bits(vn), lse.flat<float>().data(),
-          delta.flat<float>().data(), Bits(dout), fdq.data(), fdk.data(), fdv.data(),
-          partial_k_data, partial_v_data};
-      ParallelUnits(ctx, a.num_backward_units(), backward_cost / 2, [&](int64_t s, int64_t e) {
-        AttentionBackwardBf16(a, x, Bits(k_pairs), s, e);
-      });
+          Bits(ctx->input(0)), Bits(ctx->input(1)), Bits(v),    Bits(out),
+          lse.flat<float>().data(), Bits(dout), fdq.data(), fdk.data(),
+          fdv.data(), partial_k_data, partial_v_data};
+      ParallelUnits(ctx, a.num_backward_units(), backward_cost / 2,
+                    [&](int64_t s, int64_t e) { AttentionBackwardBf16(a, x, s, e); });
     } else {
-      FloatInput<T> q, fdo;
-      OP_REQUIRES_OK(ctx, q.Init(ctx, ctx->input(0)));
+      FloatInput<T> fq, fk, fv, fo, fdo;
+      OP_REQUIRES_OK(ctx, fq.Init(ctx, ctx->input(0)));
+      OP_REQUIRES_OK(ctx, fk.Init(ctx, ctx->input(1)));
+      OP_REQUIRES_OK(ctx, fv.Init(ctx, v));
+      OP_REQUIRES_OK(ctx, fo.Init(ctx, out));
       OP_REQUIRES_OK(ctx, fdo.Init(ctx, dout));
-      Tensor k, vp;  // head-major float32
-      OP_REQUIRES_OK(ctx, PackTemp<T>(ctx, ctx->input(1), &k));
-      OP_REQUIRES_OK(ctx, PackTemp<T>(ctx, v, &vp));
       const AttentionBackwardArgs<float> x{
-          q.data(), k.flat<float>().data(), vp.flat<float>().data(), lse.flat<float>().data(),
-          delta.flat<float>().data(), fdo.data(), fdq.data(), fdk.data(), fdv.data(),
-          partial_k_data, partial_v_data};
+          fq.data(), fk.data(), fv.data(), fo.data(), lse.flat<float>().data(), fdo.data(),
+          fdq.data(), fdk.data(), fdv.data(), partial_k_data, partial_v_data};
       ParallelUnits(ctx, a.num_backward_units(), backward_cost,
                     [&](int64_t s, int64_t e) { AttentionBackward(a, x, s, e); });
     }

@@ -1,8 +1,11 @@
 #include "custom_ops/cc/kernels/simd.h"
 
+#include <immintrin.h>
+
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -14,8 +17,14 @@ namespace {
 namespace avx512 {
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,prefer-vector-width=512")
+#define SPARSE_ATTENTION_BODY_AVX512 1
+// GCC 12 flags the intrinsics' own undefined-register idiom (`__Y = __Y`).
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #include "custom_ops/cc/kernels/simd_body.h"
 #include "custom_ops/cc/kernels/fused_attention_body.h"
+#pragma GCC diagnostic pop
+#undef SPARSE_ATTENTION_BODY_AVX512
 #pragma GCC pop_options
 }  // namespace avx512
 

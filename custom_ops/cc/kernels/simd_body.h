@@ -99,6 +99,28 @@ constexpr float kNegInf = -__builtin_inff();
 
 // exp(x) for x <= 0 (Cephes-style: x = n ln2 + r, polynomial in r, times 2^n);
 // relative error ~1e-7; x below -87.3 (and -inf) gives 0, NaN stays NaN.
+#if defined(SPARSE_ATTENTION_BODY_AVX512)
+// AVX-512 (the includer defines SPARSE_ATTENTION_BODY_AVX512 inside its
+// target region; GCC's __AVX512F__ does not follow `#pragma GCC target`): rounding and the 2^n scaling are single instructions (vrndscaleps,
+// vscalefps), and the zeroing below -87.3 a mask: 14 operations instead of 21.
+inline __attribute__((always_inline)) v16 ExpNonPositive(v16 x) {
+  const __m512 xv = reinterpret_cast<__m512>(x);
+  const __mmask16 live = _mm512_cmp_ps_mask(xv, _mm512_set1_ps(-87.3f), _CMP_NLT_UQ);
+  const __m512 t = _mm512_mul_ps(xv, _mm512_set1_ps(1.44269504088896341f));
+  // (The mask form: GCC 12 warns about the plain form's undefined source.)
+  const __m512 n = _mm512_mask_roundscale_ps(t, 0xffff, t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), xv);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return reinterpret_cast<v16>(_mm512_maskz_scalef_ps(live, p, n));
+}
+#else
 inline __attribute__((always_inline)) v16 ExpNonPositive(v16 x) {
   const v16 lo = x < -87.3f ? (v16){} + -87.3f : x;                  // avoid 2^n underflow
   const v16 t = lo * 1.44269504088896341f;
@@ -118,6 +140,7 @@ inline __attribute__((always_inline)) v16 ExpNonPositive(v16 x) {
   const v16 e = p * scale;
   return x < -87.3f ? (v16){} : e;
 }
+#endif
 
 inline float ExpNonPositiveScalar(float x) {
   v16 v = (v16){} + x;
