@@ -65,16 +65,20 @@ inline int32_t Word(const uint16_t* p) {  // one bf16 pair as a 32-bit word
 
 // R rows x NV vectors of C; the last vector's columns are `last` (a lane mask).
 // A pair (r, p) at a + r * ars + p * aps; B pair row p at b + p * ldb.
-template <int R, int NV>
+// C += A B, or with kOverwrite C = s * A B (C is then never read).
+template <int R, int NV, bool kOverwrite>
 inline __attribute__((always_inline)) void MicroTile(int64_t k2, const uint16_t* a, int64_t ars,
                                                      int64_t aps, const uint16_t* b, int64_t ldb,
-                                                     float* c, int64_t ldc, __mmask16 last) {
+                                                     float* c, int64_t ldc, __mmask16 last,
+                                                     float s) {
   __m512 acc[R][NV];
 #pragma GCC unroll 16
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 8
     for (int v = 0; v < NV; ++v)
-      acc[r][v] = _mm512_maskz_loadu_ps(v == NV - 1 ? last : 0xffff, c + r * ldc + 16 * v);
+      acc[r][v] = kOverwrite ? _mm512_setzero_ps()
+                             : _mm512_maskz_loadu_ps(v == NV - 1 ? last : 0xffff,
+                                                     c + r * ldc + 16 * v);
   for (int64_t p = 0; p < k2; ++p) {
     __m512bh bv[NV];
 #pragma GCC unroll 8
@@ -92,36 +96,53 @@ inline __attribute__((always_inline)) void MicroTile(int64_t k2, const uint16_t*
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 8
     for (int v = 0; v < NV; ++v)
-      _mm512_mask_storeu_ps(c + r * ldc + 16 * v, v == NV - 1 ? last : 0xffff, acc[r][v]);
+      _mm512_mask_storeu_ps(c + r * ldc + 16 * v, v == NV - 1 ? last : 0xffff,
+                            kOverwrite ? _mm512_mul_ps(acc[r][v], _mm512_set1_ps(s)) : acc[r][v]);
 }
 
-template <int NV>
+template <int NV, bool kOverwrite>
 inline __attribute__((always_inline)) void Panel(int64_t m, int64_t k2, const uint16_t* a,
                                                  int64_t ars, int64_t aps, const uint16_t* b,
                                                  int64_t ldb, float* c, int64_t ldc,
-                                                 __mmask16 last) {
+                                                 __mmask16 last, float s) {
   constexpr int R = 16 / NV;
   int64_t r = 0;
   for (; r + R <= m; r += R)
-    MicroTile<R, NV>(k2, a + r * ars, ars, aps, b, ldb, c + r * ldc, ldc, last);
-  for (; r < m; ++r) MicroTile<1, NV>(k2, a + r * ars, ars, aps, b, ldb, c + r * ldc, ldc, last);
+    MicroTile<R, NV, kOverwrite>(k2, a + r * ars, ars, aps, b, ldb, c + r * ldc, ldc, last, s);
+  for (; r < m; ++r)
+    MicroTile<1, NV, kOverwrite>(k2, a + r * ars, ars, aps, b, ldb, c + r * ldc, ldc, last, s);
+}
+
+template <bool kOverwrite>
+void GemmBf16Impl(int64_t m, int64_t n, int64_t k, const uint16_t* a, int64_t ars, int64_t aps,
+                  const uint16_t* b, int64_t ldb, float* c, int64_t ldc, float s) {
+  const int64_t k2 = k / 2;
+  int64_t col = 0;
+  for (; col + 64 <= n; col += 64)
+    Panel<4, kOverwrite>(m, k2, a, ars, aps, b + 2 * col, ldb, c + col, ldc, 0xffff, s);
+  if (col + 32 <= n) {
+    Panel<2, kOverwrite>(m, k2, a, ars, aps, b + 2 * col, ldb, c + col, ldc, 0xffff, s);
+    col += 32;
+  }
+  for (; col < n; col += 16) {
+    const int64_t w = n - col < 16 ? n - col : 16;
+    Panel<1, kOverwrite>(m, k2, a, ars, aps, b + 2 * col, ldb, c + col, ldc,
+                         static_cast<__mmask16>((1u << w) - 1), s);
+  }
 }
 
 // C[m x n] += A[m x k] B[k x n], k even; A and B as bf16 pairs along k.
 void GemmBf16(int64_t m, int64_t n, int64_t k, const uint16_t* a, int64_t ars, int64_t aps,
               const uint16_t* b, int64_t ldb, float* c, int64_t ldc) {
-  const int64_t k2 = k / 2;
-  int64_t col = 0;
-  for (; col + 64 <= n; col += 64) Panel<4>(m, k2, a, ars, aps, b + 2 * col, ldb, c + col, ldc, 0xffff);
-  if (col + 32 <= n) {
-    Panel<2>(m, k2, a, ars, aps, b + 2 * col, ldb, c + col, ldc, 0xffff);
-    col += 32;
-  }
-  for (; col < n; col += 16) {
-    const int64_t w = n - col < 16 ? n - col : 16;
-    Panel<1>(m, k2, a, ars, aps, b + 2 * col, ldb, c + col, ldc,
-             static_cast<__mmask16>((1u << w) - 1));
-  }
+  GemmBf16Impl<false>(m, n, k, a, ars, aps, b, ldb, c, ldc, 1.f);
+}
+
+// C = s * A B (C is written, never read): the scores' scale is applied in
+// float32 to the product, not to bf16 q.
+void GemmBf16Scaled(int64_t m, int64_t n, int64_t k, const uint16_t* a, int64_t ars,
+                    int64_t aps, const uint16_t* b, int64_t ldb, float* c, int64_t ldc,
+                    float s) {
+  GemmBf16Impl<true>(m, n, k, a, ars, aps, b, ldb, c, ldc, s);
 }
 
 // Rows 2p and 2p+1 of a float [rows, b] tile -> bf16 pairs along the rows:
@@ -147,10 +168,21 @@ void ToBf16(const float* tile, int64_t n, uint16_t* out) {
 }
 
 // b rows of width w (even, row stride ld) -> pairs along w:
-// out[p][i] = rows[i][2p..2p+1].
+// out[p][i] = rows[i][2p..2p+1]: a transpose of 32-bit words, 16 x 16 words
+// at a time in registers (fused::Transpose16 moves bits, whatever they mean).
 void PairColumns(const uint16_t* rows, int64_t ld, int64_t bs, int64_t w, uint16_t* out) {
+  const int64_t words = w / 2;
+  int64_t p0 = 0;
+  for (; p0 + 16 <= words; p0 += 16)
+    for (int64_t i0 = 0; i0 < bs; i0 += 16) {
+      __m512 r[16];
+      for (int k = 0; k < 16; ++k) r[k] = _mm512_loadu_ps(rows + (i0 + k) * ld + 2 * p0);
+      fused::Transpose16(r);
+      for (int c = 0; c < 16; ++c) _mm512_storeu_ps(out + ((p0 + c) * bs + i0) * 2, r[c]);
+    }
   for (int64_t i = 0; i < bs; ++i)
-    for (int64_t p = 0; p < w / 2; ++p) std::memcpy(out + (p * bs + i) * 2, rows + i * ld + 2 * p, 4);
+    for (int64_t p = p0; p < words; ++p)
+      std::memcpy(out + (p * bs + i) * 2, rows + i * ld + 2 * p, 4);
 }
 
 // b rows of width w (row stride ld) -> pairs along the rows:
@@ -161,11 +193,6 @@ void PairRowsBf16(const uint16_t* rows, int64_t ld, int64_t bs, int64_t w, uint1
       out[(p * w + c) * 2] = rows[2 * p * ld + c];
       out[(p * w + c) * 2 + 1] = rows[(2 * p + 1) * ld + c];
     }
-}
-
-// The scores' scale is applied in float32 after the product (not to bf16 q).
-inline void ScaleTile(float* st, float s, int64_t n) {
-  for (int64_t e = 0; e < n; e += 16) Store(st + e, Load(st + e) * s);
 }
 
 struct U16Buffers {
@@ -214,9 +241,8 @@ void Forward(const AttentionProblem& a, const AttentionForwardArgs<uint16_t>& x,
       if (j1 <= j0) continue;
       const int64_t rows = j1 - j0;
       float* sr = st + j0 * bs;
-      std::memset(sr, 0, rows * bs * sizeof(float));
-      GemmBf16(rows, bs, D, x.k + a.k_offset(w.b, j * bs + j0, head), D, 2, qp, 2 * bs, sr, bs);
-      ScaleTile(sr, a.scale, rows * bs);
+      GemmBf16Scaled(rows, bs, D, x.k + a.k_offset(w.b, j * bs + j0, head), D, 2, qp, 2 * bs, sr,
+                     bs, a.scale);
       ApplyMasks(sr, TileBias(a, z, j0), KeyRow(a, w.b, j, j0), rows, bs);
       if (OnlineSoftmaxStep(sr, rows, bs, m, l, alpha))
         for (int64_t i = 0; i < bs; ++i)
@@ -313,12 +339,9 @@ void Backward(const AttentionProblem& a, const AttentionBackwardArgs<uint16_t>& 
         if (j1 <= j0) continue;
         const int64_t rows = j1 - j0, n0 = j * bs + j0;
         float *pr = pt + j0 * bs, *dr = dst + j0 * bs;
-        std::memset(pr, 0, rows * bs * sizeof(float));
-        GemmBf16(rows, bs, D, kn + n0 * D, D, 2, qp, 2 * bs, pr, bs);
-        ScaleTile(pr, a.scale, rows * bs);
+        GemmBf16Scaled(rows, bs, D, kn + n0 * D, D, 2, qp, 2 * bs, pr, bs, a.scale);
         ApplyMasks(pr, TileBias(a, z, j0), KeyRow(a, w.b, j, j0), rows, bs);
-        std::memset(dr, 0, rows * bs * sizeof(float));
-        GemmBf16(rows, bs, Dv, vn + n0 * Dv, Dv, 2, dop, 2 * bs, dr, bs);
+        GemmBf16Scaled(rows, bs, Dv, vn + n0 * Dv, Dv, 2, dop, 2 * bs, dr, bs, 1.f);
         ProbsAndScoreGrad(pr, dr, lse, delta, a.scale, rows, bs);
         ToBf16(pr, rows * bs, ptb);
         ToBf16(dr, rows * bs, dsb);

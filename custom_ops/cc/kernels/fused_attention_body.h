@@ -214,10 +214,13 @@ inline void ProbsAndScoreGrad(float* pt, float* dst, const float* lse, const flo
 inline void FinishRows(const float* o, const float* m, const float* l, int64_t bs, int64_t dv,
                        float* out, int64_t ld, float* lse) {
   for (int64_t i = 0; i < bs; ++i) {
-    const bool any = l[i] > 0.f;
-    const float inv = any ? 1.f / l[i] : 0.f;
+    const float inv = l[i] > 0.f ? 1.f / l[i] : 0.f;
     for (int64_t d = 0; d < dv; ++d) out[i * ld + d] = o[i * dv + d] * inv;
-    lse[i] = any ? m[i] + std::log(l[i]) : kNegInf;
+  }
+  for (int64_t c = 0; c < bs; c += 16) {  // bs is a multiple of 16
+    const v16 lv = Load(l + c);
+    const v16i any = lv > 0.f;  // l >= 1 when a key is visible
+    Store(lse + c, any != 0 ? Load(m + c) + LogPositive(any != 0 ? lv : 1.f) : kNegInf);
   }
 }
 
