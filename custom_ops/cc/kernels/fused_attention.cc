@@ -95,6 +95,26 @@ std::vector<int32_t> MaskKeyRanges(const bool* masks, int64_t num_masks, int64_t
   return ranges;
 }
 
+std::vector<int32_t> MaskQueryRanges(const bool* masks, int64_t num_masks, int64_t block,
+                                     std::vector<uint8_t>* split) {
+  const int64_t groups = block / 16;
+  std::vector<int32_t> ranges(2 * num_masks * groups, 0);
+  split->assign(num_masks, 0);
+  for (int64_t m = 0; m < num_masks; ++m)
+    for (int64_t g = 0; g < groups; ++g) {
+      int64_t lo = block, hi = 0;
+      for (int64_t i = 0; i < block; ++i)
+        for (int64_t j = 16 * g; j < 16 * g + 16 && j < block; ++j)
+          if (masks[(m * block + i) * block + j]) lo = std::min(lo, i), hi = std::max(hi, i + 1);
+      if (hi <= lo) continue;  // no query sees the group: (0, 0)
+      lo = lo / 16 * 16, hi = (hi + 15) / 16 * 16;
+      ranges[2 * (m * groups + g)] = static_cast<int32_t>(lo);
+      ranges[2 * (m * groups + g) + 1] = static_cast<int32_t>(hi);
+      if (hi - lo < block) (*split)[m] = 1;
+    }
+  return ranges;
+}
+
 std::string ValidateAttention(const AttentionProblem& a) {
   if (a.p.block % 16 != 0)
     return "the fused kernel needs a block size that is a multiple of 16, got " +

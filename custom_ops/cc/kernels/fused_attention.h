@@ -33,6 +33,11 @@ struct AttentionProblem {
   const float* bias_t = nullptr;       // [M, b, b] transposed tile masks: 0 or -inf at [key j][query i]
   const int32_t* key_range = nullptr;  // [M, 2] key columns [lo, hi) of each tile mask
                                        // that any query sees (multiples of 16), or null
+  const int32_t* query_range = nullptr; // [M, b/16, 2] per tile mask and group of 16
+                                       // keys: the queries [lo, hi) that see any of
+                                       // them (multiples of 16), or null
+  const uint8_t* split_tile = nullptr;  // [M] 1 if some group of the mask's key range
+                                        // is seen by fewer than all b queries
   const bool* key_padding = nullptr;   // [B, N] true = real key, or null (all real)
   int64_t segments = 1;                // backward: block-row segments per head
   const int32_t* segment_rows = nullptr;  // [Hl, segments + 1] first block row of each segment
@@ -151,6 +156,14 @@ std::vector<float> TransposedMaskBias(const bool* masks, int64_t num_masks, int6
 // widened to multiples of 16: [M, 2]. Tiles compute only these keys (a
 // pattern's tile can be half empty, e.g. Fixed's summary columns at b=64).
 std::vector<int32_t> MaskKeyRanges(const bool* masks, int64_t num_masks, int64_t block);
+
+// For each tile mask [M, b, b] and group of 16 keys, the queries [lo, hi)
+// that see any of them, widened to multiples of 16: [M, b/16, 2] (0, 0 for
+// a group no query sees). Tiles whose groups see fewer than all queries (a
+// causal diagonal tile: keys 16g.. are seen from query 16g on) compute each
+// group's products on those queries only. *split gets the per-mask flag.
+std::vector<int32_t> MaskQueryRanges(const bool* masks, int64_t num_masks, int64_t block,
+                                     std::vector<uint8_t>* split);
 
 // What the fused kernels need beyond valid tables and masks (ValidateTables,
 // ValidateMasks): a block size that is a multiple of 16. "" if valid.

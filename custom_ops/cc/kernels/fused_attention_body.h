@@ -119,6 +119,24 @@ inline void KeyRange(const AttentionProblem& a, int64_t z, int64_t* lo, int64_t*
   }
 }
 
+// The query ranges [lo, hi) of tile z's groups of 16 keys ([b/16, 2]), or
+// null when every group is seen by all queries (full tiles, most masks).
+inline const int32_t* SplitRanges(const AttentionProblem& a, int64_t z) {
+  const int32_t mi = a.mask_index[z];
+  if (mi < 0 || a.split_tile == nullptr || !a.split_tile[mi]) return nullptr;
+  return a.query_range + mi * (a.p.block / 16) * 2;
+}
+
+// Columns [0, q0) and [q1, bs) of 16 tile rows (row stride bs) <- v: the
+// queries a group's products skipped.
+inline void FillOutside(float* rows, int64_t bs, int64_t q0, int64_t q1, float v) {
+  const v16 f = (v16){} + v;
+  for (int64_t r = 0; r < 16; ++r) {
+    for (int64_t c = 0; c < q0; c += 16) Store(rows + r * bs + c, f);
+    for (int64_t c = q1; c < bs; c += 16) Store(rows + r * bs + c, f);
+  }
+}
+
 // rows key rows of S^T (row stride bs): st[j][:] += bias[j][:], or -inf for
 // padded keys j.
 inline void ApplyMasks(float* st, const float* bias, const bool* keys, int64_t rows, int64_t bs) {
@@ -289,15 +307,36 @@ void Forward(const AttentionProblem& a, const AttentionForwardArgs<float>& x, in
       if (j1 <= j0) continue;
       const int64_t rows = j1 - j0;
       float* sr = st + j0 * bs;
-      GemmOverwrite(rows, bs, D, x.k + a.k_offset(w.b, j * bs + j0, head), ldk, 1, qt, bs, sr,
-                    bs);                                                      // S^T
+      const float* kj = x.k + a.k_offset(w.b, j * bs, head);  // K_J, V_J panels
+      const float* vj = x.v + a.v_offset(w.b, j * bs, head);
+      const int32_t* qr = SplitRanges(a, z);
+      if (qr == nullptr) {
+        GemmOverwrite(rows, bs, D, kj + j0 * ldk, ldk, 1, qt, bs, sr, bs);  // S^T
+      } else {  // per group of 16 keys, on the queries that see it
+        for (int64_t g = j0 / 16; g < j1 / 16; ++g) {
+          const int64_t q0 = qr[2 * g], q1 = qr[2 * g + 1];
+          if (q1 > q0)
+            GemmOverwrite(16, q1 - q0, D, kj + 16 * g * ldk, ldk, 1, qt + q0, bs,
+                          st + 16 * g * bs + q0, bs);
+          FillOutside(st + 16 * g * bs, bs, q0, q1, kNegInf);
+        }
+      }
       ApplyMasks(sr, TileBias(a, z, j0), KeyRow(a, w.b, j, j0), rows, bs);
       const bool rescale = OnlineSoftmaxStep(sr, rows, bs, m, l, alpha);
       if (rescale)
         for (int64_t i = 0; i < bs; ++i)
           if (alpha[i] != 1.f) Scale(o + i * Dv, alpha[i], Dv);
       // O += P V_J, P[i][j] = st[j][i].
-      Gemm(bs, Dv, rows, sr, 1, bs, x.v + a.v_offset(w.b, j * bs + j0, head), ldv, o, Dv);
+      if (qr == nullptr) {
+        Gemm(bs, Dv, rows, sr, 1, bs, vj + j0 * ldv, ldv, o, Dv);
+      } else {
+        for (int64_t g = j0 / 16; g < j1 / 16; ++g) {
+          const int64_t q0 = qr[2 * g], q1 = qr[2 * g + 1];
+          if (q1 > q0)
+            Gemm(q1 - q0, Dv, 16, st + 16 * g * bs + q0, 1, bs, vj + 16 * g * ldv, ldv,
+                 o + q0 * Dv, Dv);
+        }
+      }
     }
     FinishRows(o, m, l, bs, Dv, x.out + a.o_offset(w.b, w.i * bs, head), a.o_stride(),
                x.lse + a.lse_offset(w.b, head, w.i * bs));
@@ -365,13 +404,39 @@ void Backward(const AttentionProblem& a, const AttentionBackwardArgs<float>& x, 
         const int64_t rows = j1 - j0, n0 = j * bs + j0;
         float *pr = pt + j0 * bs, *dr = dst + j0 * bs;
         const float* kr = pk + n0 * D;
-        GemmOverwrite(rows, bs, D, kr, D, 1, qt, bs, pr, bs);                // S^T
+        const int32_t* qr = SplitRanges(a, z);
+        if (qr == nullptr) {
+          GemmOverwrite(rows, bs, D, kr, D, 1, qt, bs, pr, bs);                // S^T
+          GemmOverwrite(rows, bs, Dv, pv + n0 * Dv, Dv, 1, dot, bs, dr, bs);   // dP^T
+        } else {  // per group of 16 keys, on the queries that see it
+          for (int64_t g = j0 / 16; g < j1 / 16; ++g) {
+            const int64_t q0 = qr[2 * g], q1 = qr[2 * g + 1], ng = j * bs + 16 * g;
+            if (q1 > q0) {
+              GemmOverwrite(16, q1 - q0, D, pk + ng * D, D, 1, qt + q0, bs,
+                            pt + 16 * g * bs + q0, bs);
+              GemmOverwrite(16, q1 - q0, Dv, pv + ng * Dv, Dv, 1, dot + q0, bs,
+                            dst + 16 * g * bs + q0, bs);
+            }
+            FillOutside(pt + 16 * g * bs, bs, q0, q1, kNegInf);  // P = 0 there
+            FillOutside(dst + 16 * g * bs, bs, q0, q1, 0.f);     // so dS = 0
+          }
+        }
         ApplyMasks(pr, TileBias(a, z, j0), KeyRow(a, w.b, j, j0), rows, bs);
-        GemmOverwrite(rows, bs, Dv, pv + n0 * Dv, Dv, 1, dot, bs, dr, bs);   // dP^T
         ProbsAndScoreGrad(pr, dr, lse, delta, 1.f, rows, bs);
-        Gemm(rows, Dv, bs, pr, bs, 1, dor, Dv, hv + n0 * Dv, Dv);  // dV_J += P^T dO_I
-        Gemm(bs, D, rows, dr, 1, bs, kr, D, dqa, D);               // dQ_I += dS K_J
-        Gemm(rows, D, bs, dr, bs, 1, qs, D, hk + n0 * D, D);       // dK_J += dS^T Q_I
+        if (qr == nullptr) {
+          Gemm(rows, Dv, bs, pr, bs, 1, dor, Dv, hv + n0 * Dv, Dv);  // dV_J += P^T dO_I
+          Gemm(bs, D, rows, dr, 1, bs, kr, D, dqa, D);               // dQ_I += dS K_J
+          Gemm(rows, D, bs, dr, bs, 1, qs, D, hk + n0 * D, D);       // dK_J += dS^T Q_I
+        } else {
+          for (int64_t g = j0 / 16; g < j1 / 16; ++g) {
+            const int64_t q0 = qr[2 * g], q1 = qr[2 * g + 1], ng = j * bs + 16 * g;
+            if (q1 <= q0) continue;
+            const float *pg = pt + 16 * g * bs + q0, *dg = dst + 16 * g * bs + q0;
+            Gemm(16, Dv, q1 - q0, pg, bs, 1, dor + q0 * Dv, Dv, hv + ng * Dv, Dv);
+            Gemm(q1 - q0, D, 16, dg, 1, bs, pk + ng * D, D, dqa + q0 * D, D);
+            Gemm(16, D, q1 - q0, dg, bs, 1, qs + q0 * D, D, hk + ng * D, D);
+          }
+        }
       }
       for (int64_t i = 0; i < bs; ++i)
         for (int64_t d = 0; d < D; ++d) dq[i * lq + d] = a.scale * dqa[i * D + d];

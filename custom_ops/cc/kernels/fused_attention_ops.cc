@@ -11,11 +11,12 @@ namespace sparse_attention {
 namespace {
 
 // Checks q, k, v and the tables and fills the problem (masks and key padding
-// included). `bias` and `key_range` keep the transposed tile masks and their
-// key ranges alive for the kernels.
+// included). `bias`, `key_range`, `query_range` and `split_tile` keep the
+// transposed tile masks and their key and query ranges alive for the kernels.
 Status MakeAttentionProblem(OpKernelContext* ctx, int first_table, int64_t block, float scale,
                             AttentionProblem* a, std::vector<float>* bias,
-                            std::vector<int32_t>* key_range) {
+                            std::vector<int32_t>* key_range, std::vector<int32_t>* query_range,
+                            std::vector<uint8_t>* split_tile) {
   SoftmaxMasks m;
   TF_RETURN_IF_ERROR(CheckAttentionShapes(ctx, first_table, block, &a->p, &m));
   TF_RETURN_IF_ERROR(ValidateProblem(a->p, true));
@@ -31,6 +32,10 @@ Status MakeAttentionProblem(OpKernelContext* ctx, int first_table, int64_t block
   a->bias_t = bias->data();
   *key_range = MaskKeyRanges(masks.flat<bool>().data(), masks.dim_size(0), block);
   a->key_range = key_range->data();
+  *query_range =
+      MaskQueryRanges(masks.flat<bool>().data(), masks.dim_size(0), block, split_tile);
+  a->query_range = query_range->data();
+  a->split_tile = split_tile->data();
   // An all-true key padding mask hides nothing: skip reading it.
   const bool* kp = key_padding.flat<bool>().data();
   a->key_padding =
@@ -102,8 +107,10 @@ class AttentionOp : public OpKernel {
   void Compute(OpKernelContext* ctx) override {
     AttentionProblem a;
     std::vector<float> bias;
-    std::vector<int32_t> key_range;
-    OP_REQUIRES_OK(ctx, MakeAttentionProblem(ctx, 3, block_, scale_, &a, &bias, &key_range));
+    std::vector<int32_t> key_range, query_range;
+    std::vector<uint8_t> split_tile;
+    OP_REQUIRES_OK(ctx, MakeAttentionProblem(ctx, 3, block_, scale_, &a, &bias, &key_range,
+                                             &query_range, &split_tile));
     const Problem& p = a.p;
     Tensor *out = nullptr, *lse = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, ctx->input(2).shape(), &out));
@@ -153,8 +160,10 @@ class AttentionGradOp : public OpKernel {
   void Compute(OpKernelContext* ctx) override {
     AttentionProblem a;
     std::vector<float> bias;
-    std::vector<int32_t> key_range;
-    OP_REQUIRES_OK(ctx, MakeAttentionProblem(ctx, 6, block_, scale_, &a, &bias, &key_range));
+    std::vector<int32_t> key_range, query_range;
+    std::vector<uint8_t> split_tile;
+    OP_REQUIRES_OK(ctx, MakeAttentionProblem(ctx, 6, block_, scale_, &a, &bias, &key_range,
+                                             &query_range, &split_tile));
     const Problem& p = a.p;
     const Tensor& v = ctx->input(2);
     const Tensor& out = ctx->input(3);
