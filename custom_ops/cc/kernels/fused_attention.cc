@@ -41,15 +41,17 @@ void PackHeadsBf16(const uint16_t* x, int64_t batch, int64_t seq, int64_t heads,
                    int64_t rows, uint16_t* natural, uint16_t* pairs, int64_t begin, int64_t end) {
   const int64_t chunks = (seq + rows - 1) / rows;
   for (int64_t u = begin; u < end; ++u) {
-    const int64_t c = u % chunks, bh = u / chunks, b = bh / heads, head = bh % heads;
-    for (int64_t n = c * rows; n < seq && n < (c + 1) * rows; ++n) {
-      const uint16_t* src = x + ((b * seq + n) * heads + head) * dim;
-      if (natural != nullptr) std::memcpy(natural + (bh * seq + n) * dim, src, dim * 2);
-      if (pairs != nullptr) {
-        uint16_t* dst = pairs + (bh * seq + (n & ~int64_t{1})) * dim + (n & 1);
-        for (int64_t d = 0; d < dim; ++d) dst[2 * d] = src[d];
+    const int64_t c = u % chunks, b = u / chunks;
+    for (int64_t n = c * rows; n < seq && n < (c + 1) * rows; ++n)
+      for (int64_t head = 0; head < heads; ++head) {
+        const int64_t bh = b * heads + head;
+        const uint16_t* src = x + ((b * seq + n) * heads + head) * dim;
+        if (natural != nullptr) std::memcpy(natural + (bh * seq + n) * dim, src, dim * 2);
+        if (pairs != nullptr) {
+          uint16_t* dst = pairs + (bh * seq + (n & ~int64_t{1})) * dim + (n & 1);
+          for (int64_t d = 0; d < dim; ++d) dst[2 * d] = src[d];
+        }
       }
-    }
   }
 }
 

@@ -107,7 +107,7 @@ void AttentionBackward(const AttentionProblem& a, const AttentionBackwardArgs<fl
 
 // bfloat16 operands (raw bits) on the CPU's bf16 dot-product instructions,
 // when HasBf16Kernels(); accumulation and softmax in float32. The forward
-// takes k and v head-major and v also as pairs along the sequence (see
+// takes k head-major and v only as pairs along the sequence (x.v unused; see
 // PackHeadsBf16); the backward packs its heads itself. D and Dv must be even
 // (and so N, as a multiple of the block size).
 bool HasBf16Kernels();
@@ -117,8 +117,8 @@ void AttentionBackwardBf16(const AttentionProblem& a, const AttentionBackwardArg
                            int64_t begin, int64_t end);
 
 // bf16 x [B, N, H, D] -> head-major [B, H, N, D] (if natural) and pairs along
-// the sequence [B, H, N/2, D, 2] (if pairs; N even), for the units (b, head,
-// block of `rows` rows, even) in [begin, end) of B * H * ceil(N / rows).
+// the sequence [B, H, N/2, D, 2] (if pairs; N even), for the units (b,
+// block of `rows` rows, even) in [begin, end) of B * ceil(N / rows).
 void PackHeadsBf16(const uint16_t* x, int64_t batch, int64_t seq, int64_t heads, int64_t dim,
                    int64_t rows, uint16_t* natural, uint16_t* pairs, int64_t begin, int64_t end);
 
@@ -127,20 +127,22 @@ void PackHeadsBf16(const uint16_t* x, int64_t batch, int64_t seq, int64_t heads,
 void ReduceSegments(const AttentionProblem& a, const AttentionBackwardArgs<float>& x,
                     int64_t begin, int64_t end);
 
-// [B, N, H, D] -> [B, H, N, D] for the units (b, head, block of `rows` rows)
-// in [begin, end) of B * H * ceil(N / rows). Src is any type convertible to
-// float.
+// [B, N, H, D] -> [B, H, N, D] for the units (b, block of `rows` rows) in
+// [begin, end) of B * ceil(N / rows): each token's H * D values are read
+// in one sequential sweep and go to H sequential output streams. Src is any
+// type convertible to float.
 template <typename Src>
 void PackHeads(const Src* x, int64_t batch, int64_t seq, int64_t heads, int64_t dim,
                int64_t rows, float* packed, int64_t begin, int64_t end) {
   const int64_t chunks = (seq + rows - 1) / rows;
   for (int64_t u = begin; u < end; ++u) {
-    const int64_t c = u % chunks, bh = u / chunks, b = bh / heads, head = bh % heads;
-    for (int64_t n = c * rows; n < seq && n < (c + 1) * rows; ++n) {
-      const Src* src = x + ((b * seq + n) * heads + head) * dim;
-      float* dst = packed + (bh * seq + n) * dim;
-      for (int64_t d = 0; d < dim; ++d) dst[d] = static_cast<float>(src[d]);
-    }
+    const int64_t c = u % chunks, b = u / chunks;
+    for (int64_t n = c * rows; n < seq && n < (c + 1) * rows; ++n)
+      for (int64_t head = 0; head < heads; ++head) {
+        const Src* src = x + ((b * seq + n) * heads + head) * dim;
+        float* dst = packed + ((b * heads + head) * seq + n) * dim;
+        for (int64_t d = 0; d < dim; ++d) dst[d] = static_cast<float>(src[d]);
+      }
   }
 }
 

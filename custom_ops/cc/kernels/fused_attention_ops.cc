@@ -45,40 +45,54 @@ Status MakeAttentionProblem(OpKernelContext* ctx, int first_table, int64_t block
 
 constexpr int64_t kPackRows = 64;  // rows per unit of PackHeads / PackHeadsBf16
 
-// x [B, N, H, D] of T -> a head-major float32 temp [B, H, N, D].
+// k [B, N, H, D] and v [B, N, H, Dv] of T -> head-major float32 temps
+// [B, H, N, D] and [B, H, N, Dv], in one pass over the thread pool.
 template <typename T>
-Status PackTemp(OpKernelContext* ctx, const Tensor& x, Tensor* packed) {
-  const int64_t b = x.dim_size(0), n = x.dim_size(1), h = x.dim_size(2), d = x.dim_size(3);
-  TF_RETURN_IF_ERROR(ctx->allocate_temp(tensorflow::DT_FLOAT, TensorShape({b, h, n, d}), packed));
-  const T* src = x.flat<T>().data();
-  float* dst = packed->flat<float>().data();
-  ParallelUnits(ctx, b * h * ((n + kPackRows - 1) / kPackRows), kPackRows * d * 4,
-                [&](int64_t s, int64_t e) { PackHeads<T>(src, b, n, h, d, kPackRows, dst, s, e); });
-  return absl::OkStatus();
-}
-
-// bf16 x [B, N, H, D] -> head-major bf16 temps: natural [B, H, N, D] and/or
-// pairs along the sequence [B, H, N/2, D, 2] (either may be null).
-Status PackBf16Temps(OpKernelContext* ctx, const Tensor& x, Tensor* natural, Tensor* pairs) {
-  const int64_t b = x.dim_size(0), n = x.dim_size(1), h = x.dim_size(2), d = x.dim_size(3);
-  for (Tensor* t : {natural, pairs})
-    if (t != nullptr)
-      TF_RETURN_IF_ERROR(
-          ctx->allocate_temp(tensorflow::DT_BFLOAT16, TensorShape({b, h, n, d}), t));
-  auto bits = [](Tensor* t) {
-    return t == nullptr ? nullptr : reinterpret_cast<uint16_t*>(t->flat<Eigen::bfloat16>().data());
-  };
-  const uint16_t* src = reinterpret_cast<const uint16_t*>(x.flat<Eigen::bfloat16>().data());
-  uint16_t *nat = bits(natural), *pr = bits(pairs);
-  ParallelUnits(ctx, b * h * ((n + kPackRows - 1) / kPackRows), kPackRows * d * 2,
-                [&](int64_t s, int64_t e) {
-                  PackHeadsBf16(src, b, n, h, d, kPackRows, nat, pr, s, e);
-                });
+Status PackTemps(OpKernelContext* ctx, const Tensor& k, const Tensor& v, Tensor* pk, Tensor* pv) {
+  const int64_t b = k.dim_size(0), n = k.dim_size(1), h = k.dim_size(2);
+  const int64_t dk = k.dim_size(3), dv = v.dim_size(3);
+  TF_RETURN_IF_ERROR(ctx->allocate_temp(tensorflow::DT_FLOAT, TensorShape({b, h, n, dk}), pk));
+  TF_RETURN_IF_ERROR(ctx->allocate_temp(tensorflow::DT_FLOAT, TensorShape({b, h, n, dv}), pv));
+  const T *ks = k.flat<T>().data(), *vs = v.flat<T>().data();
+  float *kd = pk->flat<float>().data(), *vd = pv->flat<float>().data();
+  const int64_t units = b * ((n + kPackRows - 1) / kPackRows);  // per tensor
+  ParallelUnits(ctx, 2 * units, kPackRows * h * (dk + dv) * 2, [&](int64_t s, int64_t e) {
+    for (int64_t u = s; u < e; ++u) {
+      if (u < units)
+        PackHeads<T>(ks, b, n, h, dk, kPackRows, kd, u, u + 1);
+      else
+        PackHeads<T>(vs, b, n, h, dv, kPackRows, vd, u - units, u - units + 1);
+    }
+  });
   return absl::OkStatus();
 }
 
 const uint16_t* Bits(const Tensor& t) {  // the bits of a bfloat16 tensor
   return reinterpret_cast<const uint16_t*>(t.flat<Eigen::bfloat16>().data());
+}
+
+// bf16 k [B, N, H, D] -> head-major k [B, H, N, D], and v [B, N, H, Dv] ->
+// pairs along the sequence [B, H, N/2, Dv, 2], in one pass over the pool.
+Status PackBf16Temps(OpKernelContext* ctx, const Tensor& k, const Tensor& v, Tensor* kn,
+                     Tensor* vp) {
+  const int64_t b = k.dim_size(0), n = k.dim_size(1), h = k.dim_size(2);
+  const int64_t dk = k.dim_size(3), dv = v.dim_size(3);
+  TF_RETURN_IF_ERROR(
+      ctx->allocate_temp(tensorflow::DT_BFLOAT16, TensorShape({b, h, n, dk}), kn));
+  TF_RETURN_IF_ERROR(
+      ctx->allocate_temp(tensorflow::DT_BFLOAT16, TensorShape({b, h, n, dv}), vp));
+  uint16_t* kd = const_cast<uint16_t*>(Bits(*kn));
+  uint16_t* vd = const_cast<uint16_t*>(Bits(*vp));
+  const int64_t units = b * ((n + kPackRows - 1) / kPackRows);  // per tensor
+  ParallelUnits(ctx, 2 * units, kPackRows * h * (dk + dv), [&](int64_t s, int64_t e) {
+    for (int64_t u = s; u < e; ++u) {
+      if (u < units)
+        PackHeadsBf16(Bits(k), b, n, h, dk, kPackRows, kd, nullptr, u, u + 1);
+      else
+        PackHeadsBf16(Bits(v), b, n, h, dv, kPackRows, nullptr, vd, u - units, u - units + 1);
+    }
+  });
+  return absl::OkStatus();
 }
 
 // Whether bf16 inputs take the bf16 dot-product kernels: the CPU has them and
@@ -121,10 +135,9 @@ class AttentionOp : public OpKernel {
     FloatOutput<T> fo;
     OP_REQUIRES_OK(ctx, fo.Init(ctx, out));
     if (UseBf16Kernels<T>(a)) {
-      Tensor k, v, v_pairs;  // head-major bf16
-      OP_REQUIRES_OK(ctx, PackBf16Temps(ctx, ctx->input(1), &k, nullptr));
-      OP_REQUIRES_OK(ctx, PackBf16Temps(ctx, ctx->input(2), &v, &v_pairs));
-      const AttentionForwardArgs<uint16_t> x{Bits(ctx->input(0)), Bits(k), Bits(v), fo.data(),
+      Tensor k, v_pairs;  // head-major bf16
+      OP_REQUIRES_OK(ctx, PackBf16Temps(ctx, ctx->input(1), ctx->input(2), &k, &v_pairs));
+      const AttentionForwardArgs<uint16_t> x{Bits(ctx->input(0)), Bits(k), nullptr, fo.data(),
                                              lse->flat<float>().data()};
       ParallelUnits(ctx, p.num_units(), AttentionRowCost(a) / 2, [&](int64_t s, int64_t e) {
         AttentionForwardBf16(a, x, Bits(v_pairs), s, e);
@@ -133,8 +146,7 @@ class AttentionOp : public OpKernel {
       FloatInput<T> q;
       OP_REQUIRES_OK(ctx, q.Init(ctx, ctx->input(0)));
       Tensor k, v;  // head-major float32
-      OP_REQUIRES_OK(ctx, PackTemp<T>(ctx, ctx->input(1), &k));
-      OP_REQUIRES_OK(ctx, PackTemp<T>(ctx, ctx->input(2), &v));
+      OP_REQUIRES_OK(ctx, PackTemps<T>(ctx, ctx->input(1), ctx->input(2), &k, &v));
       const AttentionForwardArgs<float> x{q.data(), k.flat<float>().data(),
                                           v.flat<float>().data(), fo.data(),
                                           lse->flat<float>().data()};
