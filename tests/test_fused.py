@@ -14,6 +14,7 @@ import pytest
 import tensorflow as tf
 
 import sparse_attention_tf as sat
+from sparse_attention_tf import layout as layout_lib
 from sparse_attention_tf import ops as ops_lib
 from sparse_attention_tf import patterns
 from tests import npref
@@ -95,6 +96,51 @@ def test_odd_head_dim_bf16(ops, rng):
   ref = npref.attention(*(tf.cast(t, tf.float64).numpy() for t in (q, k, v)), pattern.mask(n),
                         0.3)
   assert npref.rel_err(tf.cast(out, tf.float64), ref) <= 1e-2
+
+
+def _group_tiles(rng, block):
+  """Tile masks whose groups of 16 keys are seen by different query ranges.
+
+  The fused kernels compute each such group only for the queries that see
+  it (a causal diagonal tile is the common case); these tiles add holes, a
+  group no query sees between seen ones, a group seen by one 16-query band,
+  and scattered single elements.
+  """
+  i, j = np.meshgrid(np.arange(block), np.arange(block), indexing="ij")
+  stair = (j // 16 <= i // 16) & (rng.random((block, block)) > 0.2)
+  band = np.zeros((block, block), bool)
+  band[16:32, : block // 2] = True                       # one query band sees the first half
+  band[:, -16:] = rng.random((block, 16)) > 0.5
+  if block >= 48:
+    band[:, 16:32] = False                               # a group between seen ones: nobody
+  sparse = rng.random((block, block)) > 0.9
+  causal = j <= i
+  return np.stack([np.ones((block, block), bool), stair, band, sparse, causal])
+
+
+@pytest.mark.parametrize("block", [16, 32, 64, 128])
+def test_tiles_with_per_group_query_ranges(ops, rng, block):
+  """Fused forward and gradients against float64 on tiles split by key group."""
+  n = 256
+  nb = n // block
+  layout = rng.random((1, nb, nb)) > 0.3
+  layout[0, np.arange(nb), np.arange(nb)] = True         # every row keeps a block
+  tiles = _group_tiles(rng, block)
+  tile_of_block = rng.integers(0, len(tiles), int(layout.sum()))
+  tables = layout_lib.tables_from_layout(layout, tiles, tile_of_block, block)
+  t = ops_lib.TableTensors(tables)
+  q, k = (tf.constant(rng.standard_normal((2, n, 2, 32)), tf.float32) for _ in range(2))
+  v = tf.constant(rng.standard_normal((2, n, 2, 24)), tf.float32)
+  kp = rng.random((2, n)) > 0.15
+  dout = rng.standard_normal((2, n, 2, 24))
+  with tf.GradientTape() as tape:
+    tape.watch([q, k, v])
+    out, _ = _fused(q, k, v, t, tf.constant(kp), 0.3)
+  grads = tape.gradient(out, [q, k, v], output_gradients=tf.constant(dout, tf.float32))
+  ref, ref_grads = npref.attention(q.numpy(), k.numpy(), v.numpy(), tables.element_mask(), 0.3,
+                                   kp, dout)
+  for x, r in zip([out, *grads], [ref, *ref_grads]):
+    assert npref.rel_err(x, r) <= 1e-5
 
 
 def test_fused_matches_unfused_tightly(ops, rng):
