@@ -116,6 +116,10 @@ void AttentionForwardBf16(const AttentionProblem& a, const AttentionForwardArgs<
 void AttentionBackwardBf16(const AttentionProblem& a, const AttentionBackwardArgs<uint16_t>& x,
                            int64_t begin, int64_t end);
 
+// float32 -> bf16 bits, rounded to nearest even (as Eigen::bfloat16), on the
+// bf16 instructions: only when HasBf16Kernels().
+void FloatToBf16(const float* x, int64_t n, uint16_t* y);
+
 // bf16 x [B, N, H, D] -> head-major [B, H, N, D] (if natural) and pairs along
 // the sequence [B, H, N/2, D, 2] (if pairs; N even), for the units (b,
 // block of `rows` rows, even) in [begin, end) of B * ceil(N / rows).

@@ -33,11 +33,13 @@ bool CpuHasBf16() {
 namespace avx512bf16 {
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,avx512bf16,avx2,fma,prefer-vector-width=512")
+// GCC 12 flags the intrinsics' own undefined-register idiom (`__Y = __Y`).
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 // Only part of the two bodies is used here (the float32 GEMM and the softmax
 // steps); the rest is compiled for this ISA and dropped.
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wunused-function"
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // the intrinsics' `__Y = __Y`
 #define SPARSE_ATTENTION_BODY_AVX512 1
 #include "custom_ops/cc/kernels/simd_body.h"
 #include "custom_ops/cc/kernels/fused_attention_body.h"
@@ -186,13 +188,29 @@ void PairColumns(const uint16_t* rows, int64_t ld, int64_t bs, int64_t w, uint16
 }
 
 // b rows of width w (row stride ld) -> pairs along the rows:
-// out[p][c][t] = rows[2p + t][c].
+// out[p][c][t] = rows[2p + t][c]. 32 columns at a time: two rows' words
+// interleaved by one permute each half.
 void PairRowsBf16(const uint16_t* rows, int64_t ld, int64_t bs, int64_t w, uint16_t* out) {
-  for (int64_t p = 0; p < bs / 2; ++p)
-    for (int64_t c = 0; c < w; ++c) {
-      out[(p * w + c) * 2] = rows[2 * p * ld + c];
-      out[(p * w + c) * 2 + 1] = rows[(2 * p + 1) * ld + c];
+  static const __m512i kLow = _mm512_set_epi16(
+      47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8,
+      39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+  static const __m512i kHigh = _mm512_set_epi16(
+      63, 31, 62, 30, 61, 29, 60, 28, 59, 27, 58, 26, 57, 25, 56, 24,
+      55, 23, 54, 22, 53, 21, 52, 20, 51, 19, 50, 18, 49, 17, 48, 16);
+  for (int64_t p = 0; p < bs / 2; ++p) {
+    const uint16_t *r0 = rows + 2 * p * ld, *r1 = r0 + ld;
+    uint16_t* o = out + p * w * 2;
+    int64_t c = 0;
+    for (; c + 32 <= w; c += 32) {
+      const __m512i a = _mm512_loadu_si512(r0 + c), b = _mm512_loadu_si512(r1 + c);
+      _mm512_storeu_si512(o + 2 * c, _mm512_permutex2var_epi16(a, kLow, b));
+      _mm512_storeu_si512(o + 2 * c + 32, _mm512_permutex2var_epi16(a, kHigh, b));
     }
+    for (; c < w; ++c) {
+      o[2 * c] = r0[c];
+      o[2 * c + 1] = r1[c];
+    }
+  }
 }
 
 struct U16Buffers {
@@ -258,8 +276,14 @@ void Forward(const AttentionProblem& a, const AttentionForwardArgs<uint16_t>& x,
 
 // sum_d x[d] * y[d] over bf16 rows, in float32.
 inline float DotBf16(const uint16_t* x, const uint16_t* y, int64_t n) {
-  float s = 0.f;
-  for (int64_t d = 0; d < n; ++d) {
+  auto widen = [](__m256i h) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); };
+  __m512 acc = _mm512_setzero_ps();
+  int64_t d = 0;
+  for (; d + 16 <= n; d += 16)
+    acc = _mm512_fmadd_ps(widen(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + d))),
+                          widen(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(y + d))), acc);
+  float s = _mm512_reduce_add_ps(acc);
+  for (; d < n; ++d) {
     const uint32_t xb = uint32_t{x[d]} << 16, yb = uint32_t{y[d]} << 16;
     float xf, yf;
     std::memcpy(&xf, &xb, 4);
@@ -356,6 +380,18 @@ void Backward(const AttentionProblem& a, const AttentionBackwardArgs<uint16_t>& 
   }
 }
 
+void FloatToBf16(const float* x, int64_t n, uint16_t* y) {
+  int64_t e = 0;
+  for (; e + 16 <= n; e += 16)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + e),
+                        (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(x + e)));
+  if (e < n) {
+    const __mmask16 m = static_cast<__mmask16>((1u << (n - e)) - 1);
+    _mm256_mask_storeu_epi16(y + e, m, (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(m, x + e)));
+  }
+}
+
+#pragma GCC diagnostic pop  // -Wmaybe-uninitialized
 #pragma GCC pop_options
 }  // namespace avx512bf16
 
@@ -368,6 +404,8 @@ bool HasBf16Kernels() {
   }();
   return has;
 }
+
+void FloatToBf16(const float* x, int64_t n, uint16_t* y) { avx512bf16::FloatToBf16(x, n, y); }
 
 void AttentionForwardBf16(const AttentionProblem& a, const AttentionForwardArgs<uint16_t>& x,
                           const uint16_t* v_pairs, int64_t begin, int64_t end) {

@@ -103,6 +103,26 @@ bool UseBf16Kernels(const AttentionProblem& a) {
          a.value_dim % 2 == 0;
 }
 
+// out (T) <- the float32 buffer f. bfloat16 on the bf16 instructions where
+// the bf16 kernels ran (Eigen's conversion to bfloat16 is scalar).
+template <typename T>
+void FinishOutput(OpKernelContext* ctx, FloatOutput<T>* f, Tensor* out, bool bf16_kernels) {
+  if constexpr (std::is_same<T, Eigen::bfloat16>::value) {
+    if (bf16_kernels) {
+      constexpr int64_t kChunk = 1 << 14;
+      const int64_t n = out->NumElements();
+      const float* x = f->data();
+      uint16_t* y = reinterpret_cast<uint16_t*>(out->flat<Eigen::bfloat16>().data());
+      ParallelUnits(ctx, (n + kChunk - 1) / kChunk, kChunk, [&](int64_t s, int64_t e) {
+        for (int64_t c = s; c < e; ++c)
+          FloatToBf16(x + c * kChunk, std::min(kChunk, n - c * kChunk), y + c * kChunk);
+      });
+      return;
+    }
+  }
+  f->Finish(ctx);
+}
+
 // Flops of one block-row unit (forward), as the thread pool's cost hint.
 int64_t AttentionRowCost(const AttentionProblem& a) {
   return RowCost(a.p) * (a.p.head_dim + a.value_dim) / std::max<int64_t>(1, a.p.head_dim);
@@ -153,7 +173,7 @@ class AttentionOp : public OpKernel {
       ParallelUnits(ctx, p.num_units(), AttentionRowCost(a),
                     [&](int64_t s, int64_t e) { AttentionForward(a, x, s, e); });
     }
-    fo.Finish(ctx);
+    FinishOutput<T>(ctx, &fo, out, UseBf16Kernels<T>(a));
   }
 
  private:
@@ -245,9 +265,10 @@ class AttentionGradOp : public OpKernel {
     if (a.segments > 1)
       ParallelUnits(ctx, heads, p.seq * (p.head_dim + a.value_dim) * a.segments,
                     [&](int64_t s, int64_t e) { ReduceSegments(a, sums, s, e); });
-    fdq.Finish(ctx);
-    fdk.Finish(ctx);
-    fdv.Finish(ctx);
+    const bool bf16_kernels = UseBf16Kernels<T>(a);
+    FinishOutput<T>(ctx, &fdq, dq, bf16_kernels);
+    FinishOutput<T>(ctx, &fdk, dk, bf16_kernels);
+    FinishOutput<T>(ctx, &fdv, dv, bf16_kernels);
   }
 
  private:
