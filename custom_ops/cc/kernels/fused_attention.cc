@@ -73,48 +73,45 @@ std::vector<int32_t> SegmentRows(const Tables& t, int64_t segments) {
   return rows;
 }
 
-std::vector<float> TransposedMaskBias(const bool* masks, int64_t num_masks, int64_t block) {
+MaskTables BuildMaskTables(const bool* masks, int64_t num_masks, int64_t block) {
   const float kNegInf = -std::numeric_limits<float>::infinity();
-  std::vector<float> bias(num_masks * block * block);
-  for (int64_t m = 0; m < num_masks; ++m)
-    for (int64_t i = 0; i < block; ++i)
-      for (int64_t j = 0; j < block; ++j)
-        bias[(m * block + j) * block + i] = masks[(m * block + i) * block + j] ? 0.f : kNegInf;
-  return bias;
-}
-
-std::vector<int32_t> MaskKeyRanges(const bool* masks, int64_t num_masks, int64_t block) {
-  std::vector<int32_t> ranges(2 * num_masks);
-  for (int64_t m = 0; m < num_masks; ++m) {
-    int64_t lo = block, hi = 0;
-    for (int64_t i = 0; i < block; ++i)
-      for (int64_t j = 0; j < block; ++j)
-        if (masks[(m * block + i) * block + j]) lo = std::min(lo, j), hi = std::max(hi, j + 1);
-    if (hi <= lo) lo = hi = 0;  // an empty tile: nothing to compute
-    ranges[2 * m] = static_cast<int32_t>(lo / 16 * 16);
-    ranges[2 * m + 1] = static_cast<int32_t>((hi + 15) / 16 * 16);
-  }
-  return ranges;
-}
-
-std::vector<int32_t> MaskQueryRanges(const bool* masks, int64_t num_masks, int64_t block,
-                                     std::vector<uint8_t>* split) {
   const int64_t groups = block / 16;
-  std::vector<int32_t> ranges(2 * num_masks * groups, 0);
-  split->assign(num_masks, 0);
-  for (int64_t m = 0; m < num_masks; ++m)
+  MaskTables t;
+  t.bias_t.resize(num_masks * block * block);
+  t.key_range.assign(2 * num_masks, 0);
+  t.query_range.assign(2 * num_masks * groups, 0);
+  t.split_tile.assign(num_masks, 0);
+  for (int64_t m = 0; m < num_masks; ++m) {
+    const bool* tile = masks + m * block * block;  // [query i][key j]
+    for (int64_t i = 0; i < block; ++i)
+      for (int64_t j = 0; j < block; ++j)
+        t.bias_t[(m * block + j) * block + i] = tile[i * block + j] ? 0.f : kNegInf;
+    int64_t first = groups, last = -1;  // the key groups some query sees
     for (int64_t g = 0; g < groups; ++g) {
       int64_t lo = block, hi = 0;
       for (int64_t i = 0; i < block; ++i)
-        for (int64_t j = 16 * g; j < 16 * g + 16 && j < block; ++j)
-          if (masks[(m * block + i) * block + j]) lo = std::min(lo, i), hi = std::max(hi, i + 1);
+        for (int64_t j = 16 * g; j < 16 * g + 16; ++j)
+          if (tile[i * block + j]) lo = std::min(lo, i), hi = std::max(hi, i + 1);
       if (hi <= lo) continue;  // no query sees the group: (0, 0)
+      first = std::min(first, g), last = g;
       lo = lo / 16 * 16, hi = (hi + 15) / 16 * 16;
-      ranges[2 * (m * groups + g)] = static_cast<int32_t>(lo);
-      ranges[2 * (m * groups + g) + 1] = static_cast<int32_t>(hi);
-      if (hi - lo < block) (*split)[m] = 1;
+      t.query_range[2 * (m * groups + g)] = static_cast<int32_t>(lo);
+      t.query_range[2 * (m * groups + g) + 1] = static_cast<int32_t>(hi);
+      if (hi - lo < block) t.split_tile[m] = 1;
     }
-  return ranges;
+    if (last >= 0) {  // else an empty tile: (0, 0), nothing to compute
+      t.key_range[2 * m] = static_cast<int32_t>(16 * first);
+      t.key_range[2 * m + 1] = static_cast<int32_t>(16 * (last + 1));
+    }
+  }
+  return t;
+}
+
+void MaskTables::Attach(AttentionProblem* a) const {
+  a->bias_t = bias_t.data();
+  a->key_range = key_range.data();
+  a->query_range = query_range.data();
+  a->split_tile = split_tile.data();
 }
 
 std::string ValidateAttention(const AttentionProblem& a) {

@@ -154,22 +154,23 @@ void PackHeads(const Src* x, int64_t batch, int64_t seq, int64_t heads, int64_t 
 // about equal kept-block count: [Hl, segments + 1].
 std::vector<int32_t> SegmentRows(const Tables& t, int64_t segments);
 
-// masks [M, b, b] (true: visible at [query i][key j]) -> bias [M, b, b] at
-// [key j][query i]: 0 visible, -inf hidden.
-std::vector<float> TransposedMaskBias(const bool* masks, int64_t num_masks, int64_t block);
+// What the fused kernels derive from the tile masks [M, b, b] (true:
+// visible at [query i][key j]), held for one call of an op.
+struct MaskTables {
+  std::vector<float> bias_t;         // [M, b, b] at [key j][query i]: 0 visible, -inf hidden
+  std::vector<int32_t> key_range;    // [M, 2] the keys [lo, hi) some query sees
+  std::vector<int32_t> query_range;  // [M, b/16, 2] per group of 16 keys, the queries that
+                                     // see any of them ((0, 0): none)
+  std::vector<uint8_t> split_tile;   // [M] 1 if a group is seen by fewer than all queries
+  // Points the problem's bias_t, key_range, query_range and split_tile here.
+  void Attach(AttentionProblem* a) const;
+};
 
-// The key columns [lo, hi) of each tile mask [M, b, b] that some query sees,
-// widened to multiples of 16: [M, 2]. Tiles compute only these keys (a
-// pattern's tile can be half empty, e.g. Fixed's summary columns at b=64).
-std::vector<int32_t> MaskKeyRanges(const bool* masks, int64_t num_masks, int64_t block);
-
-// For each tile mask [M, b, b] and group of 16 keys, the queries [lo, hi)
-// that see any of them, widened to multiples of 16: [M, b/16, 2] (0, 0 for
-// a group no query sees). Tiles whose groups see fewer than all queries (a
-// causal diagonal tile: keys 16g.. are seen from query 16g on) compute each
-// group's products on those queries only. *split gets the per-mask flag.
-std::vector<int32_t> MaskQueryRanges(const bool* masks, int64_t num_masks, int64_t block,
-                                     std::vector<uint8_t>* split);
+// All ranges are widened to multiples of 16. Tiles compute only the keys of
+// key_range (a pattern's tile can be half empty, e.g. Fixed's summary columns
+// at b=64), and a split tile (a causal diagonal one: keys 16g.. are seen from
+// query 16g on) computes each key group's products on its queries only.
+MaskTables BuildMaskTables(const bool* masks, int64_t num_masks, int64_t block);
 
 // What the fused kernels need beyond valid tables and masks (ValidateTables,
 // ValidateMasks): a block size that is a multiple of 16. "" if valid.

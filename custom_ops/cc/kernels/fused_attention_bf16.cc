@@ -47,6 +47,7 @@ namespace avx512bf16 {
 #pragma GCC diagnostic pop
 
 using fused::ApplyMasks;
+using fused::BackwardTarget;
 using fused::BackwardUnit;
 using fused::Buffers;
 using fused::FinishRows;
@@ -54,10 +55,12 @@ using fused::KeyRange;
 using fused::KeyRow;
 using fused::LoadLse;
 using fused::OnlineSoftmaxStep;
+using fused::PackHead;
 using fused::PrefetchNextRow;
 using fused::PrefetchRows;
 using fused::ProbsAndScoreGrad;
 using fused::TileBias;
+using fused::ZeroRows;
 
 inline int32_t Word(const uint16_t* p) {  // one bf16 pair as a 32-bit word
   int32_t w;
@@ -293,19 +296,12 @@ inline float DotBf16(const uint16_t* x, const uint16_t* y, int64_t n) {
   return s;
 }
 
-// One head's rows of a token-major bf16 [B, N, H, w] tensor (x at the
-// head's row 0, row stride ld) -> dst [N, w].
-inline void PackHeadBf16(const uint16_t* x, int64_t ld, int64_t seq, int64_t w, uint16_t* dst) {
-  for (int64_t n = 0; n < seq; ++n) std::memcpy(dst + n * w, x + n * ld, w * 2);
-}
-
 void Backward(const AttentionProblem& a, const AttentionBackwardArgs<uint16_t>& x, int64_t begin,
               int64_t end) {
   const auto& p = a.p;
   const int64_t bs = p.block, D = p.head_dim, Dv = a.value_dim, nb = p.t.num_blocks;
   const int64_t S = a.segments, N = p.seq;
   const int64_t lq = a.q_stride(), lo = a.o_stride();
-  const int64_t k_size = p.batch * p.heads * N * D, v_size = p.batch * p.heads * N * Dv;
   Buffers buf(2 * bs * bs + bs * D + 2 * bs + N * (D + Dv));
   float* pt = buf.take(bs * bs);   // P^T
   float* dst = buf.take(bs * bs);  // dP^T, then scale * dS^T
@@ -326,14 +322,12 @@ void Backward(const AttentionProblem& a, const AttentionBackwardArgs<uint16_t>& 
   uint16_t* kp = hbuf.take(N * D);      // ... pairs along rows  [N/2, D, 2]
   uint16_t* vn = hbuf.take(N * Dv);     // this head's values    [N, Dv]
   for (int64_t u = begin; u < end; ++u) {
-    int64_t seg;
-    const Unit w = BackwardUnit(a, u, &seg);
-    const int64_t head = w.g * p.t.layout_heads + w.h;
-    float* dk = seg == 0 ? x.dk : x.partial_k + (seg - 1) * k_size;
-    float* dv = seg == 0 ? x.dv : x.partial_v + (seg - 1) * v_size;
-    PackHeadBf16(x.k + a.q_offset(w.b, 0, head), lq, N, D, kn);
+    const BackwardTarget t = BackwardUnit(a, x, u);
+    const Unit& w = t.w;
+    const int64_t head = t.head, seg = t.seg;
+    PackHead(x.k + a.q_offset(w.b, 0, head), lq, N, D, kn);
     PairRowsBf16(x.k + a.q_offset(w.b, 0, head), lq, N, D, kp);
-    PackHeadBf16(x.v + a.o_offset(w.b, 0, head), lo, N, Dv, vn);
+    PackHead(x.v + a.o_offset(w.b, 0, head), lo, N, Dv, vn);
     std::memset(hk, 0, N * D * sizeof(float));
     std::memset(hv, 0, N * Dv * sizeof(float));
     const int32_t* seg_rows = a.segment_rows + w.h * (S + 1);
@@ -341,8 +335,8 @@ void Backward(const AttentionProblem& a, const AttentionBackwardArgs<uint16_t>& 
       const int64_t row = w.h * nb + bi;
       const int64_t z0 = p.t.row_offsets[row], z1 = p.t.row_offsets[row + 1];
       float* dq = x.dq + a.q_offset(w.b, bi * bs, head);
-      if (z0 == z1) {
-        for (int64_t i = 0; i < bs; ++i) std::memset(dq + i * lq, 0, D * sizeof(float));
+      if (z0 == z1) {  // no kept block: dQ = 0
+        ZeroRows(dq, lq, bs, D);
         continue;
       }
       const uint16_t* q = x.q + a.q_offset(w.b, bi * bs, head);
@@ -376,7 +370,7 @@ void Backward(const AttentionProblem& a, const AttentionBackwardArgs<uint16_t>& 
       }
       for (int64_t i = 0; i < bs; ++i) std::memcpy(dq + i * lq, dqa + i * D, D * sizeof(float));
     }
-    fused::StoreHead(a, w.b, head, hk, hv, dk, dv);
+    fused::StoreHead(a, w.b, head, hk, hv, t.dk, t.dv);
   }
 }
 

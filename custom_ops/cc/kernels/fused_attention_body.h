@@ -33,13 +33,14 @@ struct Buffers {
 
 // One head's rows of a token-major [B, N, H, w] tensor (x points at the
 // head's row 0, row stride ld) -> dst [N, w], contiguous.
-inline void PackHead(const float* x, int64_t ld, int64_t seq, int64_t w, float* dst) {
-  constexpr int64_t kAhead = 16;  // rows fetched ahead: rows H * D apart defeat the prefetcher
-  for (int64_t n = 0; n < seq; ++n) {
-    if (n + kAhead < seq)
-      for (int64_t off = 0; off < w; off += 16) __builtin_prefetch(x + (n + kAhead) * ld + off, 0, 0);
-    std::memcpy(dst + n * w, x + n * ld, w * sizeof(float));
-  }
+template <typename T>
+inline void PackHead(const T* x, int64_t ld, int64_t seq, int64_t w, T* dst) {
+  for (int64_t n = 0; n < seq; ++n) std::memcpy(dst + n * w, x + n * ld, w * sizeof(T));
+}
+
+// n rows of w floats (row stride ld) <- 0.
+inline void ZeroRows(float* rows, int64_t ld, int64_t n, int64_t w) {
+  for (int64_t i = 0; i < n; ++i) std::memset(rows + i * ld, 0, w * sizeof(float));
 }
 
 #if defined(SPARSE_ATTENTION_BODY_AVX512)
@@ -266,13 +267,28 @@ inline void StoreHead(const AttentionProblem& a, int64_t b, int64_t head, const 
   }
 }
 
-// Backward unit u -> (b, g, h, segment), segment fastest.
-inline Unit BackwardUnit(const AttentionProblem& a, int64_t u, int64_t* seg) {
+// Backward unit u (segment fastest): its (b, g, h) (w.i unused: the unit
+// covers a segment of block rows), head, segment, and the dK/dV it writes:
+// dk, dv for segment 0, else that segment's partial sums.
+struct BackwardTarget {
+  Unit w;
+  int64_t head, seg;
+  float* dk;
+  float* dv;
+};
+
+template <typename T>
+inline BackwardTarget BackwardUnit(const AttentionProblem& a, const AttentionBackwardArgs<T>& x,
+                                   int64_t u) {
   const auto& p = a.p;
-  const int64_t S = a.segments, v = u / S;
-  *seg = u % S;
-  return Unit{v / p.t.layout_heads / p.groups(), v / p.t.layout_heads % p.groups(),
-              v % p.t.layout_heads, 0};
+  const int64_t S = a.segments, v = u / S, seg = u % S;
+  const Unit w{v / p.t.layout_heads / p.groups(), v / p.t.layout_heads % p.groups(),
+               v % p.t.layout_heads, 0};
+  const int64_t k_size = p.batch * p.heads * p.seq * p.head_dim;
+  const int64_t v_size = p.batch * p.heads * p.seq * a.value_dim;
+  return BackwardTarget{w, w.g * p.t.layout_heads + w.h, seg,
+                        seg == 0 ? x.dk : x.partial_k + (seg - 1) * k_size,
+                        seg == 0 ? x.dv : x.partial_v + (seg - 1) * v_size};
 }
 
 void Forward(const AttentionProblem& a, const AttentionForwardArgs<float>& x, int64_t begin,
@@ -349,7 +365,6 @@ void Backward(const AttentionProblem& a, const AttentionBackwardArgs<float>& x, 
   const int64_t bs = p.block, D = p.head_dim, Dv = a.value_dim, nb = p.t.num_blocks;
   const int64_t S = a.segments, N = p.seq;
   const int64_t lq = a.q_stride(), lo = a.o_stride();
-  const int64_t k_size = p.batch * p.heads * N * D, v_size = p.batch * p.heads * N * Dv;
   Buffers buf(2 * D * bs + 2 * bs * bs + 2 * Dv * bs + bs * D + 2 * bs + 2 * N * (D + Dv));
   float* qt = buf.take(D * bs);    // [D, b]  scale * Q_I^T
   float* qs = buf.take(bs * D);    // [b, D]  scale * Q_I
@@ -365,11 +380,9 @@ void Backward(const AttentionProblem& a, const AttentionBackwardArgs<float>& x, 
   float* hk = buf.take(N * D);     // [N, D]  this head's dK
   float* hv = buf.take(N * Dv);    // [N, Dv] this head's dV
   for (int64_t u = begin; u < end; ++u) {
-    int64_t seg;
-    const Unit w = BackwardUnit(a, u, &seg);  // w.i unused: the unit covers a row segment
-    const int64_t head = w.g * p.t.layout_heads + w.h;
-    float* dk = seg == 0 ? x.dk : x.partial_k + (seg - 1) * k_size;
-    float* dv = seg == 0 ? x.dv : x.partial_v + (seg - 1) * v_size;
+    const BackwardTarget t = BackwardUnit(a, x, u);
+    const Unit& w = t.w;
+    const int64_t head = t.head, seg = t.seg;
     PackHead(x.k + a.q_offset(w.b, 0, head), lq, N, D, pk);
     PackHead(x.v + a.o_offset(w.b, 0, head), lo, N, Dv, pv);
     std::memset(hk, 0, N * D * sizeof(float));
@@ -379,8 +392,8 @@ void Backward(const AttentionProblem& a, const AttentionBackwardArgs<float>& x, 
       const int64_t row = w.h * nb + bi;
       const int64_t z0 = p.t.row_offsets[row], z1 = p.t.row_offsets[row + 1];
       float* dq = x.dq + a.q_offset(w.b, bi * bs, head);
-      if (z0 == z1) {
-        for (int64_t i = 0; i < bs; ++i) std::memset(dq + i * lq, 0, D * sizeof(float));
+      if (z0 == z1) {  // no kept block: dQ = 0
+        ZeroRows(dq, lq, bs, D);
         continue;
       }
       const float* q = x.q + a.q_offset(w.b, bi * bs, head);
@@ -441,7 +454,7 @@ void Backward(const AttentionProblem& a, const AttentionBackwardArgs<float>& x, 
       for (int64_t i = 0; i < bs; ++i)
         for (int64_t d = 0; d < D; ++d) dq[i * lq + d] = a.scale * dqa[i * D + d];
     }
-    StoreHead(a, w.b, head, hk, hv, dk, dv);
+    StoreHead(a, w.b, head, hk, hv, t.dk, t.dv);
   }
 }
 

@@ -11,12 +11,10 @@ namespace sparse_attention {
 namespace {
 
 // Checks q, k, v and the tables and fills the problem (masks and key padding
-// included). `bias`, `key_range`, `query_range` and `split_tile` keep the
-// transposed tile masks and their key and query ranges alive for the kernels.
+// included); `tables` keeps what it derives from the tile masks alive for
+// the kernels.
 Status MakeAttentionProblem(OpKernelContext* ctx, int first_table, int64_t block, float scale,
-                            AttentionProblem* a, std::vector<float>* bias,
-                            std::vector<int32_t>* key_range, std::vector<int32_t>* query_range,
-                            std::vector<uint8_t>* split_tile) {
+                            AttentionProblem* a, MaskTables* tables) {
   SoftmaxMasks m;
   TF_RETURN_IF_ERROR(CheckAttentionShapes(ctx, first_table, block, &a->p, &m));
   TF_RETURN_IF_ERROR(ValidateProblem(a->p, true));
@@ -28,14 +26,8 @@ Status MakeAttentionProblem(OpKernelContext* ctx, int first_table, int64_t block
   a->value_dim = ctx->input(2).dim_size(3);
   a->scale = scale;
   a->mask_index = m.mask_index;
-  *bias = TransposedMaskBias(masks.flat<bool>().data(), masks.dim_size(0), block);
-  a->bias_t = bias->data();
-  *key_range = MaskKeyRanges(masks.flat<bool>().data(), masks.dim_size(0), block);
-  a->key_range = key_range->data();
-  *query_range =
-      MaskQueryRanges(masks.flat<bool>().data(), masks.dim_size(0), block, split_tile);
-  a->query_range = query_range->data();
-  a->split_tile = split_tile->data();
+  *tables = BuildMaskTables(masks.flat<bool>().data(), masks.dim_size(0), block);
+  tables->Attach(a);
   // An all-true key padding mask hides nothing: skip reading it.
   const bool* kp = key_padding.flat<bool>().data();
   a->key_padding =
@@ -130,21 +122,28 @@ int64_t AttentionRowCost(const AttentionProblem& a) {
 
 }  // namespace
 
-template <typename T>
-class AttentionOp : public OpKernel {
+// The attributes both fused ops share.
+class AttentionKernel : public OpKernel {
  public:
-  explicit AttentionOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
+  explicit AttentionKernel(OpKernelConstruction* ctx) : OpKernel(ctx) {
     OP_REQUIRES_OK(ctx, ctx->GetAttr("scale", &scale_));
     OP_REQUIRES_OK(ctx, ctx->GetAttr("block_size", &block_));
   }
 
+ protected:
+  float scale_;
+  int64_t block_;
+};
+
+template <typename T>
+class AttentionOp : public AttentionKernel {
+ public:
+  using AttentionKernel::AttentionKernel;
+
   void Compute(OpKernelContext* ctx) override {
     AttentionProblem a;
-    std::vector<float> bias;
-    std::vector<int32_t> key_range, query_range;
-    std::vector<uint8_t> split_tile;
-    OP_REQUIRES_OK(ctx, MakeAttentionProblem(ctx, 3, block_, scale_, &a, &bias, &key_range,
-                                             &query_range, &split_tile));
+    MaskTables tables;
+    OP_REQUIRES_OK(ctx, MakeAttentionProblem(ctx, 3, block_, scale_, &a, &tables));
     const Problem& p = a.p;
     Tensor *out = nullptr, *lse = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, ctx->input(2).shape(), &out));
@@ -175,27 +174,17 @@ class AttentionOp : public OpKernel {
     }
     FinishOutput<T>(ctx, &fo, out, UseBf16Kernels<T>(a));
   }
-
- private:
-  float scale_;
-  int64_t block_;
 };
 
 template <typename T>
-class AttentionGradOp : public OpKernel {
+class AttentionGradOp : public AttentionKernel {
  public:
-  explicit AttentionGradOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("scale", &scale_));
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("block_size", &block_));
-  }
+  using AttentionKernel::AttentionKernel;
 
   void Compute(OpKernelContext* ctx) override {
     AttentionProblem a;
-    std::vector<float> bias;
-    std::vector<int32_t> key_range, query_range;
-    std::vector<uint8_t> split_tile;
-    OP_REQUIRES_OK(ctx, MakeAttentionProblem(ctx, 6, block_, scale_, &a, &bias, &key_range,
-                                             &query_range, &split_tile));
+    MaskTables tables;
+    OP_REQUIRES_OK(ctx, MakeAttentionProblem(ctx, 6, block_, scale_, &a, &tables));
     const Problem& p = a.p;
     const Tensor& v = ctx->input(2);
     const Tensor& out = ctx->input(3);
@@ -270,10 +259,6 @@ class AttentionGradOp : public OpKernel {
     FinishOutput<T>(ctx, &fdk, dk, bf16_kernels);
     FinishOutput<T>(ctx, &fdv, dv, bf16_kernels);
   }
-
- private:
-  float scale_;
-  int64_t block_;
 };
 
 #define REGISTER(T)                                                                          \
