@@ -84,7 +84,7 @@ def export_saved_model(model, path: str, mode: str = "portable", version: int = 
   if mode == "custom_op":
     from sparse_attention_tf import ops
     if not ops.is_available():
-      raise RuntimeError(ops._load_error)
+      raise RuntimeError(ops.load_error())
   served = with_implementation(model, "reference" if mode == "portable" else "custom_op")
   spec = [tf.TensorSpec([None, served.seq_len], tf.int32, name="tokens")]
 

@@ -81,6 +81,12 @@ def is_available() -> bool:
   return load_library() is not None
 
 
+def load_error() -> Optional[str]:
+  """Why the op library did not load (what to do about it), or None if it loaded."""
+  load_library()
+  return _load_error
+
+
 def library_path() -> Optional[str]:
   """The path of the loaded library (None if not loaded)."""
   load_library()

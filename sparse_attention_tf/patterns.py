@@ -92,6 +92,21 @@ class Pattern:
         for h in range(self.num_heads)
     ])
 
+  def row(self, position: int, seq_len: int) -> list:
+    """The keys query `position` attends to: one sorted int array per pattern head.
+
+    One row of `mask(seq_len)`, computed without the `N x N` mask (what a
+    cached decoding step reads).
+    """
+    seq_len = _check_seq_len(seq_len)
+    if not 0 <= int(position) < seq_len:
+      raise ValueError(f"position must be in [0, {seq_len}), got {position}.")
+    self._validate(seq_len, None)
+    i = np.array([[int(position)]])
+    j = np.arange(seq_len)[None, :]
+    return [np.nonzero(np.broadcast_to(self._keep(h, i, j, seq_len), (1, seq_len))[0])[0]
+            for h in range(self.num_heads)]
+
   def density(self, seq_len: int, block_size: Optional[int] = None) -> float:
     """Fraction of the `H x N x N` elements that are kept."""
     plan = self.plan(seq_len, block_size or self._any_block_size(seq_len))

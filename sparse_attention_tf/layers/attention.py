@@ -153,10 +153,7 @@ class SparseMultiHeadAttention(keras.layers.Layer):
     so that a traced step function is reused across positions.
     """
     heads = self.pattern.num_heads
-    i = np.array([[position]])
-    j = np.arange(seq_len)[None, :]
-    rows = [np.nonzero(np.broadcast_to(self.pattern._keep(h, i, j, seq_len), (1, seq_len))[0])[0]
-            for h in range(heads)]
+    rows = self.pattern.row(position, seq_len)
     width = 1 << max(1, int(max(len(r) for r in rows))).bit_length()
     idx = np.zeros((self.num_heads, width), np.int32)
     valid = np.zeros((self.num_heads, width), bool)
