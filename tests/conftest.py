@@ -21,5 +21,5 @@ def rng():
 def ops():
   """The op module; the tests fail (never skip) when the library is missing."""
   from sparse_attention_tf import ops as ops_lib
-  assert ops_lib.is_available(), ops_lib._load_error
+  assert ops_lib.is_available(), ops_lib.load_error()
   return ops_lib
