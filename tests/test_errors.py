@@ -546,7 +546,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from sparse_attention_tf import ops, patterns
 
-assert ops.is_available(), ops._load_error
+assert ops.is_available(), ops.load_error()
 LAST = os.environ["FUZZ_LAST_INPUT"]
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "500"))
 OK = (tf.errors.InvalidArgumentError, ValueError)

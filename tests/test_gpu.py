@@ -146,7 +146,7 @@ def rel_err(x, ref):
 def raw_ops():
   from sparse_attention_tf import ops as ops_lib
   lib = ops_lib.load_library()
-  assert lib is not None, ops_lib._load_error
+  assert lib is not None, ops_lib.load_error()
   return lib
 
 
