@@ -1,20 +1,28 @@
-"""Tests of `sparse_attention_tf.export`: SavedModels for TF Serving.
+"""Tests of `sparse_attention_tf.export` for a SparseTransformer: SavedModels for TF Serving.
+
+(Functional, Sequential and attention-only models: `test_export_functional.py`.)
 
 * Portable export: a fresh Python process that never loads this library (no
   PYTHONPATH to the repo, no import of sparse_attention_tf, the op library not
   mapped) loads the SavedModel with stock TensorFlow, runs all four signatures
-  at two batch sizes, and matches the Keras model; the graphs hold no
-  `SparseAttention>` op.
+  on three batches (prompts of different `lengths`, garbage after each
+  length, `tokens` narrower than seq_len) and matches the Keras model and
+  NumPy: `last` is the distribution after position `lengths - 1`, `score`
+  the mean bits of `tokens[1:lengths]`; the graphs hold no `SparseAttention>` op.
+* The graph's own checks (what TF Serving can send) and `predict`'s checks.
 * Layout and metadata (`assets.extra/sparse_attention_tf.json`).
 * `saved_model_cli show` / `run` on the export.
 * custom_op export: fails to load without the op library (and
   `load_saved_model(load_ops=False)` says which library), loads and matches
   after `tf.load_op_library`, and really uses the custom ops.
-* `rest_to_inputs`: every TF Serving REST body form, and its ValueErrors;
-  an integer outside int32 must not wrap around to another token.
+* `rest_to_inputs`: every TF Serving REST body form, ragged prompts padded
+  and `lengths` filled in, and its ValueErrors; an integer outside int32 must
+  not wrap around to another token.
 * Errors of `export_saved_model` and of the command line; the command line
   and `train_main.py --export_dir` write `<export_dir>/1/`; an export of a
   subset of the signatures lists in its metadata what the SavedModel holds.
+* An existing version is replaced only with `overwrite=True` / `--overwrite`,
+  and a failed export leaves the old version (or nothing) behind.
 
 The model is tiny and built and exported once per module. The subprocesses
 (fresh interpreters, saved_model_cli, the command line, train_main.py) run two
@@ -41,7 +49,10 @@ SEQ_LEN, VOCAB = 64, 32
 SIGNATURE_OUTPUTS = {"serving_default": {"logits"}, "logits": {"logits"},
                      "next_token_distribution": {"probabilities", "last"},
                      "score": {"bits_per_token"}}
-BATCHES = {"a": 3, "b": 1}   # two batch sizes through the same signature (variable batch)
+# tag -> (batch, width L of `tokens`, lengths; None: random in [2, L)). Rows of different
+# lengths, full rows (the requests of a fixed-length client), tokens narrower than seq_len.
+BATCHES = {"a": (3, SEQ_LEN, (SEQ_LEN, None, 2)), "b": (1, SEQ_LEN, (SEQ_LEN,)),
+           "c": (2, 40, (None, 40))}
 TOL = dict(rtol=1e-4, atol=1e-4)
 TIMEOUT = 240
 
@@ -110,6 +121,7 @@ JOB_TESTS = {   # job -> the tests that read it
     "cli_show": ("test_saved_model_cli_show_and_run",),
     "cli_run": ("test_saved_model_cli_show_and_run",),
     "cli_export": ("test_cli_exports_a_keras_file",),
+    "cli_exists": ("test_cli_refuses_an_existing_version",),
 }
 TRAIN_FLAGS = ["--num_layers=1", "--d_model=32", "--num_heads=2", "--batch_size=4",
                "--seq_len=64", "--block_size=16", "--stride=16", "--summary=4", "--steps=2",
@@ -124,20 +136,38 @@ def np_softmax(logits):
   return e / e.sum(axis=-1, keepdims=True)
 
 
-def np_bits_per_token(logits, tokens):
-  """Mean over t = 1..T-1 of -log2 p(tokens[t] | tokens[:t]), from logits at t - 1."""
-  x = np.asarray(logits, np.float64)[:, :-1]                              # (B, T-1, V)
-  x = x - x.max(axis=-1, keepdims=True)
-  log_p = x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
-  target = np.take_along_axis(log_p, tokens[:, 1:, None].astype(np.int64), axis=-1)[..., 0]
-  return (-target / np.log(2.0)).mean(axis=-1)                            # (B,)
+def np_bits_per_token(logits, tokens, lengths):
+  """Mean over t = 1..n-1 of -log2 p(tokens[t] | tokens[:t]), from logits at t - 1; n = length."""
+  bits = []
+  for row_logits, row, n in zip(logits, tokens, lengths):
+    x = np.asarray(row_logits[:n - 1], np.float64)                        # (n-1, V)
+    x = x - x.max(axis=-1, keepdims=True)
+    log_p = x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+    target = log_p[np.arange(n - 1), row[1:n]]                            # (n-1,)
+    bits.append((-target / np.log(2.0)).mean())
+  return np.array(bits)                                                   # (B,)
 
 
-def expected_outputs(logits, tokens):
+def expected_outputs(logits, tokens, lengths):
+  """The four signatures' outputs from the Keras logits `[B, seq_len, V]`."""
+  logits = logits[:, :tokens.shape[1]]                                    # (B, L, V)
   probs = np_softmax(logits)
+  last = probs[np.arange(len(lengths)), np.asarray(lengths) - 1]          # (B, V)
   return {"serving_default": {"logits": logits}, "logits": {"logits": logits},
-          "next_token_distribution": {"probabilities": probs, "last": probs[:, -1]},
-          "score": {"bits_per_token": np_bits_per_token(logits, tokens)}}
+          "next_token_distribution": {"probabilities": probs, "last": last},
+          "score": {"bits_per_token": np_bits_per_token(logits, tokens, lengths)}}
+
+
+def make_batch(rng, batch, width, lengths):
+  """`tokens` [B, L] with garbage after each row's length, `lengths`, and the zero-padded
+  `[B, seq_len]` tokens the Keras model sees."""
+  lengths = np.array([rng.integers(2, width) if n is None else n for n in lengths], np.int32)
+  tokens = rng.integers(0, VOCAB, size=(batch, width)).astype(np.int32)
+  full = np.zeros((batch, SEQ_LEN), np.int32)
+  for i, n in enumerate(lengths):
+    full[i, :n] = tokens[i, :n]
+    tokens[i, n:] = rng.integers(-5, 5 * VOCAB, size=width - n)   # ignored by the graph
+  return tokens, lengths, full
 
 
 # --- the model and its exports, once per module ------------------------------
@@ -174,6 +204,10 @@ def jobs(request, tmp_path_factory):
   j.add("cli_missing", [sys.executable, "-m", "sparse_attention_tf.export", "--model",
                         "/does/not/exist", "--export_dir", str(j.root / "missing_export")],
         REPO_ROOT)
+  (j.root / "cli_exists" / "1").mkdir(parents=True)
+  (j.root / "cli_exists" / "1" / "keep.txt").write_text("kept")
+  j.add("cli_exists", [sys.executable, "-m", "sparse_attention_tf.export", "--model", here,
+                       "--export_dir", str(j.root / "cli_exists")], REPO_ROOT)  # never read
   yield j
   j.close()
 
@@ -188,10 +222,10 @@ def art(jobs, tmp_path_factory, ops):
   a.root = tmp_path_factory.mktemp("export")
   a.model = make_model(seed)
   rng = np.random.default_rng(seed + 1)
-  a.tokens, a.logits = {}, {}
-  for tag, batch in BATCHES.items():
-    a.tokens[tag] = rng.integers(0, VOCAB, size=(batch, SEQ_LEN)).astype(np.int32)
-    a.logits[tag] = np.asarray(a.model(a.tokens[tag], training=False), np.float32)
+  a.tokens, a.lengths, a.full, a.logits = {}, {}, {}, {}
+  for tag, spec in BATCHES.items():
+    a.tokens[tag], a.lengths[tag], a.full[tag] = make_batch(rng, *spec)
+    a.logits[tag] = np.asarray(a.model(a.full[tag], training=False), np.float32)
     assert a.logits[tag].std() > 0.5, "outputs are (nearly) uniform"
   a.portable_base = str(a.root / "portable")
   a.portable = export.export_saved_model(a.model, a.portable_base)
@@ -204,20 +238,26 @@ def art(jobs, tmp_path_factory, ops):
   for name in ("fresh", "load_saved_model", "cli"):
     a.dirs[name] = jobs.root / name
     a.dirs[name].mkdir()
-    for tag, tokens in a.tokens.items():
-      np.save(a.dirs[name] / f"tokens_{tag}.npy", tokens)
+    for tag in BATCHES:
+      np.save(a.dirs[name] / f"tokens_{tag}.npy", a.tokens[tag])
+      np.save(a.dirs[name] / f"lengths_{tag}.npy", a.lengths[tag])
   jobs.add("fresh", python_args(FRESH, a.portable, a.custom, a.library,
-                                ",".join(SIGNATURE_OUTPUTS)), a.dirs["fresh"])
+                                ",".join(SIGNATURE_OUTPUTS), ",".join(BATCHES)),
+           a.dirs["fresh"])
   jobs.add("load_saved_model", python_args(FRESH_LOAD_SAVED_MODEL, a.custom),
            a.dirs["load_saved_model"], pythonpath=REPO_ROOT)
   jobs.add("cli_show", [saved_model_cli(), "show", "--dir", a.portable, "--all"], a.dirs["cli"])
   jobs.add("cli_run", [saved_model_cli(), "run", "--dir", a.portable, "--tag_set", "serve",
                        "--signature_def", "serving_default", "--inputs",
-                       f"tokens={a.dirs['cli'] / 'tokens_a.npy'}", "--outdir",
+                       f"tokens={a.dirs['cli'] / 'tokens_a.npy'};"
+                       f"lengths={a.dirs['cli'] / 'lengths_a.npy'}", "--outdir",
                        str(a.dirs["cli"] / "cli_out")], a.dirs["cli"])
   a.cli_export_dir = jobs.root / "cli_export"
+  (a.cli_export_dir / "1").mkdir(parents=True)   # a stale version: --overwrite replaces it
+  (a.cli_export_dir / "1" / "stale.txt").write_text("old")
   jobs.add("cli_export", [sys.executable, "-m", "sparse_attention_tf.export", "--model",
-                          a.keras_file, "--export_dir", str(a.cli_export_dir)], REPO_ROOT)
+                          a.keras_file, "--export_dir", str(a.cli_export_dir), "--overwrite"],
+           REPO_ROOT)
   return a
 
 
@@ -241,7 +281,12 @@ import importlib.util, json, sys, traceback
 import numpy as np
 import tensorflow as tf
 
-portable, custom, library, names = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4].split(",")
+portable, custom, library = sys.argv[1:4]
+names, tags = sys.argv[4].split(","), sys.argv[5].split(",")
+
+def inputs(tag):
+  return {"tokens": tf.constant(np.load(f"tokens_{tag}.npy")),
+          "lengths": tf.constant(np.load(f"lengths_{tag}.npy"))}
 
 def op_types(fn):
   graph = fn.graph.as_graph_def()
@@ -264,8 +309,8 @@ try:
   for name in names:
     fn = loaded.signatures[name]
     result["custom_ops"][name] = op_types(fn)
-    for tag in ("a", "b"):
-      out = fn(tokens=tf.constant(np.load(f"tokens_{tag}.npy")))
+    for tag in tags:
+      out = fn(**inputs(tag))
       np.savez(f"out_{name}_{tag}.npz", **{k: v.numpy() for k, v in out.items()})
   result["our_modules"] = ours()
   result["importable"] = importlib.util.find_spec("sparse_attention_tf") is not None
@@ -286,8 +331,8 @@ try:
   loaded = tf.saved_model.load(custom)
   fn = loaded.signatures["serving_default"]
   result["custom_ops"] = op_types(fn)
-  for tag in ("a", "b"):
-    logits = fn(tokens=tf.constant(np.load(f"tokens_{tag}.npy")))["logits"]
+  for tag in tags:
+    logits = fn(**inputs(tag))["logits"]
     np.save(f"logits_{tag}.npy", logits.numpy())
   result["our_modules"] = ours()
 except Exception:
@@ -307,8 +352,8 @@ def test_portable_export_runs_without_the_library(art, jobs):
   assert not result["op_library_mapped"]
   assert set(SIGNATURE_OUTPUTS) <= set(result["signatures"]), result["signatures"]
   assert result["custom_ops"] == {name: [] for name in SIGNATURE_OUTPUTS}, result["custom_ops"]
-  for tag, batch in BATCHES.items():
-    want = expected_outputs(art.logits[tag], art.tokens[tag])
+  for tag, (batch, width, _) in BATCHES.items():
+    want = expected_outputs(art.logits[tag], art.tokens[tag], art.lengths[tag])
     for name, keys in SIGNATURE_OUTPUTS.items():
       got = dict(np.load(workdir / f"out_{name}_{tag}.npz"))
       assert set(got) == keys, (name, sorted(got))
@@ -317,7 +362,9 @@ def test_portable_export_runs_without_the_library(art, jobs):
         assert got[key].shape == want[name][key].shape, (name, key, got[key].shape)
         assert got[key].shape[0] == batch
         np.testing.assert_allclose(got[key], want[name][key], **TOL,
-                                   err_msg=f"{name}/{key} batch {batch}")
+                                   err_msg=f"{name}/{key} batch {tag}")
+  # The rows really differ in length, and a narrower batch came back narrower.
+  assert len(set(art.lengths["a"])) == 3 and BATCHES["c"][1] < SEQ_LEN
 
 
 # --- 2. layout and metadata -----------------------------------------------------
@@ -336,7 +383,16 @@ def test_layout_and_metadata(art, mode):
   with open(meta_file) as f:
     meta = json.load(f)
   assert meta["mode"] == mode
-  assert meta["signatures"] == list(SIGNATURE_OUTPUTS)
+  assert list(meta["signatures"]) == list(SIGNATURE_OUTPUTS)
+  inputs = {"tokens": {"dtype": "int32", "shape": [None, None]},
+            "lengths": {"dtype": "int32", "shape": [None]}}
+  outputs = {"logits": [None, None, VOCAB], "probabilities": [None, None, VOCAB],
+             "last": [None, VOCAB], "bits_per_token": [None]}
+  for name, keys in SIGNATURE_OUTPUTS.items():
+    assert meta["signatures"][name] == {
+        "inputs": inputs,
+        "outputs": {k: {"dtype": "float32", "shape": outputs[k]} for k in sorted(keys)}}, name
+  assert meta["model_class"] == "SparseTransformer"
   assert meta["op_library"] == (None if mode == "portable" else "_sparse_attention_ops.so")
   config = meta["model_config"]
   assert config["implementation"] == ("reference" if mode == "portable" else "custom_op")
@@ -350,7 +406,7 @@ def test_layout_and_metadata(art, mode):
   # Same architecture: the original weights fit and give the same logits.
   rebuilt(np.zeros((1, SEQ_LEN), np.int32))
   rebuilt.set_weights([w.numpy() for w in art.model.weights])
-  np.testing.assert_allclose(np.asarray(rebuilt(art.tokens["a"], training=False)),
+  np.testing.assert_allclose(np.asarray(rebuilt(art.full["a"], training=False)),
                              art.logits["a"], **TOL)
 
 
@@ -376,10 +432,11 @@ def test_saved_model_cli_show_and_run(art, jobs):
   check_exit(show)
   blocks = signature_blocks(show.stdout)
   assert set(SIGNATURE_OUTPUTS) <= set(blocks), sorted(blocks)
-  out_shapes = {"logits": f"(-1, {SEQ_LEN}, {VOCAB})", "probabilities":
-                f"(-1, {SEQ_LEN}, {VOCAB})", "last": f"(-1, {VOCAB})", "bits_per_token": "(-1)"}
+  out_shapes = {"logits": f"(-1, -1, {VOCAB})", "probabilities": f"(-1, -1, {VOCAB})",
+                "last": f"(-1, {VOCAB})", "bits_per_token": "(-1)"}
   for name, keys in SIGNATURE_OUTPUTS.items():
-    assert tensor_infos(blocks[name], "inputs") == {"tokens": ("DT_INT32", f"(-1, {SEQ_LEN})")}, \
+    assert tensor_infos(blocks[name], "inputs") == {"tokens": ("DT_INT32", "(-1, -1)"),
+                                                    "lengths": ("DT_INT32", "(-1)")}, \
         (name, blocks[name])
     outputs = tensor_infos(blocks[name], "outputs")
     assert outputs == {k: ("DT_FLOAT", out_shapes[k]) for k in keys}, (name, blocks[name])
@@ -389,7 +446,7 @@ def test_saved_model_cli_show_and_run(art, jobs):
   check_exit(run)
   outdir = art.dirs["cli"] / "cli_out"
   logits = np.load(outdir / "logits.npy")
-  assert logits.shape == (BATCHES["a"], SEQ_LEN, VOCAB)
+  assert logits.shape == (BATCHES["a"][0], SEQ_LEN, VOCAB)
   np.testing.assert_allclose(logits, art.logits["a"], **TOL)
 
 
@@ -412,8 +469,8 @@ except Exception as e:
   result["error"] = [type(e).__name__, str(e)]
 loaded = export.load_saved_model(path)          # load_ops=True: loads the library first
 result["mapped_after"] = mapped()
-np.save("logits_a.npy", loaded.signatures["serving_default"](
-    tokens=tf.constant(np.load("tokens_a.npy")))["logits"].numpy())
+inputs = {"tokens": np.load("tokens_a.npy"), "lengths": np.load("lengths_a.npy")}
+np.save("logits_a.npy", export.predict(loaded, inputs)["logits"])
 with open("result.json", "w") as f:
   json.dump(result, f)
 """
@@ -432,8 +489,9 @@ def test_custom_op_export_needs_the_op_library(art, jobs):
   assert "SparseAttention>" in result["first_load"], result["first_load"]
   assert result["custom_ops"], "the custom_op export holds no SparseAttention> op"
   assert any("Blocksparse" in t for t in result["custom_ops"]), result["custom_ops"]
-  for tag in BATCHES:
-    np.testing.assert_allclose(np.load(workdir / f"logits_{tag}.npy"), art.logits[tag], **TOL)
+  for tag, (_, width, _) in BATCHES.items():
+    np.testing.assert_allclose(np.load(workdir / f"logits_{tag}.npy"),
+                               art.logits[tag][:, :width], **TOL)
 
 
 def test_load_saved_model_names_the_missing_library(art, jobs):
@@ -451,74 +509,105 @@ def test_load_saved_model_names_the_missing_library(art, jobs):
 
 
 # --- 5. rest_to_inputs ------------------------------------------------------------
-def rest_bodies(tokens):
-  rows = tokens.tolist()
+def rest_bodies(tokens, lengths):
+  """{name: (body, expected width)}: ragged prompts alone, or padded rows with their lengths."""
+  rows = [r[:n] for r, n in zip(tokens.tolist(), lengths.tolist())]
+  padded, lengths = tokens.tolist(), lengths.tolist()
   bodies = {
       "instances_lists": {"instances": rows},
       "instances_dicts": {"instances": [{"tokens": r} for r in rows]},
       "inputs_list": {"inputs": rows},
       "inputs_dict": {"inputs": {"tokens": rows}},
+      "instances_with_lengths": {"instances": [{"tokens": r, "lengths": n}
+                                               for r, n in zip(padded, lengths)]},
+      "inputs_with_lengths": {"inputs": {"tokens": padded, "lengths": lengths}},
   }
   for name in list(bodies):
     bodies[name + "_json"] = json.dumps(bodies[name])
   bodies["instances_lists_bytes"] = json.dumps(bodies["instances_lists"]).encode()
   bodies["with_signature_name"] = {"signature_name": "serving_default", "instances": rows}
-  return bodies
+  return {name: (body, tokens.shape[1] if "with_lengths" in name else max(lengths))
+          for name, body in bodies.items()}
 
 
 @pytest.mark.parametrize("tag", sorted(BATCHES))
 def test_rest_to_inputs_feeds_the_signature(art, portable_loaded, tag):
-  import tensorflow as tf
   from sparse_attention_tf import export
-  tokens = art.tokens[tag]
-  serve = portable_loaded.signatures["serving_default"]
-  for name, body in rest_bodies(tokens).items():
-    inputs = export.rest_to_inputs(body, seq_len=SEQ_LEN)
-    assert set(inputs) == {"tokens"}, name
-    got = inputs["tokens"]
-    assert isinstance(got, np.ndarray) and got.dtype == np.int32, (name, type(got))
-    assert got.shape == tokens.shape, (name, got.shape)
-    np.testing.assert_array_equal(got, tokens, err_msg=name)
-    logits = serve(**{k: tf.constant(v) for k, v in inputs.items()})["logits"].numpy()
-    np.testing.assert_allclose(logits, art.logits[tag], **TOL, err_msg=name)
-  # Without seq_len, any rectangular length is accepted.
-  assert export.rest_to_inputs({"inputs": [[1, 2, 3]]})["tokens"].shape == (1, 3)
+  tokens, lengths = art.tokens[tag], art.lengths[tag]
+  for name, (body, width) in rest_bodies(tokens, lengths).items():
+    inputs = export.rest_to_inputs(body, seq_len=SEQ_LEN, vocab_size=VOCAB)
+    assert set(inputs) == {"tokens", "lengths"}, name
+    for key, got in inputs.items():
+      assert isinstance(got, np.ndarray) and got.dtype == np.int32, (name, key, type(got))
+    assert inputs["tokens"].shape == (len(lengths), width), (name, inputs["tokens"].shape)
+    np.testing.assert_array_equal(inputs["lengths"], lengths, err_msg=name)
+    np.testing.assert_array_equal(inputs["tokens"], art.full[tag][:, :width], err_msg=name)
+    logits = export.predict(portable_loaded, inputs)["logits"]
+    np.testing.assert_allclose(logits, art.logits[tag][:, :width], **TOL, err_msg=name)
+
+
+def test_rest_to_inputs_pads_and_fills_lengths():
+  from sparse_attention_tf import export
+  got = export.rest_to_inputs({"instances": [[1, 2, 3], [4]]})
+  np.testing.assert_array_equal(got["tokens"], [[1, 2, 3], [4, 0, 0]])
+  np.testing.assert_array_equal(got["lengths"], [3, 1])
+  # Given lengths: what follows is padding, set to 0 whatever it was (but integers).
+  got = export.rest_to_inputs({"inputs": {"tokens": [[1, 2, -7], [4, 99, 5]], "lengths": [2, 1]}},
+                              seq_len=3, vocab_size=VOCAB)
+  np.testing.assert_array_equal(got["tokens"], [[1, 2, 0], [4, 0, 0]])
+  np.testing.assert_array_equal(got["lengths"], [2, 1])
+  # Without seq_len, any length is accepted.
+  assert export.rest_to_inputs({"inputs": [_row(3 * SEQ_LEN)]})["tokens"].shape == (1, 3 * SEQ_LEN)
 
 
 def _row(n=SEQ_LEN, value=1):
   return [value] * n
 
 
-BAD_BODIES = {
-    "both_keys": {"instances": [_row()], "inputs": [_row()]},
-    "neither_key": {"tokens": [_row()]},
-    "not_a_dict": [_row()],
-    "json_list": json.dumps([_row()]),
-    "ragged_rows": {"instances": [_row(), _row(SEQ_LEN - 1)]},
-    "ragged_columnar": {"inputs": {"tokens": [_row(), _row(SEQ_LEN + 1)]}},
-    "floats": {"instances": [[0.5] * SEQ_LEN]},
-    "integral_floats": {"inputs": [[1.0] * SEQ_LEN]},
-    "strings": {"instances": [["a"] * SEQ_LEN]},
-    "digit_strings": {"inputs": [["1"] * SEQ_LEN]},
-    "bools": {"instances": [[True] * SEQ_LEN]},
-    "too_short": {"instances": [_row(SEQ_LEN - 1)]},
-    "too_long": {"inputs": [_row(SEQ_LEN + 1)]},
-    "flat_row": {"instances": _row()},
-    "three_dims": {"inputs": [[_row()]]},
-    "empty": {"instances": []},
-    "extra_input_row": {"instances": [{"tokens": _row(), "mask": _row()}]},
-    "extra_input_columnar": {"inputs": {"tokens": [_row()], "mask": [_row()]}},
-    "wrong_input_name": {"inputs": {"ids": [_row()]}},
-    "mixed_instances": {"instances": [{"tokens": _row()}, _row()]},
-    "bad_json": '{"instances": [[1, 2',
+BAD_BODIES = {   # case -> (body, a word of the message)
+    "both_keys": ({"instances": [_row()], "inputs": [_row()]}, "exactly one"),
+    "neither_key": ({"tokens": [_row()]}, "exactly one"),
+    "not_a_dict": ([_row()], "exactly one"),
+    "json_list": (json.dumps([_row()]), "exactly one"),
+    "row_too_long_columnar": ({"inputs": {"tokens": [_row(), _row(SEQ_LEN + 1)]}}, "seq_len"),
+    "too_long": ({"inputs": [_row(SEQ_LEN + 1)]}, "seq_len"),
+    "floats": ({"instances": [[0.5] * SEQ_LEN]}, "integers"),
+    "integral_floats": ({"inputs": [[1.0] * SEQ_LEN]}, "integers"),
+    "strings": ({"instances": [["a"] * SEQ_LEN]}, "integers"),
+    "digit_strings": ({"inputs": [["1"] * SEQ_LEN]}, "integers"),
+    "bools": ({"instances": [[True] * SEQ_LEN]}, "integers"),
+    "one_bool": ({"instances": [[1, True, 2]]}, "integers"),
+    "float_in_padding": ({"inputs": {"tokens": [[1, 2, 0.5]], "lengths": [2]}}, "integers"),
+    "out_of_vocab": ({"instances": [[1, VOCAB]]}, "must be in"),
+    "negative": ({"instances": [[1, -1]]}, "must be in"),
+    "flat_row": ({"instances": _row()}, "list of integer tokens"),
+    "three_dims": ({"inputs": [[_row()]]}, "integers"),
+    "empty": ({"instances": []}, "non-empty"),
+    "empty_columnar": ({"inputs": {"tokens": []}}, "non-empty"),
+    "empty_row": ({"instances": [[]]}, "empty"),
+    "empty_row_among_others": ({"inputs": [_row(), []]}, "empty"),
+    "extra_input_row": ({"instances": [{"tokens": _row(), "mask": _row()}]}, "lengths"),
+    "extra_input_columnar": ({"inputs": {"tokens": [_row()], "mask": [_row()]}}, "lengths"),
+    "wrong_input_name": ({"inputs": {"ids": [_row()]}}, "tokens"),
+    "mixed_instances": ({"instances": [{"tokens": _row()}, _row()]}, "instance"),
+    "lengths_in_some_instances": ({"instances": [{"tokens": _row(), "lengths": 3},
+                                                 {"tokens": _row()}]}, "instance"),
+    "length_zero": ({"inputs": {"tokens": [_row()], "lengths": [0]}}, "lengths[0]"),
+    "length_past_row": ({"instances": [{"tokens": _row(5), "lengths": 6}]}, "lengths[0]"),
+    "length_float": ({"inputs": {"tokens": [_row()], "lengths": [3.0]}}, "lengths[0]"),
+    "length_bool": ({"inputs": {"tokens": [_row()], "lengths": [True]}}, "lengths[0]"),
+    "lengths_count": ({"inputs": {"tokens": [_row(), _row()], "lengths": [3]}}, "one length"),
+    "lengths_scalar": ({"inputs": {"tokens": [_row()], "lengths": 3}}, "one length"),
+    "bad_json": ('{"instances": [[1, 2', "Expecting"),
 }
 
 
 @pytest.mark.parametrize("case", sorted(BAD_BODIES))
 def test_rest_to_inputs_rejects(case):
   from sparse_attention_tf import export
-  with pytest.raises(ValueError):
-    export.rest_to_inputs(BAD_BODIES[case], seq_len=SEQ_LEN)
+  body, word = BAD_BODIES[case]
+  with pytest.raises(ValueError, match=re.escape(word)):
+    export.rest_to_inputs(body, seq_len=SEQ_LEN, vocab_size=VOCAB)
 
 
 def test_rest_to_inputs_does_not_wrap_tokens_outside_int32():
@@ -548,17 +637,6 @@ def test_export_rejects_bad_arguments(art, tmp_path, case):
   assert not os.path.exists(path)
 
 
-def test_export_rejects_other_models(tmp_path):
-  import keras
-  from sparse_attention_tf import export
-  other = keras.Sequential([keras.Input((SEQ_LEN,), dtype="int32"),
-                            keras.layers.Embedding(VOCAB, 8), keras.layers.Dense(VOCAB)])
-  path = str(tmp_path / "out")
-  with pytest.raises(ValueError, match="SparseTransformer"):
-    export.export_saved_model(other, path)
-  assert not os.path.exists(path)
-
-
 def test_export_subset_of_signatures(art, tmp_path):
   """The metadata lists the signatures the SavedModel really has (TF Serving serves them all)."""
   import tensorflow as tf
@@ -567,17 +645,17 @@ def test_export_subset_of_signatures(art, tmp_path):
                                   version=7)
   assert out == str(tmp_path / "sub" / "7")
   with open(os.path.join(out, "assets.extra", "sparse_attention_tf.json")) as f:
-    listed = json.load(f)["signatures"]
+    listed = list(json.load(f)["signatures"])
   loaded = tf.saved_model.load(out)
   assert "score" in listed and "score" in loaded.signatures
-  bits = loaded.signatures["score"](tokens=tf.constant(art.tokens["a"]))["bits_per_token"]
-  np.testing.assert_allclose(bits.numpy(), np_bits_per_token(art.logits["a"], art.tokens["a"]),
-                             **TOL)
+  inputs = {"tokens": art.tokens["a"], "lengths": art.lengths["a"]}
+  bits = export.predict(loaded, inputs, "score")["bits_per_token"]
+  want = expected_outputs(art.logits["a"], art.tokens["a"], art.lengths["a"])
+  np.testing.assert_allclose(bits, want["score"]["bits_per_token"], **TOL)
   assert sorted(loaded.signatures) == sorted(listed), (
       f"the SavedModel has signatures {sorted(loaded.signatures)}, the metadata lists {listed}")
   # serving_default is always there and is the logits.
-  logits = loaded.signatures["serving_default"](tokens=tf.constant(art.tokens["a"]))["logits"]
-  np.testing.assert_allclose(logits.numpy(), art.logits["a"], **TOL)
+  np.testing.assert_allclose(export.predict(loaded, inputs)["logits"], art.logits["a"], **TOL)
 
 
 def test_cli_missing_model(jobs):
@@ -592,7 +670,9 @@ def test_cli_missing_model(jobs):
 
 
 def test_cli_exports_a_keras_file(art, jobs):
+  """--overwrite over a stale version."""
   import tensorflow as tf
+  from sparse_attention_tf import export
   export_dir = art.cli_export_dir
   proc = jobs.result("cli_export")
   check_exit(proc)
@@ -602,13 +682,152 @@ def test_cli_exports_a_keras_file(art, jobs):
   assert (out / "saved_model.pb").is_file() and (out / "variables").is_dir()
   meta = json.loads((out / "assets.extra" / "sparse_attention_tf.json").read_text())
   assert meta["mode"] == "portable"
+  assert not (out / "stale.txt").exists(), "--overwrite kept a file of the old version"
   assert str(out) in proc.stdout, proc.stdout
   loaded = tf.saved_model.load(str(out))
-  logits = loaded.signatures["serving_default"](tokens=tf.constant(art.tokens["a"]))["logits"]
-  np.testing.assert_allclose(logits.numpy(), art.logits["a"], **TOL)
+  logits = export.predict(loaded, {"tokens": art.tokens["a"], "lengths": art.lengths["a"]})
+  np.testing.assert_allclose(logits["logits"], art.logits["a"], **TOL)
 
 
-# --- 7. train_main.py --export_dir ------------------------------------------------
+def test_cli_refuses_an_existing_version(jobs):
+  proc = jobs.result("cli_exists")
+  check_exit(proc, 2)
+  assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout, proc.stderr
+  lines = program_lines(proc.stderr)
+  assert len(lines) == 1, proc.stderr
+  assert "already exists" in lines[0] and "--overwrite" in lines[0], lines
+  assert (jobs.root / "cli_exists" / "1" / "keep.txt").read_text() == "kept"
+  assert sorted(os.listdir(jobs.root / "cli_exists")) == ["1"]
+
+
+# --- 7. the graph's checks (what TF Serving can send) and predict's -------------------
+GRAPH_ERRORS = {   # case -> (signature, tokens, lengths, a part of the message)
+    "longer_than_seq_len": ("logits", np.zeros((2, SEQ_LEN + 1)), [3, 3], f"seq_len = {SEQ_LEN}"),
+    "length_zero": ("next_token_distribution", np.zeros((2, 8)), [0, 3], "lengths must be >= 1"),
+    "length_past_tokens": ("score", np.zeros((2, 8)), [3, 9], "lengths must be <= the number"),
+    "lengths_per_row": ("logits", np.zeros((2, 8)), [3], "one length per row"),
+    "token_past_vocab": ("logits", np.full((2, 8), VOCAB), [8, 8], f"vocab_size = {VOCAB})"),
+    "negative_token": ("score", np.full((1, 8), -1), [8], f"vocab_size = {VOCAB})"),
+    "score_one_token": ("score", np.zeros((2, 8)), [1, 8], "score needs lengths >= 2"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(GRAPH_ERRORS))
+def test_signature_checks_in_the_graph(portable_loaded, case):
+  """A signature called as TF Serving calls it (names and dtypes right) raises a readable error."""
+  import tensorflow as tf
+  name, tokens, lengths, message = GRAPH_ERRORS[case]
+  fn = portable_loaded.signatures[name]
+  with pytest.raises(tf.errors.InvalidArgumentError, match=re.escape(message)):
+    fn(tokens=tf.constant(tokens, tf.int32), lengths=tf.constant(lengths, tf.int32))
+
+
+def test_one_token_prompts_and_padding(art, portable_loaded):
+  """`last` of a one-token prompt is after position 0; padding values never matter."""
+  from sparse_attention_tf import export
+  tokens = np.array([[5, -3, 999], [5, 7, 1]], np.int32)
+  out = export.predict(portable_loaded, {"tokens": tokens, "lengths": [1, 3]},
+                       "next_token_distribution")
+  full = np.zeros((2, SEQ_LEN), np.int32)
+  full[0, 0], full[1, :3] = 5, [5, 7, 1]
+  probs = np_softmax(np.asarray(art.model(full, training=False)))
+  np.testing.assert_allclose(out["last"], probs[[0, 1], [0, 2]], **TOL)
+  np.testing.assert_allclose(out["probabilities"][0, 0], out["probabilities"][1, 0], **TOL)
+
+
+PREDICT_ERRORS = {   # case -> (inputs, a part of the message)
+    "tokens_1d": ({"tokens": np.zeros(8), "lengths": [8]}, "'tokens'"),
+    "float_tokens": ({"tokens": np.zeros((1, 8), np.float32), "lengths": [8]},
+                     "must be int32 [batch, any]"),
+    "outside_int32": ({"tokens": np.full((1, 8), 2**40), "lengths": [8]}, "int32"),
+    "lengths_2d": ({"tokens": np.zeros((1, 8), np.int32), "lengths": [[8]]},
+                   "'lengths' of signature 'logits' must be int32 [batch]"),
+    "missing_lengths": ({"tokens": np.zeros((1, 8), np.int32)}, "lengths: int32 [batch]"),
+    "extra_input": ({"tokens": np.zeros((1, 8), np.int32), "lengths": [8], "mask": [1]},
+                    "takes the inputs"),
+    "batch_sizes": ({"tokens": np.zeros((2, 8), np.int32), "lengths": [8]}, "one batch size"),
+    "one_array": (np.zeros((1, 8), np.int32), "pass a dict"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(PREDICT_ERRORS))
+def test_predict_checks_the_inputs(portable_loaded, case):
+  from sparse_attention_tf import export
+  inputs, message = PREDICT_ERRORS[case]
+  with pytest.raises(ValueError, match=re.escape(message)):
+    export.predict(portable_loaded, inputs, "logits")
+
+
+def test_predict_accepts_other_integer_types(art, portable_loaded):
+  from sparse_attention_tf import export
+  with pytest.raises(ValueError, match="no signature 'generate'"):
+    export.predict(portable_loaded, {}, "generate")
+  inputs = {"tokens": art.tokens["b"].astype(np.int64), "lengths": art.lengths["b"].tolist()}
+  np.testing.assert_allclose(export.predict(portable_loaded, inputs)["logits"], art.logits["b"],
+                             **TOL)
+
+
+# --- 8. versions: overwrite, and no half-written version -----------------------------
+@pytest.fixture(scope="module")
+def small_model():
+  """Cheap to export: no attention (the version handling does not depend on the model)."""
+  import keras
+  model = keras.Sequential([keras.Input((8,), dtype="int32", name="tokens"),
+                            keras.layers.Embedding(VOCAB, 4), keras.layers.Dense(3, name="out")])
+  return model
+
+
+def test_export_refuses_an_existing_version(small_model, tmp_path):
+  from sparse_attention_tf import export
+  base = str(tmp_path / "m")
+  out = export.export_saved_model(small_model, base)
+  before = os.stat(os.path.join(out, "saved_model.pb")).st_mtime_ns
+  with pytest.raises(FileExistsError, match=r"already exists: pass overwrite=True"):
+    export.export_saved_model(small_model, base)
+  assert os.stat(os.path.join(out, "saved_model.pb")).st_mtime_ns == before
+  assert sorted(os.listdir(base)) == ["1"]
+  assert export.export_saved_model(small_model, base, version=2).endswith("2")
+
+
+def test_export_overwrite_replaces_the_version(small_model, tmp_path):
+  import tensorflow as tf
+  from sparse_attention_tf import export
+  base = tmp_path / "m"
+  (base / "1").mkdir(parents=True)
+  (base / "1" / "stale.txt").write_text("old")
+  out = export.export_saved_model(small_model, str(base), overwrite=True)
+  assert sorted(os.listdir(base)) == ["1"], "a temporary folder was left behind"
+  assert not os.path.exists(os.path.join(out, "stale.txt"))
+  assert os.path.isfile(os.path.join(out, "saved_model.pb"))
+  tokens = np.arange(16, dtype=np.int32).reshape(2, 8) % VOCAB
+  got = export.predict(tf.saved_model.load(out), tokens)["out"]
+  np.testing.assert_allclose(got, np.asarray(small_model(tokens)), **TOL)
+
+
+@pytest.mark.parametrize("existing", [True, False])
+def test_failed_export_leaves_no_partial_version(small_model, tmp_path, monkeypatch, existing):
+  """The export fails after the SavedModel is written: the old version (or nothing) remains."""
+  from sparse_attention_tf import export
+  base = tmp_path / "m"
+  if existing:
+    (base / "1").mkdir(parents=True)
+    (base / "1" / "keep.txt").write_text("kept")
+
+  def fail(folder, meta):
+    assert os.path.isfile(os.path.join(folder, "saved_model.pb"))
+    raise OSError("disk full")
+
+  monkeypatch.setattr(export, "_write_metadata", fail)
+  with pytest.raises(OSError, match="disk full"):
+    export.export_saved_model(small_model, str(base), overwrite=True)
+  if existing:
+    assert sorted(os.listdir(base)) == ["1"]
+    assert sorted(os.listdir(base / "1")) == ["keep.txt"]
+  else:
+    assert not base.exists()
+
+
+# --- 9. train_main.py --export_dir ------------------------------------------------
 def test_train_main_export_dir(jobs):
   export_dir = jobs.root / "train_export"
   check_exit(jobs.result("train_main"))
