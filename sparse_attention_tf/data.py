@@ -17,6 +17,11 @@ Sequences (L = seq_len):
   images         p = pixels in raster order, channels innermost (HWC reshape);
                  x = [bos] + p[:-1], y = p, so the first pixel is predicted too
 
+Each dataset names what one token is, in `TokenData.unit`, the name of its
+bits-per-token metric: `bits_per_byte` for bytes (pydoc, text), `bits_per_dim`
+for image pixels x channels (the paper's bits/dim), `bits_per_sample` for 8-bit
+µ-law audio samples.
+
 Splits are deterministic: streams are cut 90% / 5% / 5% (train / validation /
 held-out test, never exposed) by position; digits are shuffled once with a fixed
 seed and cut 90% / 10%; TFDS datasets use their own train and test (or
@@ -59,6 +64,9 @@ TFDS_IMAGES = {
 
 SPEC_FORMS = ("pydoc", "text:PATH", "digits", "tfds:NAME", "wav:DIR")
 
+# kind -> the bits-per-token metric's name: what one token of that kind is
+UNITS = {"text": "bits_per_byte", "image": "bits_per_dim", "audio": "bits_per_sample"}
+
 
 class DataError(ValueError):
   """A dataset that cannot be loaded; the message is one line for the CLI."""
@@ -71,6 +79,9 @@ class TokenData:
   Attributes:
     name: the spec it was loaded from, e.g. "pydoc" or "tfds:cifar10".
     kind: "text", "image" or "audio".
+    unit: what one token is, as the name of the bits-per-token metric:
+      "bits_per_byte" (text), "bits_per_dim" (images), "bits_per_sample"
+      (audio); see `UNITS`.
     vocab_size: number of token values the model predicts (BOS included).
     seq_len: model sequence length.
     train: unbatched `(x, y)` int32 `[seq_len]` pairs.
@@ -83,6 +94,7 @@ class TokenData:
   """
   name: str
   kind: str
+  unit: str
   vocab_size: int
   seq_len: int
   train: tf.data.Dataset
@@ -229,8 +241,8 @@ def stream_data(name: str, kind: str, tokens: np.ndarray, vocab_size: int,
                     f"source or a smaller --seq_len")
   train, num_train = _window_dataset(tokens[:train_end], seq_len)
   validation, num_validation = _window_dataset(tokens[train_end:validation_end], seq_len)
-  return TokenData(name=name, kind=kind, vocab_size=vocab_size, seq_len=seq_len,
-                   train=train, validation=validation, image_shape=None, bos=None,
+  return TokenData(name=name, kind=kind, unit=UNITS[kind], vocab_size=vocab_size,
+                   seq_len=seq_len, train=train, validation=validation, image_shape=None, bos=None,
                    num_train_examples=num_train, num_validation_examples=num_validation)
 
 
@@ -342,20 +354,35 @@ def load_digits(seq_len: Optional[int]) -> TokenData:
   def make(rows):
     return tf.data.Dataset.from_tensor_slices(pixels[rows]).map(lambda p: image_pairs(p, bos))
 
-  return TokenData(name="digits", kind="image", vocab_size=18, seq_len=seq_len,
-                   train=make(order[:num_train]), validation=make(order[num_train:]),
+  return TokenData(name="digits", kind="image", unit=UNITS["image"], vocab_size=18,
+                   seq_len=seq_len, train=make(order[:num_train]),
+                   validation=make(order[num_train:]),
                    image_shape=(8, 8, 1), bos=bos, num_train_examples=num_train,
                    num_validation_examples=len(pixels) - num_train)
 
 
-def _tfds_not_found(name: str, data_dir: Optional[str]) -> DataError:
-  where = data_dir or "the default TFDS data dir (~/tensorflow_datasets or $TFDS_DATA_DIR)"
-  target = data_dir or "DATA_DIR"
+def _tfds_not_found(name: str, data_dir: Optional[str], root: str) -> DataError:
+  """The one-line error for a TFDS dataset that is not prepared where it was looked for.
+
+  Args:
+    name: the TFDS name, e.g. "cifar10" or "downsampled_imagenet/64x64".
+    data_dir: the --data_dir given, or None (TFDS's default data dir).
+    root: the data dir TFDS looked in (`builder.data_dir_root`).
+  """
+  folder = name.split("/")[0]   # what `tfds build` writes under its data dir
+  if data_dir:
+    what = f"no prepared {folder}/ in it" if os.path.isdir(data_dir) else "no such folder"
+    return DataError(
+        f"tfds dataset {name} not found in the given data dir {data_dir} ({what}; nothing "
+        f"is downloaded here): on a machine with network access run `tfds build {name} "
+        f"--data_dir=DIR` (the command of pip's tensorflow-datasets) and copy DIR/{folder} "
+        f"into {data_dir}")
   return DataError(
-      f"tfds dataset {name} not found in {where}: run `python -m "
-      f"tensorflow_datasets.scripts.download_and_prepare --datasets={name} "
-      f"--data_dir={target}` on a machine with network access and copy the folder here, "
-      f"or pass --data_dir")
+      f"tfds dataset {name} not found in the default TFDS data dir {root} ($TFDS_DATA_DIR, "
+      f"else ~/tensorflow_datasets; nothing is downloaded here): on a machine with network "
+      f"access run `tfds build {name}` (the command of pip's tensorflow-datasets), then copy "
+      f"the {folder} folder it writes in ~/tensorflow_datasets into {root} here, or into any "
+      f"folder and pass --data_dir=FOLDER")
 
 
 def load_tfds(name: str, seq_len: Optional[int], data_dir: Optional[str],
@@ -391,8 +418,9 @@ def load_tfds(name: str, seq_len: Optional[int], data_dir: Optional[str],
     except AssertionError:
       # tfds raises a bare AssertionError ("could not find data in ...") when the
       # dataset is registered but not prepared; anything else is re-raised.
-      if not tfds.builder(name, data_dir=data_dir).is_prepared():
-        raise _tfds_not_found(name, data_dir) from None
+      builder = tfds.builder(name, data_dir=data_dir)
+      if not builder.is_prepared():
+        raise _tfds_not_found(name, data_dir, os.fspath(builder.data_dir_root)) from None
       raise
     count = int(ds.cardinality())
     if count < 0:  # unknown: the split metadata has it
@@ -403,8 +431,8 @@ def load_tfds(name: str, seq_len: Optional[int], data_dir: Optional[str],
 
   train, num_train = split("train", shuffle_files=True)
   validation, num_validation = split(eval_split, shuffle_files=False)
-  return TokenData(name=f"tfds:{name}", kind="image", vocab_size=257, seq_len=seq_len,
-                   train=train, validation=validation,
+  return TokenData(name=f"tfds:{name}", kind="image", unit=UNITS["image"], vocab_size=257,
+                   seq_len=seq_len, train=train, validation=validation,
                    image_shape=(height, width, channels), bos=bos,
                    num_train_examples=num_train, num_validation_examples=num_validation)
 

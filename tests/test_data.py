@@ -84,6 +84,22 @@ def test_text_errors(tmp_path):
     data.load(f"text:{short}", seq_len=8)
 
 
+@pytest.mark.parametrize("spec,kind,unit", [
+    ("pydoc", "text", "bits_per_byte"),
+    ("text:{tmp}/t.txt", "text", "bits_per_byte"),
+    ("digits", "image", "bits_per_dim"),
+    ("wav:{tmp}", "audio", "bits_per_sample"),
+])
+def test_unit_names_what_a_token_is(tmp_path, spec, kind, unit):
+  """Every dataset carries the name of its bits-per-token metric: bytes, pixel
+  channels (dims) or µ-law samples."""
+  (tmp_path / "t.txt").write_bytes(b"abc" * 1000)
+  write_wav(tmp_path / "a.wav", np.zeros((2000, 1)))
+  d = data.load(spec.format(tmp=tmp_path), seq_len=64 if kind == "image" else 16)
+  assert (d.kind, d.unit) == (kind, unit)
+  assert data.UNITS[kind] == unit
+
+
 def test_enwik8_split_is_papers():
   assert data.split_bounds(100_000_000) == (90_000_000, 95_000_000)
 
@@ -134,6 +150,7 @@ def test_tfds_cifar10_mocked():
                        tfds.load("cifar10", split="test", download=False).as_numpy_iterator()])
     vx, vy = as_arrays(d.validation)
   assert (d.vocab_size, d.seq_len, d.bos, d.image_shape) == (257, 3072, 256, (32, 32, 3))
+  assert d.unit == "bits_per_dim"
   assert (d.num_train_examples, d.num_validation_examples) == (3, 3)
   assert vx.shape == vy.shape == (3, 3072)
   np.testing.assert_array_equal(vy, images.reshape(3, -1))  # (row, col, channel) order
@@ -143,10 +160,39 @@ def test_tfds_cifar10_mocked():
     data.load("tfds:cifar10", seq_len=1024)
 
 
-def test_tfds_not_found(tmp_path):
-  with pytest.raises(data.DataError, match=r"cifar10 not found in .*download_and_prepare "
-                     r"--datasets=cifar10 --data_dir=.*network"):
-    data.load("tfds:cifar10", seq_len=None, data_dir=str(tmp_path))
+@pytest.mark.parametrize("missing", [False, True])
+def test_tfds_not_found_in_given_dir(tmp_path, missing):
+  """A --data_dir was given: the message says the data is not in that folder and how
+  to build it elsewhere into a folder to copy there; it does not suggest --data_dir."""
+  given = str(tmp_path / "missing" if missing else tmp_path)
+  with pytest.raises(data.DataError) as e:
+    data.load("tfds:cifar10", seq_len=None, data_dir=given)
+  message = str(e.value)
+  assert "\n" not in message
+  assert f"cifar10 not found in the given data dir {given} (" in message
+  assert ("no such folder" if missing else "no prepared cifar10/ in it") in message
+  assert "network access run `tfds build cifar10 --data_dir=DIR`" in message
+  assert f"copy DIR/cifar10 into {given}" in message
+  assert "pass --data_dir" not in message and "download_and_prepare" not in message
+
+
+def test_tfds_not_found_in_default_dir(tmp_path, monkeypatch):
+  """No --data_dir: the message names TFDS's default folder, recommends `tfds build`
+  on a machine with network access, and offers --data_dir for a copy elsewhere."""
+  import tensorflow_datasets as tfds
+  default = tmp_path / "default_tfds"
+  default.mkdir()
+  monkeypatch.setattr(tfds.core.constants, "DATA_DIR", str(default))  # TFDS reads it per call
+  with pytest.raises(data.DataError) as e:
+    data.load("tfds:downsampled_imagenet/64x64", seq_len=None)
+  message = str(e.value)
+  assert "\n" not in message
+  assert f"downsampled_imagenet/64x64 not found in the default TFDS data dir {default} (" \
+      in message
+  assert "network access run `tfds build downsampled_imagenet/64x64`" in message
+  assert f"copy the downsampled_imagenet folder it writes in ~/tensorflow_datasets into " \
+      f"{default}" in message
+  assert message.endswith("pass --data_dir=FOLDER"), message
 
 
 # ------------------------------------------------------------------------ audio
