@@ -81,7 +81,8 @@ BAD_FLAGS = {
                           ["--batch_size (3)", "replicas (2)"]),
     "tfds_not_prepared": (["--dataset=tfds:cifar10", "--seq_len=3072", "--block_size=64",
                            "--data_dir={tmp}/empty_tfds"],
-                          ["cifar10", "not found", "{tmp}/empty_tfds", "download_and_prepare"]),
+                          ["cifar10", "not found in the given data dir {tmp}/empty_tfds",
+                           "`tfds build cifar10 --data_dir=DIR`"]),
 }
 
 
