@@ -80,6 +80,25 @@ def cuda_library(name, srcs, hdrs = [], **kwargs):
         **kwargs
     )
 
+def _tf_version_header_impl(ctx):
+    version = ctx.var.get("tf_version", "unknown")
+    ctx.actions.write(
+        ctx.outputs.out,
+        "// Generated: the TensorFlow this build compiles against (--define=tf_version).\n" +
+        "#define SPARSE_ATTENTION_TF_VERSION \"%s\"\n" % version,
+    )
+
+tf_version_header = rule(
+    implementation = _tf_version_header_impl,
+    doc = """Writes `out` (#define SPARSE_ATTENTION_TF_VERSION) from --define=tf_version.
+
+    scripts/setup.sh adds `build --define=tf_version=<tf.__version__>` to the
+    generated .tf_configure.bazelrc; without it the version is "unknown" and
+    only the headers' GraphDef version identifies the build (build_info.cc).
+    """,
+    attrs = {"out": attr.output(mandatory = True)},
+)
+
 def tf_custom_op_library(name, srcs, gpu_srcs = [], gpu_deps = [], deps = [], **kwargs):
     """Shared library loadable with tf.load_op_library(); CUDA sources are dropped.
 

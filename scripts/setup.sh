@@ -48,11 +48,16 @@ else
 fi
 
 # --- (c) configure (TF paths/flags for Bazel) ----------------------------------
+# Plus the TF version the op library records (custom_ops/cc/build_info.cc).
 CONF="$ROOT/.tf_configure.bazelrc"
-CONF_KEY="$(printf '%s\n' "$ROOT" "$REQ_HASH" "$(sha scripts/configure.sh)" | sha256sum | cut -d' ' -f1)"
+CONF_KEY="$(printf '%s\n' "$ROOT" "$REQ_HASH" "$(sha scripts/configure.sh)" tf_version \
+  | sha256sum | cut -d' ' -f1)"
 if ! grep -qxF "# key: $CONF_KEY" "$CONF" 2>/dev/null; then
   log "configure"
   PYTHON="$PY" bash scripts/configure.sh
+  TF_VERSION="$(TF_CPP_MIN_LOG_LEVEL=3 "$PY" -c 'import tensorflow as tf; print(tf.__version__)' \
+    2>/dev/null)"
+  echo "build --define=tf_version=$TF_VERSION" >> "$CONF"
   echo "# key: $CONF_KEY" >> "$CONF"
 else
   log "configure: ok"
