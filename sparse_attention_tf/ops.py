@@ -1,9 +1,11 @@
 """Thin wrappers of the C++ block-sparse ops, and their gradients.
 
 The op library is loaded lazily, on first use, from the first of:
-  1. `$SPARSE_ATTENTION_TF_OPS` (a path to the .so),
-  2. the package folder (where `scripts/setup.sh` copies the Bazel build),
-  3. `bazel-bin/custom_ops/` and `build/` of a source checkout (Bazel, make).
+  1. `$SPARSE_ATTENTION_TF_OPS` (a path to the .so); when set, only this one,
+  2. the package folder (an installed wheel's library, or in a source checkout
+     the Bazel build that `scripts/setup.sh` copies there),
+  3. only in a source checkout: `bazel-bin/custom_ops/` and `build/` (Bazel, make),
+whose build info (build_info.py) names the TensorFlow minor version running.
 
 Letters: B batch, N sequence, H heads, D head dim, b block size, Z kept
 blocks, G = H / Hl groups of heads sharing one layout head (see layout.py).
@@ -29,6 +31,7 @@ from typing import Optional
 import numpy as np
 import tensorflow as tf
 
+from sparse_attention_tf import build_info as build_info_lib
 from sparse_attention_tf import layout as layout_lib
 
 LIBRARY_NAME = "_sparse_attention_ops.so"
@@ -40,16 +43,46 @@ _module_path: Optional[str] = None
 _load_error: Optional[str] = None
 
 
+def checkout_root() -> Optional[pathlib.Path]:
+  """The source checkout this package lies in, or None for an installed copy."""
+  root = pathlib.Path(__file__).resolve().parent.parent
+  return root if (root / "custom_ops" / "cc").is_dir() else None
+
+
 def library_candidates() -> list:
-  """Paths tried, in order, to load the op library."""
-  package = pathlib.Path(__file__).resolve().parent
-  root = package.parent
-  paths = []
+  """Paths tried, in order, to load the op library.
+
+  `$SPARSE_ATTENTION_TF_OPS` alone when it is set: an explicit choice is never
+  replaced by another library. Else the package folder, then the Bazel and make
+  outputs of the source checkout, if the package lies in one: an installed copy
+  never picks up a build that happens to lie beside it.
+  """
   if os.environ.get(_ENV_VAR):
-    paths.append(pathlib.Path(os.environ[_ENV_VAR]))
-  paths += [package / LIBRARY_NAME, root / "bazel-bin" / "custom_ops" / LIBRARY_NAME,
-            root / "build" / LIBRARY_NAME]
+    return [pathlib.Path(os.environ[_ENV_VAR])]
+  paths = [pathlib.Path(__file__).resolve().parent / LIBRARY_NAME]
+  root = checkout_root()
+  if root is not None:
+    paths += [root / "bazel-bin" / "custom_ops" / LIBRARY_NAME, root / "build" / LIBRARY_NAME]
   return paths
+
+
+def _how_to_fix(built_version: Optional[str]) -> str:
+  """What to do when no library loads, in a source checkout or for an installed copy."""
+  running = tf.__version__
+  root = checkout_root()
+  if root is not None:
+    return (f"To fix: build it against this TensorFlow ({running}) in {root}: "
+            f"`bash scripts/setup.sh` (Bazel) or `make ops`; or set ${_ENV_VAR} to a library "
+            "built for it.")
+  fixes = []
+  built = build_info_lib.minor_version(built_version)
+  if built is not None:
+    fixes.append("install the TensorFlow it was built for "
+                 f"(`pip install \"tensorflow=={built[0]}.{built[1]}.*\"`)")
+  fixes.append(f"rebuild sparse_attention_tf against this TensorFlow ({running}): in its source "
+               "checkout, `pip install --force-reinstall --no-deps --no-build-isolation .`")
+  fixes.append(f"set ${_ENV_VAR} to a library built for it")
+  return "To fix: " + "; or ".join(fixes) + "."
 
 
 def load_library():
@@ -58,21 +91,25 @@ def load_library():
   with _lock:
     if _module is not None or _load_error is not None:
       return _module
-    errors = []
+    tried, built_version = [], None
     for path in library_candidates():
-      if not path.exists():
+      if not path.is_file():
+        tried.append(f"  {path}: not found")
         continue
-      try:
-        _module = tf.load_op_library(str(path))
-        _module_path = str(path)
-        return _module
-      except (tf.errors.NotFoundError, OSError) as e:  # wrong TF ABI, missing symbols
-        errors.append(f"{path}: {e}")
-    tried = ", ".join(str(p) for p in library_candidates())
-    _load_error = (f"The sparse_attention_tf op library could not be loaded (tried {tried}"
-                   + (f"; errors: {'; '.join(errors)}" if errors else "") +
-                   "). Build it with `bash scripts/setup.sh` (Bazel) or `make ops`, or set "
-                   f"${_ENV_VAR} to the .so.")
+      info = build_info_lib.read(path)  # checked before loading: a mismatch may load and crash
+      built_version = built_version or info.get("tensorflow")
+      problem = build_info_lib.mismatch(info, tf.__version__, tf.version.GRAPH_DEF_VERSION)
+      if problem is None:
+        try:
+          _module = tf.load_op_library(str(path))
+          _module_path = str(path)
+          return _module
+        except (tf.errors.NotFoundError, OSError) as e:  # missing symbols, not a library
+          problem = str(e).strip() + (f" (built with {build_info_lib.built_with(info)})"
+                                      if info else "")
+      tried.append(f"  {path}: {problem}")
+    _load_error = ("The sparse_attention_tf op library could not be loaded; tried:\n" +
+                   "\n".join(tried) + "\n" + _how_to_fix(built_version))
     return None
 
 
