@@ -9,9 +9,13 @@ Layers of the library, each building on the one before:
   layers     Keras layers: attention, residual block, position embeddings
   models     the SparseTransformer model, with cached sampling
   metrics    bits per byte / per dim
+  export     SavedModel export for TF Serving  (imported on first use: `sat.export`)
+  plotting   pattern figures, with matplotlib  (imported on first use: `sat.plotting`)
 """
 
-from sparse_attention_tf import layers, metrics, models, patterns
+import importlib
+
+from sparse_attention_tf import layers, metrics, models, ops, patterns
 from sparse_attention_tf.attention import sparse_attention
 from sparse_attention_tf.layers import SparseMultiHeadAttention, SparseTransformerBlock
 from sparse_attention_tf.metrics import BitsPerToken
@@ -21,7 +25,21 @@ from sparse_attention_tf.patterns import (BigBird, Custom, Dense, Fixed, Local, 
 
 __version__ = "0.1.0"
 
-__all__ = ["sparse_attention", "patterns", "layers", "models", "metrics", "Dense", "Local",
-           "Strided", "Fixed", "Longformer", "BigBird", "Custom", "Split",
-           "SparseMultiHeadAttention", "SparseTransformerBlock", "SparseTransformer",
+__all__ = ["sparse_attention", "patterns", "layers", "models", "metrics", "ops", "export",
+           "plotting", "Dense", "Local", "Strided", "Fixed", "Longformer", "BigBird", "Custom",
+           "Split", "SparseMultiHeadAttention", "SparseTransformerBlock", "SparseTransformer",
            "BitsPerToken"]
+
+# Imported on first access, not with the package: importing `export` here would
+# make `python -m sparse_attention_tf.export` warn that it ran a module already imported.
+_LAZY_MODULES = ("export", "plotting")
+
+
+def __getattr__(name):
+  if name in _LAZY_MODULES:
+    return importlib.import_module(f"{__name__}.{name}")
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+  return sorted(set(globals()) | set(_LAZY_MODULES))
