@@ -108,6 +108,8 @@ def load_library():
           problem = str(e).strip() + (f" (built with {build_info_lib.built_with(info)})"
                                       if info else "")
       tried.append(f"  {path}: {problem}")
+    if os.environ.get(_ENV_VAR):
+      tried.append(f"  (only ${_ENV_VAR} is tried while it is set)")
     _load_error = ("The sparse_attention_tf op library could not be loaded; tried:\n" +
                    "\n".join(tried) + "\n" + _how_to_fix(built_version))
     return None
