@@ -189,8 +189,8 @@ def _lm_tokens(tokens, lengths, seq_len: int, vocab_size: int):
   width = tf.shape(tokens)[1]
   shape_checks = [
       tf.debugging.assert_less_equal(
-          width, seq_len, message=f"tokens has more positions than the model's seq_len = "
-          f"{seq_len}: send at most {seq_len} tokens per row"),
+          width, seq_len, message=f"tokens has more positions than the model holds, "
+          f"seq_len = {seq_len}: send at most {seq_len} tokens per row"),
       tf.debugging.assert_positive(width, message="tokens must have at least one position"),
       tf.debugging.assert_equal(
           tf.shape(lengths)[0], tf.shape(tokens)[0],
@@ -371,8 +371,9 @@ def export_saved_model(model, path: str, mode: str = "portable", version: int = 
   # serving_default always comes first: TF Serving's default signature.
   names = ["serving_default"] + [n for n in dict.fromkeys(signatures) if n != "serving_default"]
   endpoints = _lm_endpoints(served, names) if is_lm else _model_endpoints(served)
+  # Not archive.track(served): the endpoints bring their variables (and Keras lookup tables),
+  # and tracking a subclassed model makes Keras trace its call on float inputs.
   archive = keras.export.ExportArchive()
-  archive.track(served)
   meta_signatures = {}
   for name, (fn, specs) in endpoints.items():
     traced = archive.add_endpoint(name, fn, input_signature=specs).get_concrete_function()

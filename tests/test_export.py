@@ -116,6 +116,7 @@ JOB_TESTS = {   # job -> the tests that read it
     "train_main": ("test_train_main_export_dir",),
     "cli_missing": ("test_cli_missing_model",),
     "fresh": ("test_portable_export_runs_without_the_library",
+              "test_portable_export_runs_in_a_session_like_tf_serving",
               "test_custom_op_export_needs_the_op_library"),
     "load_saved_model": ("test_load_saved_model_names_the_missing_library",),
     "cli_show": ("test_saved_model_cli_show_and_run",),
@@ -242,7 +243,7 @@ def art(jobs, tmp_path_factory, ops):
       np.save(a.dirs[name] / f"tokens_{tag}.npy", a.tokens[tag])
       np.save(a.dirs[name] / f"lengths_{tag}.npy", a.lengths[tag])
   jobs.add("fresh", python_args(FRESH, a.portable, a.custom, a.library,
-                                ",".join(SIGNATURE_OUTPUTS), ",".join(BATCHES)),
+                                ",".join(SIGNATURE_OUTPUTS), ",".join(BATCHES), SEQ_LEN),
            a.dirs["fresh"])
   jobs.add("load_saved_model", python_args(FRESH_LOAD_SAVED_MODEL, a.custom),
            a.dirs["load_saved_model"], pythonpath=REPO_ROOT)
@@ -320,6 +321,26 @@ except Exception:
 with open("portable.json", "w") as f:
   json.dump(result, f)
 
+# As TF Serving runs it: Session::Run on the signature's tensor names, in a TF1 graph.
+result = {}
+try:
+  with tf.Graph().as_default() as graph, tf.compat.v1.Session(graph=graph) as sess:
+    meta_graph = tf.compat.v1.saved_model.loader.load(sess, ["serve"], portable)
+    sig = meta_graph.signature_def["serving_default"]
+    def run(tokens, lengths):
+      return sess.run(sig.outputs["logits"].name, {sig.inputs["tokens"].name: tokens,
+                                                   sig.inputs["lengths"].name: lengths})
+    np.save("session_logits_c.npy", run(np.load("tokens_c.npy"), np.load("lengths_c.npy")))
+    try:
+      run(np.zeros((1, int(sys.argv[6]) + 1), np.int32), np.ones([1], np.int32))
+      result["too_long"] = "no error"
+    except Exception as e:
+      result["too_long"] = [type(e).__name__, str(e)]
+except Exception:
+  result["error"] = traceback.format_exc()
+with open("session.json", "w") as f:
+  json.dump(result, f)
+
 result = {"mapped_before": library_mapped()}
 try:
   try:
@@ -365,6 +386,18 @@ def test_portable_export_runs_without_the_library(art, jobs):
                                    err_msg=f"{name}/{key} batch {tag}")
   # The rows really differ in length, and a narrower batch came back narrower.
   assert len(set(art.lengths["a"])) == 3 and BATCHES["c"][1] < SEQ_LEN
+
+
+def test_portable_export_runs_in_a_session_like_tf_serving(art, jobs):
+  check_exit(jobs.result("fresh"))
+  workdir = art.dirs["fresh"]
+  result = json.loads((workdir / "session.json").read_text())
+  assert "error" not in result, result["error"]
+  np.testing.assert_allclose(np.load(workdir / "session_logits_c.npy"),
+                             art.logits["c"][:, :BATCHES["c"][1]], **TOL)
+  kind, message = result["too_long"]
+  assert kind == "InvalidArgumentError", result["too_long"]
+  assert f"seq_len = {SEQ_LEN}: send at most {SEQ_LEN} tokens" in message, message
 
 
 # --- 2. layout and metadata -----------------------------------------------------
