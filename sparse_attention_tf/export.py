@@ -70,11 +70,10 @@ Outputs at positions `>= lengths` are padding: ignore them.
 Errors. In the graph (what TF Serving can send), `tf.debugging` asserts raise
 `InvalidArgumentError`s that say what is wrong: more than `seq_len`
 positions, `lengths` out of `[1, L]` or not one per row, tokens outside
-`[0, vocab_size)`, `score` with `lengths < 2`. TF Serving checks only input
-names and dtypes, and a loaded signature called from Python casts and
-broadcasts silently: `predict(loaded, inputs, signature)` first checks the
-inputs against the signature and raises a `ValueError` naming the expected
-dtype and shape. `rest_to_inputs` turns a REST `predict` body (prompts of any
+`[0, vocab_size)`, `score` with `lengths < 2`. Not every caller checks inputs
+against the signature (a loaded signature called from Python casts and
+broadcasts silently): `predict(loaded, inputs, signature)` first checks them
+and raises a `ValueError` naming the expected dtype and shape. `rest_to_inputs` turns a REST `predict` body (prompts of any
 length up to `seq_len`) into `tokens` and `lengths`.
 """
 
@@ -297,8 +296,8 @@ def version_path(path: str, version: int = 1, overwrite: bool = False) -> str:
 
 
 def _exists_error(out: str) -> FileExistsError:
-  return FileExistsError(f"{out} already exists: pass overwrite=True (--overwrite on the "
-                         f"command line) to replace it, or export another version.")
+  return FileExistsError(f"{out} already exists: pass overwrite=True to replace it, or export "
+                         f"another version.")
 
 
 def _move_into_place(staged: str, out: str, overwrite: bool):
@@ -610,6 +609,21 @@ def rest_to_inputs(body, seq_len: Optional[int] = None,
 
 
 # --- command line ----------------------------------------------------------------
+def _export_file(args) -> str:
+  """The command line's export; what can fail without TensorFlow fails first."""
+  if not os.path.exists(args.model):
+    raise FileNotFoundError(f"model file not found: {args.model}")
+  out = os.path.join(args.export_dir, str(args.version))
+  if os.path.lexists(out) and not args.overwrite:
+    raise FileExistsError(f"{out} already exists: pass --overwrite to replace it, or another "
+                          f"--version.")
+  import keras
+  import sparse_attention_tf  # noqa: F401  (registers the layers for loading)
+  model = keras.models.load_model(args.model)
+  return export_saved_model(model, args.export_dir, mode=args.mode, version=args.version,
+                            overwrite=args.overwrite)
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(
       prog="python -m sparse_attention_tf.export",
@@ -624,14 +638,7 @@ def main(argv=None) -> int:
                       help="replace an existing <export_dir>/<version>")
   args = parser.parse_args(argv)
   try:
-    if not os.path.exists(args.model):
-      raise FileNotFoundError(f"model file not found: {args.model}")
-    version_path(args.export_dir, args.version, args.overwrite)   # fail before loading
-    import keras
-    import sparse_attention_tf  # noqa: F401  (registers the layers for loading)
-    model = keras.models.load_model(args.model)
-    out = export_saved_model(model, args.export_dir, mode=args.mode, version=args.version,
-                             overwrite=args.overwrite)
+    out = _export_file(args)
   except (ValueError, RuntimeError, OSError) as e:
     print(f"export: error: {e}", file=sys.stderr)
     return 2
