@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import warnings
+import weakref
 from typing import Optional
 
 import numpy as np
@@ -29,6 +30,8 @@ IMPLEMENTATIONS = ("auto", "custom_op", "custom_op_unfused", "reference", "dense
 _CUSTOM_OPS = ("custom_op", "custom_op_unfused")
 _FLOAT_DTYPES = (tf.float32, tf.bfloat16, tf.float16)
 _warned_fallback = False
+# Table tensors of each plan part, made once per part when executing eagerly.
+_EAGER_TABLES = weakref.WeakKeyDictionary()
 
 
 def resolve_implementation(implementation: str) -> str:
@@ -48,11 +51,13 @@ def resolve_implementation(implementation: str) -> str:
   return "reference"
 
 
-def _check_inputs(query, key, value, pattern, key_padding_mask, implementation):
+def _check_inputs(query, key, value, pattern, key_padding_mask, implementation, block_size):
   for name, t in (("query", query), ("key", key), ("value", value)):
     if t.shape.rank != 4:
+      hint = (" For inputs [batch, seq, dim] use the layer SparseMultiHeadAttention, which "
+              "projects them into heads." if t.shape.rank == 3 else "")
       raise ValueError(f"{name} must have rank 4 [batch, seq, heads, head_dim], got shape "
-                       f"{t.shape}.")
+                       f"{t.shape}.{hint}")
   if query.shape[1:3] != key.shape[1:3] or query.shape[1:3] != value.shape[1:3]:
     raise ValueError(f"query, key and value must agree on seq and heads, got {query.shape}, "
                      f"{key.shape}, {value.shape}.")
@@ -80,11 +85,51 @@ def _check_inputs(query, key, value, pattern, key_padding_mask, implementation):
                      f"{query.shape} and {value.shape}.")
   if heads % pattern.num_heads:
     raise ValueError(f"the number of heads ({heads}) must be a multiple of the pattern's heads "
-                     f"({pattern.num_heads}) for {pattern!r}.")
+                     f"({pattern.num_heads}) for {pattern!r}."
+                     f"{_layout_hint(query.shape, pattern, block_size)}")
   if key_padding_mask is not None:
     if key_padding_mask.shape.rank != 2 or key_padding_mask.shape[1] != seq:
       raise ValueError(f"key_padding_mask must have shape [batch, {seq}], got "
                        f"{key_padding_mask.shape}.")
+
+
+def _fits(pattern, seq: int, block_size: int) -> bool:
+  """Whether `pattern.plan(seq, block_size)` accepts seq."""
+  try:
+    pattern.plan(seq, block_size)
+  except ValueError:
+    return False
+  return True
+
+
+def _layout_hint(shape, pattern, block_size: int) -> str:
+  """A sentence for inputs that look like [batch, heads, seq, head_dim], else ""."""
+  seq, heads = shape[1], shape[2]
+  if seq == heads or seq % pattern.num_heads or not _fits(pattern, heads, block_size):
+    return ""
+  return (f" The inputs look like [batch, heads, seq, head_dim] = {list(shape)}: "
+          f"sparse_attention expects [batch, seq, heads, head_dim] (the layout of "
+          f"keras.ops.dot_product_attention). Transpose q, k and v with "
+          f"tf.transpose(x, [0, 2, 1, 3]), and the output back the same way.")
+
+
+def _plan(pattern, shape, block_size: int):
+  """`pattern.plan` for the seq axis of `shape`, with errors that say what to do."""
+  seq = shape[1]
+  if block_size in patterns_lib.SUPPORTED_BLOCK_SIZES and seq % block_size:
+    raise ValueError(
+        f"seq_len ({seq}) must be a multiple of block_size ({block_size}): sparse_attention "
+        f"does not pad. Pad q, k and v to a multiple of {block_size} and mask the padded keys with "
+        f"key_padding_mask, or use the Keras layers SparseMultiHeadAttention and "
+        f"SparseTransformerBlock, which accept any length and pad internally."
+        f"{_layout_hint(shape, pattern, block_size)}")
+  try:
+    return pattern.plan(seq, block_size)
+  except ValueError as e:
+    hint = _layout_hint(shape, pattern, block_size)
+    if not hint:
+      raise
+    raise ValueError(f"{e}{hint}") from None
 
 
 def _part_heads(part, heads: int, pattern_heads: int) -> np.ndarray:
@@ -95,13 +140,12 @@ def _part_heads(part, heads: int, pattern_heads: int) -> np.ndarray:
 
 
 def _table_tensors(part) -> ops_lib.TableTensors:
-  """Table tensors of a part; cached on the part when executing eagerly."""
+  """Table tensors of a part; made once per part when executing eagerly."""
   if not tf.executing_eagerly() or tf.inside_function():
     return ops_lib.TableTensors(part.tables)
-  cached = part.__dict__.get("_tensors")
+  cached = _EAGER_TABLES.get(part)
   if cached is None:
-    cached = ops_lib.TableTensors(part.tables)
-    object.__setattr__(part, "_tensors", cached)
+    cached = _EAGER_TABLES[part] = ops_lib.TableTensors(part.tables)
   return cached
 
 
@@ -136,7 +180,9 @@ def sparse_attention(query, key, value, pattern, block_size: int = 32,
     value: `[batch, seq, heads, value_dim]`.
     pattern: a `sparse_attention_tf.patterns.Pattern` (or its serialized dict).
       Head h uses the pattern's head `h % pattern.num_heads`.
-    block_size: kernel block size, one of 16, 32, 64, 128; must divide seq.
+    block_size: kernel block size, one of 16, 32, 64, 128; must divide seq
+      (strictly: this function does not pad; `SparseMultiHeadAttention` and
+      `SparseTransformerBlock` accept any length by padding internally).
     scale: multiplies `q . k`; default `1 / sqrt(head_dim)`.
     key_padding_mask: optional `[batch, seq]`, True (or 1) for real keys and
       False for padding.
@@ -152,20 +198,22 @@ def sparse_attention(query, key, value, pattern, block_size: int = 32,
     are 0.
 
   Raises:
-    ValueError: for shapes, dtypes or pattern parameters that do not fit.
+    ValueError: for shapes, dtypes or pattern parameters that do not fit; a
+      seq_len that is not a multiple of block_size; inputs that look like
+      `[batch, heads, seq, head_dim]` (the message says how to transpose).
   """
   pattern = patterns_lib.deserialize(pattern)
   query, key, value = (tf.convert_to_tensor(t) for t in (query, key, value))
   if key_padding_mask is not None:
     key_padding_mask = tf.convert_to_tensor(key_padding_mask)
   implementation = resolve_implementation(implementation)
-  _check_inputs(query, key, value, pattern, key_padding_mask, implementation)
+  _check_inputs(query, key, value, pattern, key_padding_mask, implementation, block_size)
   seq, heads, head_dim = (int(d) for d in query.shape[1:])
   scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
   if key_padding_mask is not None:
     key_padding_mask = tf.cast(key_padding_mask, tf.bool)
 
-  plan = pattern.plan(seq, block_size)   # validates seq / block / pattern parameters
+  plan = _plan(pattern, query.shape, block_size)   # validates seq / block / pattern parameters
   if implementation == "dense":
     return reference.dense_attention(query, key, value, pattern.mask(seq), scale,
                                      key_padding_mask)
