@@ -1,4 +1,14 @@
-"""Sparse multi-head attention as a Keras 3 layer."""
+"""Sparse multi-head attention as a Keras 3 layer.
+
+The layer accepts any sequence length: when the pattern's plan does not accept
+the length T (e.g. T is not a multiple of the block size), the projected heads
+are padded to `padded_length(pattern, T, block_size)`, the padded keys are
+masked, and the output is sliced back to T. Real positions then get exactly
+the attention of `pattern.mask(padded_length)[:, :T, :T]`.
+
+Dimension letters: B batch, T sequence, L padded sequence, H heads, K key
+size, V value size.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +20,48 @@ import tensorflow as tf
 
 from sparse_attention_tf import attention as attention_lib
 from sparse_attention_tf import patterns as patterns_lib
+
+_MAX_PADDING_BLOCKS = 4096   # how far padded_length looks (in blocks) before giving up
+
+
+def padded_length(pattern, seq_len: int, block_size: int) -> int:
+  """The smallest length >= seq_len that `pattern.plan(length, block_size)` accepts.
+
+  A multiple of block_size that also meets the pattern's own conditions (e.g.
+  a multiple of the stride for `Strided(mode="split")`, of the layout width
+  for `Custom`, of the pattern block for `BigBird`).
+
+  Raises:
+    ValueError: if no such length is found within 4096 blocks of seq_len.
+  """
+  pattern = patterns_lib.deserialize(pattern)
+  if block_size not in patterns_lib.SUPPORTED_BLOCK_SIZES:
+    raise ValueError(f"block_size must be one of {patterns_lib.SUPPORTED_BLOCK_SIZES}, got "
+                     f"{block_size!r}.")
+  first = -(-int(seq_len) // block_size) * block_size
+  error = None
+  for length in range(first, first + _MAX_PADDING_BLOCKS * block_size, block_size):
+    try:
+      pattern.plan(length, block_size)
+      return length
+    except ValueError as e:
+      error = error or e
+  raise ValueError(f"no length from {seq_len} to {length} fits {pattern!r} at block_size "
+                   f"{block_size}; at {first}: {error}")
+
+
+def check_rank(layer_name: str, arg: str, shape, layout: str, rank4_hint: str = "") -> None:
+  """Raises a ValueError naming the expected layout unless `shape` has rank 3.
+
+  `rank4_hint` is added to the message for rank-4 inputs (what to do instead).
+  """
+  shape = tuple(shape)
+  if len(shape) == 3:
+    return
+  hint = {4: rank4_hint,
+          2: " Add a batch axis (x[None]), or embed token ids first (keras.layers.Embedding)."
+          }.get(len(shape), "")
+  raise ValueError(f"{layer_name} expects {arg} of shape {layout}, got shape {shape}.{hint}")
 
 
 @keras.saving.register_keras_serializable(package="sparse_attention_tf")
@@ -26,8 +78,9 @@ class SparseMultiHeadAttention(keras.layers.Layer):
     num_heads: number of attention heads; a multiple of `pattern.num_heads`.
     key_dim: size of each head for query and key.
     pattern: a `sparse_attention_tf.patterns.Pattern` (or its serialized dict).
-    block_size: kernel block size (16, 32, 64 or 128); must divide the
-      sequence length.
+    block_size: kernel block size (16, 32, 64 or 128). Sequences whose length
+      the pattern's plan does not accept are padded internally (see Call
+      arguments).
     value_dim: size of each head for value (default `key_dim`).
     dropout: dropout rate on the attention output, before the output
       projection (the block-sparse kernels do not materialise attention
@@ -42,7 +95,12 @@ class SparseMultiHeadAttention(keras.layers.Layer):
     **kwargs: base layer arguments (`name`, `dtype`, ...).
 
   Call arguments:
-    query: `[batch, seq, dim]`.
+    query: `[batch, seq, dim]`; seq must be static (known when traced), any
+      length: if the plan does not accept it, q, k and v are padded to
+      `padded_length(pattern, seq, block_size)` (the next multiple of
+      block_size that the pattern accepts), the padded keys are masked and
+      the output is sliced back to seq. Real positions get exactly attention
+      under `pattern.mask(padded_length)[:, :seq, :seq]`.
     value: `[batch, seq, dim]` (default: `query`, self-attention).
     key: `[batch, seq, dim]` (default: `value`).
     key_padding_mask: optional `[batch, seq]` bool, True for real keys. When
@@ -54,6 +112,11 @@ class SparseMultiHeadAttention(keras.layers.Layer):
     `[batch, seq, dim]` with the query's width. Query rows that see no key
     give the output projection's bias.
 
+  Raises:
+    ValueError: for inputs that are not `[batch, seq, dim]`, lengths of
+      query, key and value that differ, or a sequence length unknown when
+      traced.
+
   Example:
 
   >>> import sparse_attention_tf as sat
@@ -63,6 +126,8 @@ class SparseMultiHeadAttention(keras.layers.Layer):
   >>> x = keras.random.normal((2, 128, 64))
   >>> layer(x).shape
   TensorShape([2, 128, 64])
+  >>> layer(x[:, :100]).shape     # padded to 128 inside, padded keys masked
+  TensorShape([2, 100, 64])
   """
 
   def __init__(self, num_heads: int, key_dim: int, pattern, block_size: int = 32,
@@ -85,6 +150,7 @@ class SparseMultiHeadAttention(keras.layers.Layer):
       raise ValueError(f"implementation must be one of {attention_lib.IMPLEMENTATIONS}, got "
                        f"{implementation!r}.")
     self.implementation = implementation
+    self._padded_lengths = {}                       # seq_len -> padded_length, computed once
     if self.num_heads < 1 or self.key_dim < 1 or self.value_dim < 1:
       raise ValueError(f"num_heads, key_dim and value_dim must be >= 1, got {num_heads}, "
                        f"{key_dim}, {value_dim}.")
@@ -104,6 +170,7 @@ class SparseMultiHeadAttention(keras.layers.Layer):
   def build(self, query_shape, value_shape=None, key_shape=None):
     value_shape = query_shape if value_shape is None else value_shape
     key_shape = value_shape if key_shape is None else key_shape
+    self._check_shapes(query_shape, value_shape, key_shape)
     width = query_shape[-1]
     self._query_dense = self._projection("query", self.key_dim, self.kernel_initializer)
     self._key_dense = self._projection("key", self.key_dim, self.kernel_initializer)
@@ -118,16 +185,52 @@ class SparseMultiHeadAttention(keras.layers.Layer):
     self._output_dense.build((query_shape[0], query_shape[1], self.num_heads, self.value_dim))
     self._dropout = keras.layers.Dropout(self.dropout, dtype=self.dtype_policy)
 
-  def _key_padding(self, value, key_padding_mask, mask):
-    if key_padding_mask is not None:
-      return key_padding_mask
-    keras_mask = getattr(value, "_keras_mask", None)
-    return keras_mask if keras_mask is not None else mask
+  # Sublayers, public like those of keras.layers.MultiHeadAttention.
+  @property
+  def query_dense(self):
+    return self._query_dense
 
-  def call(self, query, value=None, key=None, key_padding_mask=None, training=None, mask=None):
+  @property
+  def key_dense(self):
+    return self._key_dense
+
+  @property
+  def value_dense(self):
+    return self._value_dense
+
+  @property
+  def output_dense(self):
+    return self._output_dense
+
+  def _check_shapes(self, query_shape, value_shape, key_shape):
+    name = type(self).__name__
+    for arg, shape in (("query", query_shape), ("value", value_shape), ("key", key_shape)):
+      check_rank(name, arg, shape, "[batch, seq, dim]", rank4_hint=(
+          " For q, k and v already split into heads [batch, seq, heads, head_dim], call "
+          "sparse_attention_tf.sparse_attention instead."))
+    lengths = {arg: shape[1] for arg, shape in (("query", query_shape), ("value", value_shape),
+                                                ("key", key_shape)) if shape[1] is not None}
+    if len(set(lengths.values())) > 1:
+      raise ValueError(f"{name} attends within one sequence: query, key and value must have "
+                       f"the same length, got {lengths}.")
+
+  def padded_length(self, seq_len: int) -> int:
+    """The length a sequence of `seq_len` is padded to (seq_len when none is needed)."""
+    if seq_len not in self._padded_lengths:
+      self._padded_lengths[seq_len] = padded_length(self.pattern, seq_len, self.block_size)
+    return self._padded_lengths[seq_len]
+
+  def call(self, query, value=None, key=None, key_padding_mask=None, training=None, mask=None,
+           query_mask=None, value_mask=None, key_mask=None):
+    # Keras passes the mask of the only tensor argument as `mask`, and those of
+    # several as `<argument>_mask`: the keys' padding is that of value (or key).
+    if key_padding_mask is None:
+      key_padding_mask = (next((m for m in (value_mask, key_mask) if m is not None), None)
+                          if value is not None else
+                          next((m for m in (mask, query_mask) if m is not None), None))
     value = query if value is None else value
     key = value if key is None else key
-    key_padding_mask = self._key_padding(value, key_padding_mask, mask)
+    self._check_shapes(query.shape, value.shape, key.shape)
     q = self._query_dense(query)                                          # (B, T, H, K)
     k = self._key_dense(key)                                              # (B, T, H, K)
     v = self._value_dense(value)                                          # (B, T, H, V)
@@ -138,12 +241,33 @@ class SparseMultiHeadAttention(keras.layers.Layer):
   def attend(self, q, k, v, key_padding_mask=None):
     """The attention core on projected heads: `[B, T, H, K]` -> `[B, T, H, V]`.
 
-    The override point for other attention computations.
+    The override point for other attention computations. This one pads T to
+    `self.padded_length(T)` when the pattern needs it (see the class
+    docstring) and calls `sparse_attention`.
     """
-    return attention_lib.sparse_attention(q, k, v, self.pattern, block_size=self.block_size,
-                                          scale=1.0 / math.sqrt(self.key_dim),
-                                          key_padding_mask=key_padding_mask,
-                                          implementation=self.implementation)
+    seq = q.shape[1]
+    if seq is None:
+      raise ValueError(
+          f"{type(self).__name__} needs a static sequence length (the block layout depends on "
+          f"it), got projected query of shape {q.shape}. Give the model a fixed length, e.g. "
+          f"keras.Input((seq_len, dim)), or trace tf.function with a fixed-length signature.")
+    if key_padding_mask is not None:
+      key_padding_mask = tf.cast(tf.convert_to_tensor(key_padding_mask), tf.bool)  # (B, T)
+      if key_padding_mask.shape.rank != 2 or key_padding_mask.shape[1] not in (None, seq):
+        raise ValueError(f"key_padding_mask must have shape [batch, {seq}], got "
+                         f"{key_padding_mask.shape}.")
+    padded = self.padded_length(seq)
+    if padded != seq:
+      pad = [[0, 0], [0, padded - seq], [0, 0], [0, 0]]
+      q, k, v = (tf.pad(t, pad) for t in (q, k, v))                      # (B, L, H, K|V)
+      if key_padding_mask is None:
+        key_padding_mask = tf.ones(tf.stack([tf.shape(q)[0], seq]), tf.bool)  # (B, T)
+      key_padding_mask = tf.pad(key_padding_mask, [[0, 0], [0, padded - seq]])  # (B, L)
+    out = attention_lib.sparse_attention(q, k, v, self.pattern, block_size=self.block_size,
+                                         scale=1.0 / math.sqrt(self.key_dim),
+                                         key_padding_mask=key_padding_mask,
+                                         implementation=self.implementation)  # (B, L, H, V)
+    return out if padded == seq else out[:, :seq]                         # (B, T, H, V)
 
   # --- one query position against cached keys (generation) --------------------
   def row_keys(self, position: int, seq_len: int):

@@ -8,7 +8,7 @@ import keras
 import tensorflow as tf
 
 from sparse_attention_tf import patterns as patterns_lib
-from sparse_attention_tf.layers.attention import SparseMultiHeadAttention
+from sparse_attention_tf.layers.attention import SparseMultiHeadAttention, check_rank
 
 
 def stateless_dropout(x, rate: float, seed):
@@ -44,7 +44,8 @@ class SparseTransformerBlock(keras.layers.Layer):
     key_dim: size of each head (default `width / num_heads`).
     ffn_multiplier: hidden width of the feed-forward network, times the width.
     dropout: rate at the end of each residual branch.
-    block_size: attention kernel block size.
+    block_size: attention kernel block size; any sequence length works (the
+      attention pads internally, see `SparseMultiHeadAttention`).
     recompute: recompute both branches in the backward pass instead of
       keeping their activations (`tf.recompute_grad`); dropout masks are
       reproduced exactly.
@@ -53,13 +54,20 @@ class SparseTransformerBlock(keras.layers.Layer):
     **kwargs: base layer arguments.
 
   Call arguments:
-    inputs: `[batch, seq, width]`.
+    inputs: `[batch, seq, width]`, seq static and of any length: when the
+      pattern's plan does not accept it, the attention pads to the next
+      length it accepts, masks the padded keys and slices back, so real
+      positions get attention under `pattern.mask(padded_length)[:, :seq,
+      :seq]` (the feed-forward branch is per position).
     key_padding_mask: optional `[batch, seq]` bool, True for real positions
       (default: the Keras mask of `inputs`).
     training: whether dropout is active.
 
   Returns:
     `[batch, seq, width]`.
+
+  Raises:
+    ValueError: for inputs that are not `[batch, seq, width]`.
 
   Example:
 
@@ -68,6 +76,8 @@ class SparseTransformerBlock(keras.layers.Layer):
   ...                                block_size=16)
   >>> block(keras.random.normal((2, 128, 64))).shape
   TensorShape([2, 128, 64])
+  >>> block(keras.random.normal((2, 100, 64))).shape
+  TensorShape([2, 100, 64])
   """
 
   def __init__(self, num_heads: int, pattern, num_layers: int = 1, key_dim=None,
@@ -93,6 +103,7 @@ class SparseTransformerBlock(keras.layers.Layer):
       raise ValueError(f"dropout must be in [0, 1), got {dropout}.")
 
   def build(self, input_shape):
+    self._check_rank(input_shape)
     width = input_shape[-1]
     key_dim = self.key_dim or width // self.num_heads
     if key_dim < 1:
@@ -118,6 +129,11 @@ class SparseTransformerBlock(keras.layers.Layer):
     self.ffn_inner.build(input_shape)
     self.ffn_output.build(tuple(input_shape[:-1]) + (self.ffn_multiplier * width,))
 
+  def _check_rank(self, shape):
+    check_rank(type(self).__name__, "inputs", shape, "[batch, seq, width]", rank4_hint=(
+        " Flatten the positions into one sequence axis first, e.g. images "
+        "[batch, height, width, channels] -> [batch, height * width, channels]."))
+
   # The two residual branches, as functions of tensors only (so they can be recomputed).
   def _attention_branch(self, x, key_padding_mask, seed, rate):
     a = self.attention(self.attention_norm(x), key_padding_mask=key_padding_mask)
@@ -127,8 +143,9 @@ class SparseTransformerBlock(keras.layers.Layer):
     return stateless_dropout(self.ffn_output(self.ffn_inner(self.ffn_norm(x))), rate, seed)
 
   def call(self, inputs, key_padding_mask=None, training=None, mask=None):
+    self._check_rank(inputs.shape)
     if key_padding_mask is None:
-      key_padding_mask = mask if mask is not None else getattr(inputs, "_keras_mask", None)
+      key_padding_mask = mask                   # Keras passes the mask of `inputs` here
     rate = self.dropout if training else 0.0
     seeds = tf.random.uniform([2, 2], maxval=2**31 - 1, dtype=tf.int32)  # one per branch
     kp = key_padding_mask

@@ -76,10 +76,15 @@ class _PositionEmbeddingBase(keras.layers.Layer):
     return self.add_weight(name=name, shape=(rows, d_model),
                            initializer=self.embeddings_initializer, trainable=True)
 
-  def build(self, input_shape):
-    if len(input_shape) != 3:
+  def _check_rank(self, shape):
+    if len(shape) != 3:
+      hint = (" Embed token ids first (keras.layers.Embedding): this layer adds positions to "
+              "embeddings." if len(shape) == 2 else "")
       raise ValueError(f"{self.__class__.__name__} expects inputs [batch, sequence_length, "
-                       f"d_model], got shape {tuple(input_shape)}.")
+                       f"d_model], got shape {tuple(shape)}.{hint}")
+
+  def build(self, input_shape):
+    self._check_rank(input_shape)
     d_model = input_shape[-1]
     if d_model is None:
       raise ValueError(f"{self.__class__.__name__} needs a static d_model (last input "
@@ -116,6 +121,7 @@ class _PositionEmbeddingBase(keras.layers.Layer):
     return start + tf.range(length, dtype=tf.int32)               # (T,)
 
   def call(self, inputs, start_index=0):
+    self._check_rank(inputs.shape)
     positions = self._positions(inputs, start_index)              # (T,)
     embeddings = tf.cast(self._embed(positions), inputs.dtype)    # (T, D)
     return inputs + embeddings[None]                              # (B, T, D)
