@@ -19,6 +19,7 @@ import sparse_attention_tf as sat
 from sparse_attention_tf import patterns as P
 from sparse_attention_tf.layers import (SparseMultiHeadAttention, SparseTransformerBlock,
                                         stateless_dropout)
+from sparse_attention_tf.layers.attention import padded_length
 from sparse_attention_tf.metrics import BitsPerToken
 from sparse_attention_tf.models import SparseTransformer, layer_patterns
 from tests import npref
@@ -95,16 +96,19 @@ def _padding(rng, batch=3, seq=N):
   return kp
 
 
-def _np_layer(layer, query, value, key_padding_mask):
-  """The layer's forward pass in float64 NumPy: projections, masked attention, projection."""
+def _np_layer(layer, query, value, key_padding_mask, mask=None):
+  """The layer's forward pass in float64 NumPy: projections, masked attention, projection.
+
+  `mask` defaults to `layer.pattern.mask(seq)`.
+  """
   w = lambda v: np.asarray(v, np.float64)
-  q = np.einsum("btc,chk->bthk", w(query), w(layer._query_dense.kernel)) + w(layer._query_dense.bias)
-  k = np.einsum("btc,chk->bthk", w(value), w(layer._key_dense.kernel)) + w(layer._key_dense.bias)
-  v = np.einsum("btc,chk->bthk", w(value), w(layer._value_dense.kernel)) + w(layer._value_dense.bias)
-  mask = layer.pattern.mask(query.shape[1])
+  q = np.einsum("btc,chk->bthk", w(query), w(layer.query_dense.kernel)) + w(layer.query_dense.bias)
+  k = np.einsum("btc,chk->bthk", w(value), w(layer.key_dense.kernel)) + w(layer.key_dense.bias)
+  v = np.einsum("btc,chk->bthk", w(value), w(layer.value_dense.kernel)) + w(layer.value_dense.bias)
+  mask = layer.pattern.mask(query.shape[1]) if mask is None else mask
   out = npref.attention(q, k, v, mask, 1.0 / math.sqrt(layer.key_dim), key_padding_mask)
-  return (np.einsum("bthv,hvd->btd", out, w(layer._output_dense.kernel))
-          + w(layer._output_dense.bias))
+  return (np.einsum("bthv,hvd->btd", out, w(layer.output_dense.kernel))
+          + w(layer.output_dense.bias))
 
 
 # --- 1. SparseMultiHeadAttention against dense and NumPy --------------------------------------
@@ -131,7 +135,7 @@ def test_attention_layer_matches_dense_and_numpy(name, padded, implementation, r
   assert npref.rel_err(out, expected) < 1e-5, npref.rel_err(out, expected)
   if padded:
     # Every query of the all-padded sequence sees no key: the output is the output bias.
-    np.testing.assert_allclose(out[2], np.broadcast_to(layer._output_dense.bias, (N, D)),
+    np.testing.assert_allclose(out[2], np.broadcast_to(layer.output_dense.bias, (N, D)),
                                atol=1e-6)
 
 
@@ -166,7 +170,7 @@ def test_attention_layer_cross_attention_numpy(rng, ops):
   q, kv = (rng.standard_normal((2, N, D)).astype("float32") for _ in range(2))
   layer(q, kv)
   _randomize(layer, rng)
-  assert layer._value_dense.kernel.shape == (D, HEADS, 12)
+  assert layer.value_dense.kernel.shape == (D, HEADS, 12)
   kp = _padding(rng, batch=2)
   out = layer(q, kv, key_padding_mask=kp).numpy()
   assert npref.rel_err(out, _np_layer(layer, q, kv, kp)) < 1e-5
@@ -178,7 +182,7 @@ def test_attention_layer_without_bias(rng, ops):
   x = rng.standard_normal((2, N, D)).astype("float32")
   layer(x)
   assert len(layer.get_weights()) == 4
-  assert layer._query_dense.bias is None and layer._output_dense.bias is None
+  assert layer.query_dense.bias is None and layer.output_dense.bias is None
 
 
 # --- 2. Keras masks --------------------------------------------------------------------------
@@ -225,8 +229,167 @@ def test_block_uses_keras_mask(rng, ops):
   _randomize(model, rng)
   e = embedding(tokens)
   explicit = block(e, key_padding_mask=tokens != 0).numpy()
-  assert np.abs(explicit - block(e, key_padding_mask=np.ones_like(tokens, bool)).numpy()).max() > 1e-3
+  unmasked = block(e, key_padding_mask=np.ones_like(tokens, bool)).numpy()
+  assert np.abs(explicit - unmasked).max() > 1e-3
   np.testing.assert_allclose(model(tokens).numpy(), explicit, atol=1e-5)
+
+
+# --- 2a. Any sequence length: the layers pad inside ------------------------------------------
+
+# (pattern, seq, padded length): lengths that are not a multiple of the block size, causal and
+# not; Strided split also needs a multiple of its stride, BigBird of its block, Custom of its
+# layout width, and BigBird's and Custom's masks depend on the padded length itself.
+PAD_CASES = {
+    "fixed": (lambda rng: P.Fixed(16, 4), 50, 64),
+    "strided_split": (lambda rng: P.Strided(24, heads=4, mode="split"), 50, 96),
+    "dense_noncausal": (lambda rng: P.Dense(causal=False), 33, 48),
+    "longformer": (lambda rng: P.Longformer(6, global_tokens=(0, 37)), 45, 48),
+    "bigbird": (lambda rng: P.BigBird(block=16, window=3, num_global=1, num_random=1,
+                                      seed=int(rng.integers(1000))), 40, 48),
+    "custom": (lambda rng: P.Custom(np.tril(np.ones((1, 7, 7), bool))), 50, 112),
+}
+
+
+def _pad_case(name, rng):
+  make, seq, padded = PAD_CASES[name]
+  pattern = make(rng)
+  assert seq % BLOCK and padded_length(pattern, seq, BLOCK) == padded
+  return pattern, seq, padded
+
+
+def _real_padding(rng, batch, seq):
+  """A user key padding on the real positions (one prefix, one scatter)."""
+  kp = np.ones((batch, seq), bool)
+  kp[0, int(rng.integers(seq // 2, seq)):] = False
+  kp[1] = rng.random(seq) < 0.7
+  return kp
+
+
+@pytest.mark.parametrize("user_mask", [False, True], ids=["nomask", "mask"])
+@pytest.mark.parametrize("name", list(PAD_CASES))
+def test_attention_layer_pads_lengths_the_plan_refuses(name, user_mask, rng, ops):
+  """Output at the real positions = attention under pattern.mask(padded)[:, :N, :N] (float64)."""
+  pattern, seq, padded = _pad_case(name, rng)
+  layer = _attention_layer(pattern, rng, seq=seq)
+  assert layer.padded_length(seq) == padded and layer.padded_length(padded) == padded
+  x = rng.standard_normal((2, seq, D)).astype("float32")
+  kp = _real_padding(rng, 2, seq) if user_mask else None
+  out = layer(x, key_padding_mask=kp).numpy()
+  assert out.shape == (2, seq, D)
+  expected = _np_layer(layer, x, x, kp, mask=pattern.mask(padded)[:, :seq, :seq])
+  assert npref.rel_err(out, expected) < 1e-5, npref.rel_err(out, expected)
+
+
+@pytest.mark.parametrize("user_mask", [False, True], ids=["nomask", "mask"])
+@pytest.mark.parametrize("name", ["fixed", "strided_split", "longformer", "bigbird"])
+def test_padded_attend_gradients_match_float64(name, user_mask, rng, ops):
+  """attend() on projected heads of a padded length: forward and dq, dk, dv against NumPy."""
+  pattern, seq, padded = _pad_case(name, rng)
+  layer = _attention_layer(pattern, rng, seq=seq)
+  q, k, v = (tf.constant(rng.standard_normal((2, seq, HEADS, KEY_DIM)), tf.float32)
+             for _ in range(3))
+  kp = _real_padding(rng, 2, seq) if user_mask else None
+  dout = rng.standard_normal((2, seq, HEADS, KEY_DIM))
+  with tf.GradientTape() as tape:
+    tape.watch([q, k, v])
+    out = layer.attend(q, k, v, kp)
+    loss = tf.reduce_sum(out * dout)
+  grads = tape.gradient(loss, [q, k, v])
+  ref, ref_grads = npref.attention(q, k, v, pattern.mask(padded)[:, :seq, :seq],
+                                   1.0 / math.sqrt(KEY_DIM), kp, dout)
+  assert out.shape == (2, seq, HEADS, KEY_DIM)
+  assert npref.rel_err(out, ref) < 1e-5
+  for letter, g, r in zip("qkv", grads, ref_grads):
+    assert npref.rel_err(g, r) < 1e-5, (letter, npref.rel_err(g, r))
+
+
+def test_padded_attention_in_tf_function_and_with_reference(rng, ops):
+  pattern, seq, padded = _pad_case("strided_split", rng)
+  layer = _attention_layer(pattern, rng, seq=seq)
+  reference = _attention_layer(pattern, rng, implementation="reference", seq=seq)
+  reference.set_weights(layer.get_weights())
+  x = tf.constant(rng.standard_normal((2, seq, D)).astype("float32"))
+  kp = tf.constant(_real_padding(rng, 2, seq))
+  expected = _np_layer(layer, x, x, kp.numpy(), mask=pattern.mask(padded)[:, :seq, :seq])
+
+  @tf.function(input_signature=[tf.TensorSpec([None, seq, D]), tf.TensorSpec([None, seq], tf.bool)])
+  def run(x, kp):
+    with tf.GradientTape() as tape:
+      tape.watch(x)
+      y = layer(x, key_padding_mask=kp)
+      loss = tf.reduce_sum(y * y)
+    return y, tape.gradient(loss, x)
+
+  out, dx = run(x, kp)
+  assert npref.rel_err(out, expected) < 1e-5
+  with tf.GradientTape() as tape:
+    tape.watch(x)
+    y = reference(x, key_padding_mask=kp)
+    loss = tf.reduce_sum(y * y)
+  assert npref.rel_err(y, expected) < 1e-5
+  dx_reference = tape.gradient(loss, x)
+  assert dx is not None and np.abs(dx).max() > 0
+  assert npref.rel_err(dx, dx_reference) < 1e-5
+
+
+def test_padding_keeps_the_keras_mask(rng, ops):
+  """A Keras mask from Embedding(mask_zero=True) on a padded length: the same as passing it."""
+  seq = 50
+  tokens = rng.integers(0, 4, (2, seq)).astype("int32")
+  tokens[:, 0] = 1
+  inputs = keras.Input((seq,), dtype="int32")
+  embedding = keras.layers.Embedding(VOCAB, D, mask_zero=True)
+  attention = SparseMultiHeadAttention(HEADS, KEY_DIM, P.Dense(causal=False), block_size=BLOCK)
+  model = keras.Model(inputs, attention(embedding(inputs)))
+  _randomize(model, rng)
+  explicit = attention(embedding(tokens), key_padding_mask=tokens != 0).numpy()
+  unmasked = attention(embedding(tokens), key_padding_mask=np.ones_like(tokens, bool)).numpy()
+  assert np.abs(explicit - unmasked).max() > 1e-3
+  np.testing.assert_allclose(model(tokens).numpy(), explicit, atol=1e-6)
+  np.testing.assert_allclose(attention(embedding(tokens)).numpy(), explicit, atol=1e-6)
+
+
+def test_block_pads_lengths_the_plan_refuses(rng, ops):
+  """Causal: a block on the first 50 positions equals the block on 64, sliced (any suffix).
+  Not causal: the block on 50 equals the block on 50 zero-padded to 64 with the tail masked."""
+  x = rng.standard_normal((2, N, D)).astype("float32")
+  causal = SparseTransformerBlock(HEADS, P.Fixed(16, 4), num_layers=2, block_size=BLOCK)
+  causal.build(x.shape)
+  _randomize(causal, rng)
+  np.testing.assert_allclose(causal(x[:, :50]).numpy(), causal(x).numpy()[:, :50], atol=1e-5)
+  step = tf.function(lambda x: causal(x))
+  np.testing.assert_allclose(step(x[:, :50]).numpy(), causal(x).numpy()[:, :50], atol=1e-5)
+
+  both = SparseTransformerBlock(HEADS, P.Longformer(6, global_tokens=(0,)), num_layers=2,
+                                block_size=BLOCK)
+  both.build(x.shape)
+  _randomize(both, rng)
+  kp = _real_padding(rng, 2, 50)
+  padded_x = np.concatenate([x[:, :50], np.zeros((2, N - 50, D), np.float32)], axis=1)
+  padded_kp = np.concatenate([kp, np.zeros((2, N - 50), bool)], axis=1)
+  np.testing.assert_allclose(both(x[:, :50], key_padding_mask=kp).numpy(),
+                             both(padded_x, key_padding_mask=padded_kp).numpy()[:, :50],
+                             atol=1e-5)
+
+
+def test_functional_model_with_padded_layers_saves_and_loads(rng, tmp_path, ops):
+  seq = 50
+  inputs = keras.Input((seq, D))
+  h = SparseTransformerBlock(HEADS, P.Strided(24, heads=4, mode="split"), num_layers=2,
+                             block_size=BLOCK, name="block")(inputs)
+  h = SparseMultiHeadAttention(HEADS, KEY_DIM, P.Local(9, causal=False), block_size=BLOCK,
+                               name="attention")(h)
+  model = keras.Model(inputs, keras.layers.Dense(3)(h))
+  _randomize(model, rng, scale=0.3)
+  x = rng.standard_normal((2, seq, D)).astype("float32")
+  expected = model(x).numpy()
+  assert expected.shape == (2, seq, 3)
+  model.save(tmp_path / "padded.keras")
+  loaded = keras.models.load_model(tmp_path / "padded.keras")
+  np.testing.assert_array_equal(loaded(x).numpy(), expected)
+  assert _dumps(loaded.get_layer("block").get_config()) == _dumps(
+      model.get_layer("block").get_config())
+  assert npref.rel_err(loaded.predict(x, verbose=0), expected) < 1e-5    # traced: round-off
 
 
 # --- 3. Config round trips --------------------------------------------------------------------
@@ -334,7 +497,7 @@ def test_block_output_projection_init_scale():
     keras.utils.set_random_seed(layers)
     block = SparseTransformerBlock(heads, P.Local(16), num_layers=layers, block_size=BLOCK)
     block.build((1, BLOCK, width))
-    kernels = {"attention_output": block.attention._output_dense.kernel,   # (H, V, width)
+    kernels = {"attention_output": block.attention.output_dense.kernel,   # (H, V, width)
                "ffn_output": block.ffn_output.kernel}                      # (4 width, width)
     fans = {"attention_output": (heads * (width // heads), width),
             "ffn_output": (4 * width, width)}
@@ -345,7 +508,7 @@ def test_block_output_projection_init_scale():
       assert abs(ratio - 1) < 0.05, (name, layers, ratio)
     # The other kernels are not scaled: plain glorot-uniform.
     for kernel, (fan_in, fan_out) in ((block.ffn_inner.kernel, (width, 4 * width)),
-                                      (block.attention._query_dense.kernel, (width, width))):
+                                      (block.attention.query_dense.kernel, (width, width))):
       ratio = np.std(np.asarray(kernel)) / math.sqrt(2.0 / (fan_in + fan_out))
       assert abs(ratio - 1) < 0.05, (kernel.path, ratio)
   for name in ("attention_output", "ffn_output"):
@@ -389,8 +552,8 @@ def test_recompute_gives_the_same_gradients_with_dropout(rng, ops):
   recomputed.set_weights(plain.get_weights())
 
   calls = []
-  branch = recomputed._attention_branch
-  recomputed._attention_branch = lambda *a, **k: calls.append(1) or branch(*a, **k)
+  attend = recomputed.attention.attend
+  recomputed.attention.attend = lambda *a, **k: calls.append(1) or attend(*a, **k)
 
   y0, g0 = _grads(plain, x, dout, seed=11)
   y1, g1 = _grads(recomputed, x, dout, seed=11)
@@ -547,7 +710,7 @@ def test_mixed_precision_training(policy, rng, ops):
 
 
 def test_model_dtype_argument_reaches_its_layers(rng, ops):
-  """SparseTransformer(dtype="mixed_bfloat16") under a float32 global policy computes in bfloat16."""
+  """SparseTransformer(dtype="mixed_bfloat16") under a float32 policy computes in bfloat16."""
   model = _model(dtype="mixed_bfloat16")
   model(np.zeros((1, N), np.int32))
   assert model.dtype_policy.name == "mixed_bfloat16"
@@ -603,7 +766,7 @@ def test_generate_cache_matches_full_forward(pattern, head_mode, rng, ops):
 
   # The cached logits themselves, teacher-forced on random tokens, match the full forward pass.
   tokens = rng.integers(0, VOCAB, (2, N)).astype("int32")
-  stream = model._logits_stream(tokens.copy(), 3, N - 3, True)
+  stream = model.logits_stream(tokens.copy(), 3, N - 3, True)
   got = np.stack([np.asarray(next(stream)) for _ in range(N - 3)], axis=1)     # (B, N-3, V)
   stream.close()
   np.testing.assert_allclose(got, model(tokens).numpy()[:, 2:N - 1], atol=1e-4)
@@ -763,6 +926,39 @@ def test_model_is_autoregressive(pattern, rng, ops):
   changed[0, t + 1:] = (changed[0, t + 1:] + 1 + rng.integers(0, VOCAB - 1, N - t - 1)) % VOCAB
   np.testing.assert_allclose(model(changed).numpy()[0, :t + 1], model(tokens).numpy()[0, :t + 1],
                              atol=1e-5, err_msg=f"logits up to position {t} saw later tokens")
+
+
+def test_model_pads_shorter_inputs_to_seq_len(rng, ops):
+  """Tokens [B, T < seq_len]: the logits of the full-length run at the first T positions, for a
+  pattern whose mask depends on the length (BigBird's random blocks), eagerly, traced with an
+  unknown length, and in a functional model of a shorter static length."""
+  model = _model(P.BigBird(block=16, window=3, num_global=1, num_random=1, causal=True))
+  model(np.zeros((1, N), np.int32))
+  _randomize(model, rng)
+  tokens = rng.integers(0, VOCAB, (2, N)).astype("int32")
+  full = model(tokens).numpy()
+  for length in (1, 37, 48):
+    got = model(tokens[:, :length]).numpy()
+    assert got.shape == (2, length, VOCAB)
+    np.testing.assert_allclose(got, full[:, :length], atol=1e-5, err_msg=str(length))
+  traced = tf.function(lambda t: model(t), input_signature=[tf.TensorSpec([None, None], tf.int32)])
+  np.testing.assert_allclose(traced(tokens[:, :37]).numpy(), full[:, :37], atol=1e-5)
+  np.testing.assert_allclose(traced(tokens).numpy(), full, atol=1e-5)
+  inputs = keras.Input((37,), dtype="int32")
+  functional = keras.Model(inputs, model(inputs))
+  np.testing.assert_allclose(functional(tokens[:, :37]).numpy(), full[:, :37], atol=1e-5)
+
+
+def test_model_accepts_every_integer_dtype(rng, ops):
+  model = _model()
+  model(np.zeros((1, N), np.int32))
+  _randomize(model, rng)
+  tokens = rng.integers(0, VOCAB, (2, N))
+  expected = model(tokens.astype("int32")).numpy()
+  for dtype in ("int8", "int16", "int64", "uint8", "uint16", "uint32"):
+    np.testing.assert_array_equal(model(tokens.astype(dtype)).numpy(), expected, err_msg=dtype)
+  np.testing.assert_array_equal(model(tf.constant(tokens, tf.int64)).numpy(), expected)
+  assert model.generate(tokens[0, :3].astype("uint8"), 2, temperature=0).dtype == np.int32
 
 
 def test_model_rejects_bad_arguments():

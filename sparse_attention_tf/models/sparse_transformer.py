@@ -17,6 +17,28 @@ HEAD_MODES = ("merged", "interleaved", "multihead")
 EMBEDDINGS = ("learned", "image", "strided")
 
 
+def check_token_dtype(tokens, where: str) -> None:
+  """Raises a ValueError unless `tokens` (array, tensor, list) holds integers.
+
+  Any integer width is accepted (int8 ... int64, uint8 ...); floats and bools
+  are refused rather than truncated to token ids.
+  """
+  dtype = getattr(tokens, "dtype", None)
+  if dtype is None:
+    dtype = np.asarray(tokens).dtype
+  try:
+    dtype = tf.as_dtype(dtype)
+  except TypeError:
+    is_integer, name = False, str(dtype)
+  else:
+    is_integer, name = dtype.is_integer, dtype.name
+  if not is_integer:
+    raise ValueError(
+        f"{where}: tokens must be integers (token ids), got dtype {name}. Float tokens are not "
+        f"rounded: convert them explicitly, e.g. tokens.astype('int32') or "
+        f"tf.cast(tokens, tf.int32).")
+
+
 def layer_patterns(pattern: patterns_lib.Pattern, head_mode: str, num_layers: int,
                    num_heads: int) -> list:
   """The pattern of each layer under one of the paper's head-integration modes.
@@ -71,11 +93,22 @@ class SparseTransformer(keras.Model):
     **kwargs: `keras.Model` arguments (`name`, ...).
 
   Call arguments:
-    tokens: int `[batch, seq_len]`.
+    tokens: integer token ids `[batch, T]`, `T <= seq_len`, values in
+      `[0, vocab_size)`; any integer dtype. Shorter inputs (`T < seq_len`,
+      static or only known when run) are padded with token 0 to seq_len
+      inside the model and the logits sliced back to T: the patterns are
+      causal, so the logits equal those of the full-length run at the first
+      T positions (at the cost of a full-length pass).
     training: whether dropout is active.
 
   Returns:
-    float32 logits `[batch, seq_len, vocab_size]`.
+    float32 logits `[batch, T, vocab_size]`.
+
+  Raises:
+    ValueError: for float (or bool) tokens, tokens that are not `[batch, T]`,
+      `T > seq_len`, or token values outside `[0, vocab_size)` (checked
+      eagerly; in a traced function the same checks fail the run with an
+      InvalidArgumentError).
 
   Example:
 
@@ -162,12 +195,78 @@ class SparseTransformer(keras.Model):
                                       dtype=self.dtype_policy)
     raise ValueError(f"embedding must be one of {EMBEDDINGS}, got {self.embedding!r}.")
 
-  def call(self, tokens, training=None):
-    x = self.token_embedding(tokens)                                      # (B, T, D)
-    x = self.position_embedding(x)                                        # (B, T, D)
+  def build(self, input_shape):
+    """Builds every sublayer for tokens of `input_shape` `[batch, T]`.
+
+    Explicit (not a symbolic pass) so that Keras' loader, which only knows the
+    shape, does not run the model on float placeholders.
+    """
+    hidden = (input_shape[0], self.seq_len, self.d_model)
+    self.token_embedding.build((input_shape[0], self.seq_len))
+    self.position_embedding.build(hidden)
     for block in self.blocks:
-      x = block(x, training=training)                                     # (B, T, D)
-    return self.head(self.final_norm(x))                                  # (B, T, V) float32
+      block.build(hidden)
+    self.final_norm.build(hidden)
+    self.head.build(hidden)
+    self.built = True
+
+  def __call__(self, *args, **kwargs):
+    # Before Keras converts the inputs: it would cast float arrays to the compute dtype.
+    tokens = args[0] if args else kwargs.get("tokens")
+    if tokens is not None:
+      check_token_dtype(tokens, type(self).__name__)
+    return super().__call__(*args, **kwargs)
+
+  def call(self, tokens, training=None):
+    tokens, length = self._padded_tokens(tokens)                          # (B, N), T
+    x = self.token_embedding(tokens)                                      # (B, N, D)
+    x = self.position_embedding(x)                                        # (B, N, D)
+    for block in self.blocks:
+      x = block(x, training=training)                                     # (B, N, D)
+    logits = self.head(self.final_norm(x))                                # (B, N, V) float32
+    return logits if length is None else logits[:, :length]               # (B, T, V)
+
+  def _padded_tokens(self, tokens):
+    """Checked tokens padded to `[B, seq_len]`, and T (None when T == seq_len)."""
+    name = type(self).__name__
+    check_token_dtype(tokens, name)
+    tokens = tf.convert_to_tensor(tokens)
+    if tokens.shape.rank != 2:
+      hint = " Add a batch axis: tokens[None]." if tokens.shape.rank == 1 else ""
+      raise ValueError(f"{name} expects tokens of shape [batch, seq_len] (seq_len <= "
+                       f"{self.seq_len}), got shape {tokens.shape}.{hint}")
+    length = tokens.shape[1]
+    too_long = (f"{name} was built for seq_len={self.seq_len}, got tokens of length "
+                f"{length if length is not None else '> ' + str(self.seq_len)}: pass at most "
+                f"{self.seq_len} tokens per row (shorter rows are padded inside the model).")
+    if length is not None and length > self.seq_len:
+      raise ValueError(too_long)
+    tokens = self._checked_values(tokens)
+    if length == self.seq_len:
+      return tokens, None
+    if length is None:                                   # known only when run
+      length = tf.shape(tokens)[1]
+      with tf.control_dependencies([tf.debugging.assert_less_equal(
+          length, self.seq_len, message=too_long)]):
+        tokens = tf.identity(tokens)
+    padded = tf.pad(tokens, [[0, 0], [0, self.seq_len - length]])         # (B, N)
+    return tf.ensure_shape(padded, [None, self.seq_len]), length
+
+  def _checked_values(self, tokens):
+    """tokens (as int32 or int64), with values checked to lie in [0, vocab_size)."""
+    if tokens.dtype not in (tf.int32, tf.int64):
+      tokens = tf.cast(tokens, tf.int64 if tokens.dtype.size >= 4 else tf.int32)
+    message = f"{type(self).__name__}: token ids must be in [0, vocab_size={self.vocab_size})"
+    if tf.executing_eagerly():                           # values at hand: check them now
+      values = tokens.numpy()
+      if values.size and (values.min() < 0 or values.max() >= self.vocab_size):
+        raise ValueError(f"{message}, got values from {values.min()} to {values.max()}.")
+      return tokens
+    checks = [tf.debugging.assert_non_negative(tokens, message=message),
+              tf.debugging.assert_less(tokens, tf.cast(self.vocab_size, tokens.dtype),
+                                       message=message)]
+    with tf.control_dependencies(checks):
+      return tf.identity(tokens)
 
   def get_config(self):
     config = super().get_config()
@@ -196,7 +295,8 @@ class SparseTransformer(keras.Model):
     reference the cache is tested against).
 
     Args:
-      prompt: int tokens `[batch, P]` or `[P]`, `P >= 1`.
+      prompt: integer tokens `[batch, P]` or `[P]`, `P >= 1`, values in
+        `[0, vocab_size)`; any integer dtype (floats raise a ValueError).
       num_tokens: tokens to add; `P + num_tokens <= seq_len + 1` (the last one
         is predicted from position `seq_len - 1`).
       temperature: softmax temperature; 0 picks the most likely token (greedy).
@@ -206,19 +306,26 @@ class SparseTransformer(keras.Model):
 
     Returns:
       int32 `[batch, P + num_tokens]` (or `[P + num_tokens]` for a 1-D prompt).
+
+    Raises:
+      ValueError: for a prompt that is not integer tokens of the right shape
+        and range, or arguments out of range.
     """
     tokens = np.asarray(prompt)
     squeeze = tokens.ndim == 1
-    tokens = np.atleast_2d(tokens).astype(np.int32)
-    if tokens.ndim != 2 or tokens.shape[1] < 1:
-      raise ValueError(f"prompt must be int tokens [batch, length >= 1], got shape "
+    tokens = np.atleast_2d(tokens)
+    if tokens.ndim != 2 or min(tokens.shape) < 1:
+      raise ValueError(f"prompt must be int tokens [batch >= 1, length >= 1], got shape "
                        f"{np.shape(prompt)}.")
+    check_token_dtype(tokens, f"{type(self).__name__}.generate")
     if num_tokens < 0 or tokens.shape[1] + num_tokens - 1 > self.seq_len:
       raise ValueError(f"prompt length ({tokens.shape[1]}) + num_tokens ({num_tokens}) must be "
                        f"<= seq_len + 1 ({self.seq_len + 1}): the last token is predicted "
                        f"from position seq_len - 1.")
     if tokens.min() < 0 or tokens.max() >= self.vocab_size:
-      raise ValueError(f"prompt tokens must be in [0, {self.vocab_size}).")
+      raise ValueError(f"prompt tokens must be in [0, {self.vocab_size}), got values from "
+                       f"{tokens.min()} to {tokens.max()}.")
+    tokens = tokens.astype(np.int32)
     if temperature < 0 or (top_k is not None and not 1 <= top_k <= self.vocab_size):
       raise ValueError(f"temperature must be >= 0 and top_k in [1, {self.vocab_size}], got "
                        f"{temperature}, {top_k}.")
@@ -226,7 +333,7 @@ class SparseTransformer(keras.Model):
     batch, prompt_len = tokens.shape
     out = np.zeros((batch, prompt_len + num_tokens), np.int32)
     out[:, :prompt_len] = tokens
-    next_logits = self._logits_stream(out, prompt_len, num_tokens, use_cache)
+    next_logits = self.logits_stream(out, prompt_len, num_tokens, use_cache)
     for step in range(num_tokens):
       logits = next(next_logits)                                          # (B, V)
       out[:, prompt_len + step] = self._sample(logits, temperature, top_k,
@@ -244,10 +351,23 @@ class SparseTransformer(keras.Model):
       logits = tf.where(logits < kth, tf.fill(tf.shape(logits), -np.inf), logits)
     return tf.random.stateless_categorical(logits, 1, seed=seed, dtype=tf.int32)[:, 0].numpy()
 
-  def _logits_stream(self, out, prompt_len, num_tokens, use_cache):
-    """Yields the next-token logits `[B, V]` after each known position.
+  def logits_stream(self, out, prompt_len: int, num_tokens: int, use_cache: bool = True):
+    """Yields the next-token logits `[B, V]` after positions `prompt_len - 1` onwards.
 
-    `out` is filled in by the caller between yields (the sampled tokens).
+    The generator `generate` samples from, also useful for teacher-forced
+    scoring with the cache.
+
+    Args:
+      out: int32 NumPy `[B, prompt_len + num_tokens]`; positions `< prompt_len`
+        hold the prompt, and the caller writes position `prompt_len + s`
+        after the s-th yield (the sampled token, or a known one).
+      prompt_len: positions known before the first yield, `>= 1`.
+      num_tokens: number of yields; `prompt_len + num_tokens - 1 <= seq_len`.
+      use_cache: cached decoding (one pattern row per step) or a full forward
+        pass per step.
+
+    Yields:
+      `[B, V]` logits for the token at `prompt_len + s`, s = 0, 1, ...
     """
     if not use_cache:
       forward = tf.function(lambda t: self(t, training=False))
