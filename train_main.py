@@ -9,16 +9,35 @@
     .venv/bin/python train_main.py --strategy=mirrored     # all local GPUs (or --cpu_replicas CPUs)
     TF_CONFIG=... .venv/bin/python train_main.py --strategy=multi_worker
     .venv/bin/python train_main.py --resume                # continue an interrupted run
+    .venv/bin/python train_main.py --resume --steps=2400   # ... or train it longer
 
-Writes into --output_dir: `backup/` (the last checkpoint: weights, optimizer
-state and position, every --steps_per_epoch steps), `logs/` (TensorBoard:
-loss, bits per byte/dim, learning rate), `model.keras` (the trained model),
+This script turns the flags into a `sparse_attention_tf.training.TrainConfig`
+(the training flags take its defaults), loads the data, builds and compiles
+the model, trains it with `training.fit` (default, mirrored) or
+`training.distributed_fit` (multi_worker), and writes into --output_dir:
+`backup/` (the last checkpoint: weights, optimizer state and position, every
+--steps_per_epoch steps, and `run_config.json`, the flags it belongs to),
+`logs/` (TensorBoard: loss, bits per token and learning rate, per epoch and
+every --log_every_steps steps), `model.keras` (the trained model),
 `sample.txt` / `sample.png` / `sample.wav` (generated), `metrics.json`; with
---export_dir, a SavedModel for TF Serving in `<export_dir>/1/`.
+--export_dir, a SavedModel for TF Serving in `<export_dir>/1/`. The bits per
+token are named for the data's tokens: bits_per_byte (pydoc, text:),
+bits_per_dim (images), bits_per_sample (µ-law audio).
 
 Batches: --batch_size is the global batch; each of R replicas (all
 replicas of all workers) gets batch_size / R examples per step (it must
 divide evenly), so a step sees the same examples whatever the strategy.
+
+--resume continues from output_dir/backup with the same weights, optimizer
+state, step and data position. The flags the checkpoint belongs to
+(`checkpoint_flags`: the data, vocabulary and sequence, the model's sizes,
+pattern and its parameters, position embedding, mixed precision,
+--steps_per_epoch and the checkpoint format of --strategy) must keep their
+values: a --resume with others stops and names them. The rest may change,
+e.g. --steps (the schedule follows the new total), --learning_rate,
+--dropout, --block_size, --implementation. Without a checkpoint, --resume
+says so and starts fresh; without --resume, a run starts over and replaces
+backup/ and logs/.
 
 --strategy=multi_worker trains with `sparse_attention_tf.training.distributed_fit`
 (Keras 3.15's `fit` fails under MultiWorkerMirroredStrategy, keras-team/keras#20585):
@@ -30,16 +49,24 @@ every worker (output_dir must be on a file system they all see).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
 import sys
 import tempfile
-import time
 
 from absl import app, flags
+import keras
+import numpy as np
+import tensorflow as tf
+
+import sparse_attention_tf as sat
+from sparse_attention_tf import data as data_lib
+from sparse_attention_tf import training as training_lib
 
 FLAGS = flags.FLAGS
+DEFAULTS = training_lib.TrainConfig()   # the training flags' defaults, with their reasons
 
 # --- data ------------------------------------------------------------------------
 flags.DEFINE_string("dataset", "pydoc", "pydoc | text:PATH | digits | tfds:NAME | wav:DIR")
@@ -66,38 +93,55 @@ flags.DEFINE_float("dropout", 0.1, "dropout at the end of each residual branch")
 flags.DEFINE_bool("recompute", False, "recompute attention and feed-forward in the backward pass")
 flags.DEFINE_enum("mixed_precision", "none", ["none", "mixed_float16", "mixed_bfloat16"],
                   "Keras mixed precision policy")
-flags.DEFINE_enum("implementation", "auto", ["auto", "custom_op", "custom_op_unfused", "reference", "dense"],
+flags.DEFINE_enum("implementation", "auto",
+                  ["auto", "custom_op", "custom_op_unfused", "reference", "dense"],
                   "attention implementation")
-# --- optimisation ----------------------------------------------------------------
-flags.DEFINE_integer("batch_size", 16, "global batch size")
-flags.DEFINE_integer("steps", 1200, "training steps in total")
-flags.DEFINE_integer("steps_per_epoch", 200, "steps between checkpoints and validations")
-flags.DEFINE_integer("validation_steps", 10, "validation batches per evaluation")
-flags.DEFINE_float("learning_rate", 2e-3, "peak learning rate")
-flags.DEFINE_integer("warmup_steps", 50, "linear warm-up steps, then cosine decay to 0")
-flags.DEFINE_float("weight_decay", 0.01, "AdamW weight decay")
-flags.DEFINE_float("clipnorm", 1.0, "clip gradients by this global norm")
+# --- optimisation (defaults: training.TrainConfig) -------------------------------
+flags.DEFINE_integer("batch_size", DEFAULTS.batch_size, "global batch size")
+flags.DEFINE_integer("steps", DEFAULTS.steps, "training steps in total")
+flags.DEFINE_integer("steps_per_epoch", DEFAULTS.steps_per_epoch,
+                     "steps between checkpoints and validations")
+flags.DEFINE_integer("validation_steps", DEFAULTS.validation_steps,
+                     "validation batches per evaluation")
+flags.DEFINE_float("learning_rate", DEFAULTS.learning_rate, "peak learning rate")
+flags.DEFINE_integer("warmup_steps", DEFAULTS.warmup_steps,
+                     "linear warm-up steps, then cosine decay to 0")
+flags.DEFINE_float("weight_decay", DEFAULTS.weight_decay, "AdamW weight decay")
+flags.DEFINE_float("clipnorm", DEFAULTS.clipnorm, "clip gradients by this global norm")
 flags.DEFINE_integer("seed", 0, "random seed (initialisation, data order, sampling)")
 # --- distribution and outputs ----------------------------------------------------
 flags.DEFINE_enum("strategy", "default", ["default", "mirrored", "multi_worker"],
                   "tf.distribute strategy")
 flags.DEFINE_integer("cpu_replicas", 2, "mirrored without GPUs: logical CPU devices to use")
-flags.DEFINE_bool("resume", False, "continue from the checkpoint in output_dir/backup")
+flags.DEFINE_bool("resume", DEFAULTS.resume, "continue from the checkpoint in output_dir/backup "
+                  "(the flags it belongs to must not change; none there: start fresh)")
+flags.DEFINE_integer("log_every_steps", DEFAULTS.log_every_steps,
+                     "TensorBoard scalars every this many steps (and after every epoch)")
 flags.DEFINE_string("export_dir", None, "also export a SavedModel for TF Serving here "
                     "(<export_dir>/1/, see sparse_attention_tf.export)")
 flags.DEFINE_enum("export_mode", "portable", ["portable", "custom_op"],
                   "portable: stock TF ops only; custom_op: needs the op library to load")
 flags.DEFINE_integer("sample_tokens", 256, "tokens to generate at the end (text/audio)")
-flags.DEFINE_integer("stop_after_epochs", None, "stop after this many epochs of this run, as if "
-                     "interrupted (to test --resume)")
-flags.DEFINE_integer("verbose", 1, "Keras progress bars: 0 silent, 1 bars, 2 one line per epoch")
+flags.DEFINE_integer("stop_after_epochs", DEFAULTS.stop_after_epochs, "stop after this many "
+                     "epochs of this run, as if interrupted (to test --resume)")
+flags.DEFINE_integer("verbose", DEFAULTS.verbose,
+                     "Keras progress bars: 0 silent, 1 bars, 2 one line per epoch")
+
+RUN_CONFIG = "run_config.json"   # beside the checkpoint: the flags it belongs to
+# The pattern flags each pattern reads (head_mode: how a pattern's components share heads).
+PATTERN_FLAGS = {"fixed": ("stride", "summary", "head_groups", "head_mode"),
+                 "strided": ("stride", "head_mode"), "local": ("window",),
+                 "bigbird": ("window",), "dense": ()}
+# How a checkpoint flag is compared on --resume, where not by its value: the
+# default and mirrored strategies share fit's checkpoint format.
+CHECKPOINT_FORMAT = {"strategy": lambda s: "distributed_fit" if s == "multi_worker" else "fit"}
 
 
 class UsageError(ValueError):
   """A bad flag: reported as one line, exit status 2."""
 
 
-def make_strategy(tf):
+def make_strategy():
   """The tf.distribute strategy named by --strategy."""
   if FLAGS.strategy == "default":
     return tf.distribute.get_strategy()
@@ -116,7 +160,7 @@ def make_strategy(tf):
   return tf.distribute.MultiWorkerMirroredStrategy()
 
 
-def make_pattern(sat, seq_len, num_heads):
+def make_pattern():
   """The sparsity pattern from the flags."""
   if FLAGS.pattern == "fixed":
     return sat.Fixed(FLAGS.stride, FLAGS.summary, heads=None, head_groups=FLAGS.head_groups)
@@ -129,7 +173,106 @@ def make_pattern(sat, seq_len, num_heads):
   return sat.Dense()
 
 
-def write_sample(data_lib, data, tokens, out_dir, np, tf):
+def train_config() -> training_lib.TrainConfig:
+  """The training flags as a `TrainConfig` (checks their values); the data's unit and
+  validation steps are added once it is loaded."""
+  out_dir = FLAGS.output_dir
+  return training_lib.TrainConfig(
+      steps=FLAGS.steps, batch_size=FLAGS.batch_size, learning_rate=FLAGS.learning_rate,
+      warmup_steps=FLAGS.warmup_steps, weight_decay=FLAGS.weight_decay,
+      clipnorm=FLAGS.clipnorm, steps_per_epoch=FLAGS.steps_per_epoch,
+      validation_steps=FLAGS.validation_steps, stop_after_epochs=FLAGS.stop_after_epochs,
+      verbose=FLAGS.verbose, backup_dir=os.path.join(out_dir, "backup"),
+      resume=FLAGS.resume, log_dir=os.path.join(out_dir, "logs"),
+      log_every_steps=FLAGS.log_every_steps)
+
+
+# ---------------------------------------------------------------------------
+# The flags a checkpoint belongs to
+
+
+def checkpoint_flags(data: data_lib.TokenData, embedding: str) -> dict:
+  """The values a --resume must not change, by flag name, as this run resolves them.
+
+  They define the model's weights and function: the data (its vocabulary and
+  tokens), the sequence length, the sizes, the pattern and the parameters it
+  reads, the position embedding (and its row width, --stride, when strided),
+  the mixed precision (mixed_float16 adds loss-scale state to the optimizer);
+  and the checkpoint itself: --steps_per_epoch (fit's checkpoint counts
+  epochs, and the data position is epochs x steps_per_epoch batches) and the
+  format --strategy writes (see `CHECKPOINT_FORMAT`). Every other flag may
+  change: --block_size, --implementation and --recompute compute the same
+  function another way; --steps, --learning_rate, --warmup_steps,
+  --dropout, ... change how training goes on; --batch_size and --seed change
+  which examples come next (training continues, but no longer exactly as an
+  uninterrupted run would).
+  """
+  values = {"dataset": FLAGS.dataset, "vocab_size": data.vocab_size, "seq_len": data.seq_len,
+            "num_layers": FLAGS.num_layers, "d_model": FLAGS.d_model,
+            "num_heads": FLAGS.num_heads, "pattern": FLAGS.pattern}
+  for name in PATTERN_FLAGS[FLAGS.pattern]:
+    values[name] = FLAGS[name].value
+  values["embedding"] = embedding
+  if embedding == "strided":
+    values["stride"] = FLAGS.stride
+  values.update(mixed_precision=FLAGS.mixed_precision, steps_per_epoch=FLAGS.steps_per_epoch,
+                strategy=FLAGS.strategy)
+  return values
+
+
+def changed_flags(old: dict, new: dict) -> list:
+  """`--name old -> new` for each checkpoint flag both runs have and that differs."""
+  changes = []
+  for name, value in new.items():
+    same = CHECKPOINT_FORMAT.get(name, lambda v: v)
+    if name in old and same(old[name]) != same(value):
+      label = f"--{name}" if name in FLAGS else f"{name} (of --dataset)"
+      changes.append(f"{label} {old[name]} -> {value}")
+  return changes
+
+
+def prepare_backup(backup_dir: str, logs_dir: str, flag_values: dict, chief: bool) -> None:
+  """Starts the run's checkpoint folder: checks what --resume continues, or starts over.
+
+  With --resume and a checkpoint, the flags saved beside it must equal
+  `flag_values` (else `UsageError`, naming each difference); with --resume and
+  no checkpoint, the run starts fresh (and says so). Without --resume the
+  chief removes backup/ and logs/. The chief then saves the flags of this
+  run (all of them, for the record) beside the checkpoint.
+  """
+  path = os.path.join(backup_dir, RUN_CONFIG)
+  if FLAGS.resume:
+    if not training_lib.find_checkpoint(backup_dir):
+      if chief:
+        print(f"--resume: no checkpoint in {backup_dir}: starting fresh", flush=True)
+    elif os.path.exists(path):
+      with open(path) as f:
+        changes = changed_flags(json.load(f)["checkpoint_flags"], flag_values)
+      if changes:
+        raise UsageError(f"--resume: the checkpoint in {backup_dir} belongs to other flags "
+                         f"(old -> new): {', '.join(changes)}; resume with the old values, or "
+                         f"start over without --resume or with another --output_dir.")
+    elif chief:
+      print(f"--resume: {path} is missing, so the checkpoint's flags are not checked",
+            flush=True)
+  elif chief:
+    shutil.rmtree(backup_dir, ignore_errors=True)
+    shutil.rmtree(logs_dir, ignore_errors=True)
+  if chief:
+    os.makedirs(backup_dir, exist_ok=True)
+    module = FLAGS.find_module_defining_flag("dataset")
+    record = {"checkpoint_flags": flag_values,
+              "flags": {f.name: f.value for f in FLAGS.flags_by_module_dict()[module]}}
+    with open(path + ".tmp", "w") as f:   # then renamed: other workers may read it
+      json.dump(record, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+# ---------------------------------------------------------------------------
+# Outputs
+
+
+def write_sample(data, tokens, out_dir):
   """Writes generated tokens as text, a PNG image or a WAV file; returns the path."""
   if data.kind == "text":
     path = os.path.join(out_dir, "sample.txt")
@@ -153,23 +296,41 @@ def write_sample(data_lib, data, tokens, out_dir, np, tf):
   return path
 
 
+def generate_sample(model, data):
+  """A sample of the trained model: an image from BOS, or text/audio after a prompt."""
+  if data.kind == "image":
+    prompt = np.array([data.bos], np.int32)
+    return model.generate(prompt, data.seq_len, temperature=1.0, seed=FLAGS.seed)
+  x, _ = next(iter(data.validation.batch(1)))
+  prompt = x.numpy()[0, :min(32, data.seq_len // 2)]
+  count = min(FLAGS.sample_tokens, data.seq_len - len(prompt))
+  return model.generate(prompt, count, temperature=0.8, top_k=40, seed=FLAGS.seed)
+
+
+def save_model(model, out_dir, chief):
+  """Saves model.keras. Under multi_worker every worker saves (saving may read values
+  that need all workers, the usual pattern); only the chief's file is kept."""
+  if chief:
+    model.save(os.path.join(out_dir, "model.keras"))
+    return
+  scratch = tempfile.mkdtemp(prefix="train_worker_model_")
+  try:
+    model.save(os.path.join(scratch, "model.keras"))
+  finally:
+    shutil.rmtree(scratch, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------
+# The run
+
+
 def train():
-  import numpy as np
-  import tensorflow as tf
-  strategy = make_strategy(tf)   # before anything else touches TF devices
-
-  import keras
-  import sparse_attention_tf as sat
-  from sparse_attention_tf import data as data_lib
-  from sparse_attention_tf import training as training_lib
-
+  strategy = make_strategy()   # before anything else touches TF devices
+  config = train_config()
   keras.utils.set_random_seed(FLAGS.seed)
-  for name in ("steps", "steps_per_epoch", "batch_size", "validation_steps"):
-    if getattr(FLAGS, name) < 1:
-      raise UsageError(f"--{name} must be >= 1, got {getattr(FLAGS, name)}.")
   replicas = strategy.num_replicas_in_sync
-  if FLAGS.batch_size % replicas:
-    raise UsageError(f"--batch_size ({FLAGS.batch_size}) must be a multiple of the number of "
+  if config.batch_size % replicas:
+    raise UsageError(f"--batch_size ({config.batch_size}) must be a multiple of the number of "
                      f"replicas ({replicas}).")
   if FLAGS.mixed_precision != "none":
     keras.mixed_precision.set_global_policy(FLAGS.mixed_precision)
@@ -180,53 +341,36 @@ def train():
     raise UsageError(f"--seq_len ({seq_len}) must be a multiple of --block_size "
                      f"({FLAGS.block_size}).")
   embedding = FLAGS.embedding or ("image" if data.kind == "image" else "strided")
-  unit = "bits_per_dim" if data.kind == "image" else "bits_per_byte"
+  available = data.num_validation_examples // config.batch_size
+  if available < 1:
+    raise UsageError(f"the validation split has {data.num_validation_examples} sequences, "
+                     f"fewer than one batch of {config.batch_size}: lower --batch_size or "
+                     f"--seq_len.")
+  config = dataclasses.replace(config, unit=data.unit,
+                               validation_steps=min(config.validation_steps, available))
 
   chief = training_lib.is_chief(strategy)
   custom_loop = FLAGS.strategy == "multi_worker"   # Keras fit fails there (keras#20585)
   out_dir = FLAGS.output_dir
-  backup_dir = os.path.join(out_dir, "backup")  # multi_worker: the chief's; others use temp dirs
   if chief:
-    if not FLAGS.resume:
-      shutil.rmtree(backup_dir, ignore_errors=True)
     os.makedirs(out_dir, exist_ok=True)
+  prepare_backup(config.backup_dir, config.log_dir, checkpoint_flags(data, embedding), chief)
 
-  # Data: an endless, deterministic stream of batches; a resumed run skips
-  # the batches already trained on, so it continues at the same position.
-  epochs = -(-FLAGS.steps // FLAGS.steps_per_epoch)
-  start_epoch = 0
-  metadata = os.path.join(backup_dir, "training_metadata.json")
-  if FLAGS.resume and os.path.exists(metadata) and not custom_loop:
-    with open(metadata) as f:
-      start_epoch = int(json.load(f)["epoch"])
-  train_ds = data_lib.make_batches(data.train.repeat(), FLAGS.batch_size, shuffle=True,
+  # Data: an endless, deterministic stream of batches (a resumed run skips the
+  # batches already trained on, so it continues at the same position).
+  train_ds = data_lib.make_batches(data.train.repeat(), config.batch_size, shuffle=True,
                                    seed=FLAGS.seed, drop_remainder=True)
-  if not custom_loop:   # the custom loop skips the steps of the checkpoint it restores
-    train_ds = train_ds.skip(start_epoch * FLAGS.steps_per_epoch)
-  val_ds = data_lib.make_batches(data.validation, FLAGS.batch_size, shuffle=False,
+  val_ds = data_lib.make_batches(data.validation, config.batch_size, shuffle=False,
                                  seed=FLAGS.seed, drop_remainder=True)
-  val_steps = min(FLAGS.validation_steps, data.num_validation_examples // FLAGS.batch_size)
-  if val_steps < 1:
-    raise UsageError(f"the validation split has {data.num_validation_examples} sequences, "
-                     f"fewer than one batch of {FLAGS.batch_size}: lower --batch_size or "
-                     f"--seq_len.")
-
   with strategy.scope():
-    pattern = make_pattern(sat, seq_len, FLAGS.num_heads)
+    pattern = make_pattern()
     model = sat.SparseTransformer(
         vocab_size=data.vocab_size, seq_len=seq_len, num_layers=FLAGS.num_layers,
         d_model=FLAGS.d_model, num_heads=FLAGS.num_heads, pattern=pattern,
         head_mode=FLAGS.head_mode, embedding=embedding, image_shape=data.image_shape,
         embedding_stride=FLAGS.stride, dropout=FLAGS.dropout, recompute=FLAGS.recompute,
         block_size=FLAGS.block_size, implementation=FLAGS.implementation)
-    schedule = keras.optimizers.schedules.CosineDecay(
-        initial_learning_rate=0.0, decay_steps=max(1, FLAGS.steps - FLAGS.warmup_steps),
-        warmup_target=FLAGS.learning_rate, warmup_steps=FLAGS.warmup_steps)
-    optimizer = keras.optimizers.AdamW(learning_rate=schedule, weight_decay=FLAGS.weight_decay,
-                                       global_clipnorm=FLAGS.clipnorm)
-    model.compile(optimizer=optimizer,
-                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                  metrics=[sat.BitsPerToken(name=unit)])
+    training_lib.compile_model(model, config)
     model(np.zeros((1, seq_len), np.int32))                            # build before restoring
 
   print(f"training {FLAGS.dataset} ({data.kind}, {data.num_train_examples} train / "
@@ -234,32 +378,14 @@ def train():
         f"{FLAGS.num_layers} layers x {FLAGS.d_model}, {pattern!r}, strategy "
         f"{FLAGS.strategy} ({replicas} replica{'s' if replicas > 1 else ''})", flush=True)
   if custom_loop:
-    run = training_lib.distributed_fit(
-        strategy, model, train_ds, val_ds, steps=FLAGS.steps,
-        steps_per_epoch=FLAGS.steps_per_epoch, validation_steps=val_steps,
-        global_batch_size=FLAGS.batch_size, backup_dir=backup_dir,
-        log_dir=os.path.join(out_dir, "logs"), unit=unit, learning_rate=schedule,
-        resume=FLAGS.resume, stop_after_epochs=FLAGS.stop_after_epochs,
-        verbose=FLAGS.verbose, print_fn=lambda line: print(line, flush=True))
-    history, final, elapsed = run["history"], run["validation"], run["train_seconds"]
-    steps_done = run["steps_done"]
-    # Every worker saves (the standard MWMS pattern: saving may read values that
-    # need all workers); only the chief's file is kept.
-    if chief:
-      model.save(os.path.join(out_dir, "model.keras"))
-    else:
-      scratch = tempfile.mkdtemp(prefix="train_worker_model_")
-      try:
-        model.save(os.path.join(scratch, "model.keras"))
-      finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+    run = training_lib.distributed_fit(strategy, model, train_ds, val_ds, config,
+                                       print_fn=lambda line: print(line, flush=True))
   else:
-    history, final, elapsed = fit(keras, model, schedule, train_ds, val_ds, val_steps,
-                                  epochs, backup_dir, out_dir)
-    steps_done = int(keras.ops.convert_to_numpy(model.optimizer.iterations))
-    model.save(os.path.join(out_dir, "model.keras"))
+    run = training_lib.fit(model, train_ds, val_ds, config)
+  save_model(model, out_dir, chief)
 
-  results = {"dataset": FLAGS.dataset, "seq_len": seq_len, "train_seconds": elapsed,
+  history, final, steps_done = run["history"], run["validation"], run["steps_done"]
+  results = {"dataset": FLAGS.dataset, "seq_len": seq_len, "train_seconds": run["train_seconds"],
              "steps_done": steps_done,
              "validation": {k: float(v) for k, v in final.items()},
              "history": {k: [float(x) for x in v] for k, v in history.items()}}
@@ -269,63 +395,18 @@ def train():
           f"loss {history['loss'][-1]:.9g}, weight checksum {checksum:.12g}", flush=True)
   if not chief:
     return results
-  if data.kind == "image":
-    prompt = np.array([data.bos], np.int32)
-    tokens = model.generate(prompt, seq_len, temperature=1.0, seed=FLAGS.seed)
-  else:
-    x, _ = next(iter(data.validation.batch(1)))
-    prompt = x.numpy()[0, :min(32, seq_len // 2)]
-    count = min(FLAGS.sample_tokens, seq_len - len(prompt))
-    tokens = model.generate(prompt, count, temperature=0.8, top_k=40, seed=FLAGS.seed)
-  sample = write_sample(data_lib, data, tokens, out_dir, np, tf)
+  sample = write_sample(data, generate_sample(model, data), out_dir)
   if FLAGS.export_dir:
     from sparse_attention_tf import export as export_lib
     exported = export_lib.export_saved_model(model, FLAGS.export_dir, mode=FLAGS.export_mode)
     print(f"SavedModel ({FLAGS.export_mode}): {exported}")
   with open(os.path.join(out_dir, "metrics.json"), "w") as f:
     json.dump(results, f, indent=1)
-  print(f"\nvalidation {unit}: {final[unit]:.3f} after {steps_done} steps ({elapsed:.0f} s)")
-  print(f"checkpoint: {backup_dir}\nTensorBoard: tensorboard --logdir {out_dir}/logs\n"
+  print(f"\nvalidation {data.unit}: {final[data.unit]:.3f} after {steps_done} steps "
+        f"({run['train_seconds']:.0f} s)")
+  print(f"checkpoint: {config.backup_dir}\nTensorBoard: tensorboard --logdir {config.log_dir}\n"
         f"model: {out_dir}/model.keras\nsample: {sample}\nmetrics: {out_dir}/metrics.json")
   return results
-
-
-def fit(keras, model, schedule, train_ds, val_ds, val_steps, epochs, backup_dir, out_dir):
-  """Keras `fit` (default and mirrored strategies); returns (history, final, seconds)."""
-
-  class LearningRateLogger(keras.callbacks.Callback):
-    def on_epoch_end(self, epoch, logs=None):
-      if logs is not None:
-        logs["learning_rate"] = float(keras.ops.convert_to_numpy(
-            schedule(self.model.optimizer.iterations)))
-
-  class StopAfter(keras.callbacks.Callback):
-    """Ends fit after --stop_after_epochs epochs (after the checkpoint is written)."""
-
-    def __init__(self, epochs):
-      super().__init__()
-      self.left = epochs
-
-    def on_epoch_end(self, epoch, logs=None):
-      self.left -= 1
-      if self.left <= 0:
-        self.model.stop_training = True
-
-  callbacks = [
-      keras.callbacks.BackupAndRestore(backup_dir, save_freq="epoch", delete_checkpoint=False),
-      LearningRateLogger(),
-      keras.callbacks.TensorBoard(os.path.join(out_dir, "logs"), update_freq="epoch"),
-  ]
-  if FLAGS.stop_after_epochs:
-    callbacks.append(StopAfter(FLAGS.stop_after_epochs))
-  start = time.time()
-  history = model.fit(train_ds, epochs=epochs, steps_per_epoch=FLAGS.steps_per_epoch,
-                      validation_data=val_ds, validation_steps=val_steps,
-                      callbacks=callbacks, verbose=FLAGS.verbose,
-                      shuffle=False)   # the dataset is shuffled, deterministically
-  elapsed = time.time() - start
-  final = model.evaluate(val_ds, steps=val_steps, return_dict=True, verbose=0)
-  return history.history, final, elapsed
 
 
 def main(argv):

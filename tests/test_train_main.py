@@ -2,15 +2,20 @@
 
 * Every offline dataset (pydoc, a text file, digits, mocked tfds:cifar10, a
   folder of WAV files) trains a tiny model: exit 0, all outputs written
-  (model, checkpoint, TensorBoard logs, a decodable sample, metrics), and the
-  training loss goes down; the audio sample keeps the recordings' rate.
+  (model, checkpoint and its run_config.json, TensorBoard logs, a decodable
+  sample, metrics), and the training loss goes down; the audio sample keeps
+  the recordings' rate; the bits metric is named for the data's tokens
+  (bits_per_byte, bits_per_dim, bits_per_sample), in metrics.json and in the
+  TensorBoard scalars, which are also written every --log_every_steps steps.
 * Distribution: `mirrored` on 2 logical CPUs gives the loss of `default` at
   the same global batch; `multi_worker` (two local worker processes, the
   custom tf.distribute loop) trains: both workers finish, end with the same
   weights, the chief writes one checkpoint at the last step and the outputs,
   and the losses are those of `default` at the same global batch.
 * Resume: an interrupted run continued with --resume ends exactly where an
-  uninterrupted run ends; without --resume the run starts over.
+  uninterrupted run ends, and its TensorBoard points continue at the global
+  step; without --resume the run starts over; --resume with other model
+  flags stops and names them; --resume without a checkpoint starts fresh.
 * Bad flags: exit status 2, one `train_main.py: error:` line naming the
   problem, no traceback.
 
@@ -41,12 +46,16 @@ SCRIPT = os.path.join(REPO_ROOT, "train_main.py")
 # Tiny model and run: every run takes seconds.
 TINY = ["--num_layers=1", "--d_model=32", "--num_heads=2", "--batch_size=4", "--seq_len=64",
         "--block_size=16", "--stride=16", "--summary=4", "--validation_steps=2", "--verbose=0",
-        "--dropout=0", "--sample_tokens=16"]
+        "--dropout=0", "--sample_tokens=16", "--log_every_steps=5"]
 # Fast learning: 30 steps are enough for the training loss to drop clearly.
 LEARN = ["--steps=30", "--steps_per_epoch=10", "--learning_rate=3e-3", "--warmup_steps=5"]
 # Resume: two epochs of ten steps, interrupted (or not) after the first.
 RESUME = TINY + ["--dataset=pydoc", "--steps=20", "--steps_per_epoch=10", "--seed=0",
                  "--learning_rate=3e-3", "--warmup_steps=5"]
+# Resume with other flags: three that define the model (named in the error) and
+# four that may change (not named).
+OTHER_MODEL = ["--num_layers=2", "--d_model=64", "--pattern=strided", "--steps=40",
+               "--dropout=0.1", "--block_size=32", "--learning_rate=1e-3"]
 # The mirrored / default pair: the same few steps at the same global batch.
 # (Not one step: the untrained model predicts uniformly, so the loss of a first
 # step is ln(256) whatever the batch, and the learning rate of step 0 is 0
@@ -306,9 +315,10 @@ def free_ports(count):
 # The background runs, started with the first test
 
 
-# multi_worker: two epochs of two steps, global batch 4 (2 per worker); the
-# same flags with --strategy=default are its reference.
-MULTI_WORKER = FEW_STEPS + ["--steps=4", "--steps_per_epoch=2"]
+# multi_worker: two epochs of two steps, global batch 4 (2 per worker), a
+# TensorBoard point every 2 steps; the same flags with --strategy=default are
+# its reference.
+MULTI_WORKER = FEW_STEPS + ["--steps=4", "--steps_per_epoch=2", "--log_every_steps=2"]
 
 
 def multi_worker_pair(out_dir):
@@ -336,12 +346,18 @@ def submit_background_jobs(jobs, data, selected):
       "test_tfds_cifar10_mocked": [("cifar10", cifar, "a", f"{data}/run_mocked_tfds.py")],
       "test_wav_dir": [("wav", TINY + LEARN + [f"--dataset=wav:{data}/wav16k"], "b")],
       "test_wav_sample_keeps_sample_rate": [
-          ("wav8k", TINY + [f"--dataset=wav:{data}/wav8k", "--steps=1", "--steps_per_epoch=1"],
-           "b")],
+          ("wav8k", TINY + [f"--dataset=wav:{data}/wav8k", "--steps=1", "--steps_per_epoch=1",
+                            "--resume"], "b")],
+      # the same run: --resume in a new folder starts fresh
+      "test_resume_without_checkpoint_starts_fresh": [
+          ("wav8k", TINY + [f"--dataset=wav:{data}/wav8k", "--steps=1", "--steps_per_epoch=1",
+                            "--resume"], "b")],
       "test_mirrored_matches_default": [
           ("few_steps_default", FEW_STEPS + ["--strategy=default"], "b"),
           ("few_steps_mirrored", FEW_STEPS + ["--strategy=mirrored", "--cpu_replicas=2"], "b")],
       "test_resume": [("resume_a", RESUME + ["--stop_after_epochs=1"], "a")],
+      "test_resume_with_other_model_flags": [("resume_a", RESUME + ["--stop_after_epochs=1"],
+                                              "a")],
       "test_multi_worker": [("multi_worker_reference", MULTI_WORKER + ["--strategy=default"],
                              "b")],
       "test_bad_flags": bad,
@@ -349,7 +365,8 @@ def submit_background_jobs(jobs, data, selected):
   for test, test_runs in runs.items():
     if test in selected:
       for name, args, lane, *script in test_runs:
-        jobs.submit(name, args, script=script[0] if script else None, lane=lane)
+        if name not in jobs.args:   # a run several tests read is run once
+          jobs.submit(name, args, script=script[0] if script else None, lane=lane)
   if "test_multi_worker" in selected:
     jobs.submit_group(["worker0", "worker1"], lambda: multi_worker_pair(jobs.dir("multi_worker")),
                       lane="a")
@@ -390,12 +407,53 @@ def metrics(out_dir):
     return json.load(f)
 
 
+def scalars(log_dir):
+  """{tag: {step: value}} of the TensorBoard scalars in the event files of `log_dir`
+  (e.g. logs/train); asserts that no tag has two values at one step."""
+  import tensorflow as tf
+  found = {}
+  for name in sorted(os.listdir(log_dir)):
+    for record in tf.data.TFRecordDataset(os.path.join(log_dir, name)):
+      event = tf.compat.v1.Event.FromString(record.numpy())
+      for value in event.summary.value:
+        if value.metadata.plugin_data.plugin_name == "scalars":
+          steps = found.setdefault(value.tag, {})
+          assert event.step not in steps, f"{value.tag} twice at step {event.step} in {log_dir}"
+          steps[event.step] = float(tf.make_ndarray(value.tensor))
+  return found
+
+
+def check_step_scalars(out_dir, unit, steps, steps_per_epoch, every=5):
+  """The per-step TensorBoard points of a run of `steps` steps: loss, the unit and the
+  learning rate every `every` steps, at the global step; each is the mean of the
+  steps since the previous point, so those of an epoch average to its epoch_ value."""
+  train = scalars(os.path.join(out_dir, "logs", "train"))
+  points = list(range(every, steps + 1, every))
+  for name in ("loss", unit, "learning_rate"):
+    assert sorted(train.get(f"batch_{name}", {})) == points, (name, sorted(train))
+  units = {"bits_per_byte", "bits_per_dim", "bits_per_sample"}
+  assert not [tag for tag in train if any(u in tag for u in units - {unit})], sorted(train)
+  for step in points:
+    assert train[f"batch_{unit}"][step] == pytest.approx(
+        train["batch_loss"][step] / math.log(2), rel=1e-4)
+  per_epoch = steps_per_epoch // every
+  for epoch, value in train["epoch_loss"].items():
+    window = points[epoch * per_epoch:(epoch + 1) * per_epoch]
+    assert value == pytest.approx(np.mean([train["batch_loss"][s] for s in window]),
+                                  rel=1e-5), (epoch, train)
+  return train
+
+
 def check_outputs(out_dir, sample_name):
   """The files every finished run writes; returns metrics.json."""
   assert os.path.isfile(os.path.join(out_dir, "model.keras"))
   assert os.path.getsize(os.path.join(out_dir, "model.keras")) > 0
   with open(os.path.join(out_dir, "backup", "training_metadata.json")) as f:
     assert "epoch" in json.load(f)
+  with open(os.path.join(out_dir, "backup", "run_config.json")) as f:
+    run_config = json.load(f)
+  for name in ("dataset", "num_layers", "d_model", "steps_per_epoch"):
+    assert run_config["checkpoint_flags"][name] == run_config["flags"][name], (name, run_config)
   logs = os.path.join(out_dir, "logs")
   events = [os.path.join(d, n) for d, _, names in os.walk(logs) for n in names]
   assert events and any(os.path.getsize(e) > 0 for e in events), f"no TensorBoard logs: {logs}"
@@ -427,7 +485,8 @@ def test_pydoc(jobs):
   m = check_outputs(out, "sample.txt")
   check_learns(m, steps=30, epochs=3)
   assert m["dataset"] == "pydoc" and m["seq_len"] == 64
-  assert "bits_per_byte" in m["validation"]
+  assert set(m["validation"]) == {"loss", "bits_per_byte"}
+  check_step_scalars(out, "bits_per_byte", steps=30, steps_per_epoch=10)
   with open(os.path.join(out, "sample.txt"), "rb") as f:
     sample = f.read()
   assert len(sample) == 32 + 16, sample   # the 32-token prompt + --sample_tokens
@@ -454,7 +513,8 @@ def test_digits_image(jobs):
   out = jobs.dir("digits")
   m = check_outputs(out, "sample.png")
   check_learns(m, steps=30, epochs=3)
-  assert "bits_per_dim" in m["validation"]
+  assert set(m["validation"]) == {"loss", "bits_per_dim"}
+  check_step_scalars(out, "bits_per_dim", steps=30, steps_per_epoch=10)
   with open(os.path.join(out, "sample.png"), "rb") as f:
     png = f.read()
   assert png[:8] == PNG_SIGNATURE
@@ -485,6 +545,8 @@ def test_wav_dir(jobs):
   out = jobs.dir("wav")
   m = check_outputs(out, "sample.wav")
   check_learns(m, steps=30, epochs=3)
+  assert set(m["validation"]) == {"loss", "bits_per_sample"}   # 8-bit µ-law samples
+  check_step_scalars(out, "bits_per_sample", steps=30, steps_per_epoch=10)
   audio, rate = tf.audio.decode_wav(tf.io.read_file(os.path.join(out, "sample.wav")))
   assert int(rate) == 16000
   assert audio.shape == (48, 1), audio.shape   # 32-sample prompt + 16 generated
@@ -568,6 +630,12 @@ def test_multi_worker(jobs):
   assert loss[-1] < loss[0], loss
   for k, v in ref["validation"].items():
     assert m["validation"][k] == pytest.approx(v, rel=1e-4), (k, m["validation"], ref)
+  # The custom loop's TensorBoard points are fit's: same names, steps and values.
+  points = check_step_scalars(out, "bits_per_byte", steps=4, steps_per_epoch=2, every=2)
+  ref_points = check_step_scalars(jobs.dir("multi_worker_reference"), "bits_per_byte", steps=4,
+                                  steps_per_epoch=2, every=2)
+  for tag in ("batch_loss", "batch_bits_per_byte", "batch_learning_rate", "epoch_loss"):
+    assert points[tag] == pytest.approx(ref_points[tag], rel=1e-4), (tag, points, ref_points)
 
 
 # ---------------------------------------------------------------------------
@@ -587,8 +655,9 @@ def test_resume(jobs):
   shutil.copytree(dir_a, dir_c)
   jobs.submit("resume_b", RESUME + ["--resume", f"--output_dir={dir_a}"], lane="a", first=True)
   jobs.submit("resume_c", RESUME, lane="b", first=True)
-  jobs.ok("resume_b")
+  out_b = jobs.ok("resume_b")
   jobs.ok("resume_c")
+  assert "starting fresh" not in out_b, out_b
   b, c = metrics(dir_a), metrics(dir_c)
   # C started over: its own 20 steps, both epochs, the first one identical to A's.
   assert c["steps_done"] == 20, c
@@ -601,6 +670,64 @@ def test_resume(jobs):
   assert set(b["validation"]) == set(c["validation"])
   for k, v in c["validation"].items():
     assert b["validation"][k] == pytest.approx(v, rel=1e-5), (k, b["validation"], c["validation"])
+  # TensorBoard: B's points continue A's at the global step (15, 20; each step once,
+  # which `scalars` asserts), and are C's; C started over with new logs.
+  points_ab = check_step_scalars(dir_a, "bits_per_byte", steps=20, steps_per_epoch=10)
+  points_c = check_step_scalars(dir_c, "bits_per_byte", steps=20, steps_per_epoch=10)
+  for step in (15, 20):
+    assert points_ab["batch_loss"][step] == pytest.approx(points_c["batch_loss"][step],
+                                                          rel=1e-5), (points_ab, points_c)
+
+
+def file_contents(folder):
+  """{name: bytes} of the files in `folder`."""
+  contents = {}
+  for name in sorted(os.listdir(folder)):
+    with open(os.path.join(folder, name), "rb") as f:
+      contents[name] = f.read()
+  return contents
+
+
+def check_usage_error(jobs, name, words):
+  """The run stopped with exit 2 and one `train_main.py: error:` line holding `words`,
+  no traceback, before training; returns the line."""
+  rc, out, err = jobs.result(name)
+  assert rc == 2, describe(jobs.args[name], rc, out, err)
+  assert "Traceback" not in err and "Traceback" not in out, err
+  lines = [l for l in err.splitlines() if l.startswith("train_main.py: error:")]
+  assert len(lines) == 1, err
+  for word in words:
+    assert word in lines[0], (word, lines[0])
+  assert "training " not in out, out   # stopped before training started
+  return lines[0]
+
+
+def test_resume_with_other_model_flags(jobs):
+  """--resume of A's checkpoint with other model flags stops with one line naming each
+  (old -> new); the flags that may change on resume are not named, and the
+  checkpoint is left as it was."""
+  jobs.ok("resume_a")
+  out_dir = jobs.dir("resume_other_flags")
+  shutil.copytree(jobs.dir("resume_a"), out_dir)   # A's checkpoint (or B's, if test_resume ran)
+  backup = os.path.join(out_dir, "backup")
+  before = file_contents(backup)
+  jobs.submit("resume_other_flags", RESUME + ["--resume", "--strategy=mirrored",
+                                              f"--output_dir={out_dir}"] + OTHER_MODEL,
+              lane="b", first=True)
+  line = check_usage_error(jobs, "resume_other_flags",
+                           ["--resume", backup,
+                            "--num_layers 1 -> 2, --d_model 32 -> 64, --pattern fixed -> strided"])
+  for allowed in ("--steps", "--dropout", "--block_size", "--learning_rate", "--strategy"):
+    assert allowed + " " not in line, (allowed, line)
+  assert file_contents(backup) == before, "the checkpoint folder changed"
+
+
+def test_resume_without_checkpoint_starts_fresh(jobs):
+  """The wav8k run passes --resume into a new folder: it says so and trains."""
+  out = jobs.ok("wav8k")
+  lines = [l for l in out.splitlines() if "starting fresh" in l]
+  assert lines == [f"--resume: no checkpoint in {jobs.dir('wav8k')}/backup: starting fresh"], out
+  assert metrics(jobs.dir("wav8k"))["steps_done"] == 1
 
 
 # ---------------------------------------------------------------------------
@@ -609,12 +736,5 @@ def test_resume(jobs):
 
 @pytest.mark.parametrize("case", sorted(BAD_FLAGS))
 def test_bad_flags(jobs, case):
-  rc, out, err = jobs.result(f"bad_{case}")
-  assert rc == 2, describe(jobs.args[f"bad_{case}"], rc, out, err)
-  assert "Traceback" not in err and "Traceback" not in out, err
-  lines = [l for l in err.splitlines() if l.startswith("train_main.py: error:")]
-  assert len(lines) == 1, err
-  for word in BAD_FLAGS[case][1]:
-    assert word.format(tmp=jobs.data) in lines[0], (word, lines[0])
-  assert "training " not in out, out   # stopped before training started
+  check_usage_error(jobs, f"bad_{case}", [w.format(tmp=jobs.data) for w in BAD_FLAGS[case][1]])
   assert not os.path.exists(os.path.join(jobs.dir(f"bad_{case}"), "metrics.json"))
