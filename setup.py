@@ -26,6 +26,7 @@ import tomllib
 
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
+from setuptools.command.build_py import build_py
 
 ROOT = pathlib.Path(__file__).resolve().parent
 PREBUILT_ENV = "SPARSE_ATTENTION_TF_PREBUILT_OPS"
@@ -48,6 +49,18 @@ def _declared_tensorflow():
   return next(r for r in map(Requirement, dependencies) if r.name == "tensorflow")
 
 
+class BuildPackage(build_py):
+  """build_py that starts from an empty package folder in build/lib.
+
+  pip builds a source checkout in place, and setuptools reuses build/lib: a module
+  deleted from the sources would otherwise stay in every later wheel.
+  """
+
+  def run(self):
+    shutil.rmtree(pathlib.Path(self.build_lib) / "sparse_attention_tf", ignore_errors=True)
+    super().run()
+
+
 class BuildOps(build_ext):
   """Builds the TensorFlow op library (loaded by tf.load_op_library, not imported)."""
 
@@ -63,8 +76,12 @@ class BuildOps(build_ext):
     self._check_tensorflow_version(library)
     out = pathlib.Path(self.get_ext_fullpath(ext.name))
     out.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(library, out)
-    out.chmod(0o755)
+    # A new file renamed into place: a process that has the old one loaded (an
+    # editable install's source tree) keeps its copy instead of seeing it rewritten.
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.copyfile(library, tmp)
+    tmp.chmod(0o755)
+    os.replace(tmp, out)
 
   def _make(self) -> pathlib.Path:
     """`make ops` with this Python's TensorFlow, into build/temp.*/ops; returns the .so."""
@@ -91,5 +108,5 @@ class BuildOps(build_ext):
 
 setup(
     ext_modules=[Extension("sparse_attention_tf._sparse_attention_ops", sources=[])],
-    cmdclass={"build_ext": BuildOps},
+    cmdclass={"build_py": BuildPackage, "build_ext": BuildOps},
 )

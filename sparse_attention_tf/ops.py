@@ -80,8 +80,9 @@ def _how_to_fix(built_version: Optional[str]) -> str:
     fixes.append("install the TensorFlow it was built for "
                  f"(`pip install \"tensorflow=={built[0]}.{built[1]}.*\"`)")
   fixes.append(f"rebuild sparse_attention_tf against this TensorFlow ({running}): in its source "
-               "checkout, `pip install --force-reinstall --no-deps --no-build-isolation .`")
-  fixes.append(f"set ${_ENV_VAR} to a library built for it")
+               "checkout, `pip install --force-reinstall --no-deps --no-build-isolation .` "
+               "(needs setuptools>=77, make and g++)")
+  fixes.append(f"set ${_ENV_VAR} to a library built for TensorFlow {running}")
   return "To fix: " + "; or ".join(fixes) + "."
 
 
