@@ -25,7 +25,7 @@ while [[ $# -gt 0 ]]; do
   esac
 done
 [[ $# -eq 1 ]] || usage
-DEST="$1"
+DEST="${1%/}"
 
 # Sources: the runfiles of //:build_pip_pkg (Bazel), else the checkout holding this script.
 WORKSPACE="${BUILD_WORKSPACE_DIRECTORY:-$PWD}"  # `bazel run` starts in the runfiles
