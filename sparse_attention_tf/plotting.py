@@ -7,15 +7,55 @@ Each panel is one head: rows are queries, columns keys; kept elements are
 dark, and with `block_size` the elements of the kept blocks the kernels
 compute are shaded (for parts run on the transposed sequence, those blocks
 are drawn back in the original order, where they are strided, not square).
+The title (the pattern's repr, N and the density) is wrapped to the figure's
+width, and the layout keeps it and the axis labels inside the figure.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Optional, Sequence
 
 import numpy as np
 
 from sparse_attention_tf import patterns as patterns_lib
+
+PANEL_INCHES = 3.0      # width of one head's panel (and the figure's height before the title)
+TITLE_FONTSIZE = 9
+
+
+def _wrap_to_width(text: str, width_inches: float, fontsize: float,
+                   fraction: float = 0.95) -> list:
+  """Splits `text` into lines that fit `fraction` of `width_inches`.
+
+  Lines break after the commas of a pattern's repr (`stride=128,` `summary=32,`
+  ...), never inside a parameter; widths are those of matplotlib's default
+  font at `fontsize` points.
+
+  Args:
+    text: the text, e.g. `repr(pattern) + ", N=256, density 0.137"`.
+    width_inches: the width of the figure the text goes on.
+    fontsize: its font size in points.
+    fraction: the share of the width a line may take.
+
+  Returns:
+    The lines (a part longer than a line by itself stays whole, on its own line).
+  """
+  from matplotlib.font_manager import FontProperties
+  from matplotlib.textpath import TextToPath
+  font = FontProperties(size=fontsize)
+  limit = fraction * width_inches * 72                               # points
+
+  def width(line):
+    return TextToPath().get_text_width_height_descent(line, font, ismath=False)[0]
+
+  lines = []
+  for part in re.split(r"(?<=,) ", text):
+    if lines and width(f"{lines[-1]} {part}") <= limit:
+      lines[-1] = f"{lines[-1]} {part}"
+    else:
+      lines.append(part)
+  return lines
 
 
 def plot_pattern(pattern: patterns_lib.Pattern, seq_len: int, path: Optional[str] = None,
@@ -62,15 +102,25 @@ def plot_pattern(pattern: patterns_lib.Pattern, seq_len: int, path: Optional[str
         kept[heads.index(h)] = computed
     image = np.maximum(image, 0.25 * kept)
 
-  fig, axes = plt.subplots(1, len(heads), figsize=(3 * len(heads), 3.2), squeeze=False)
+  width = PANEL_INCHES * len(heads)
+  title = _wrap_to_width(f"{pattern!r}, N={seq_len}, density {mask[heads].mean():.3f}", width,
+                         TITLE_FONTSIZE)
+  # Above the panels, room for the title's lines; the layout then keeps the
+  # title, the axis labels and the tick labels inside the figure.
+  height = PANEL_INCHES + len(title) * TITLE_FONTSIZE * 1.4 / 72
+  fig, axes = plt.subplots(1, len(heads), figsize=(width, height), squeeze=False,
+                           layout="constrained")
   for ax, h, img in zip(axes[0], heads, image):
     ax.imshow(img, cmap="Greys", vmin=0, vmax=1, interpolation="nearest")
     ax.set_title(f"head {h}", fontsize=9)
     ax.set_xlabel("key j", fontsize=8)
     ax.set_ylabel("query i", fontsize=8)
     ax.tick_params(labelsize=7)
-  fig.suptitle(f"{pattern!r}, N={seq_len}, density {mask[heads].mean():.3f}", fontsize=9)
-  fig.tight_layout()
+  fig.suptitle("\n".join(title), fontsize=TITLE_FONTSIZE)
+  # The first layout pass sees tick labels of the axes' initial size (aspect 1
+  # shrinks them after it): one draw here lets every later draw lay out the
+  # final sizes, so the saved file and the returned figure are not clipped.
+  fig.draw_without_rendering()
   if path is not None:
     fig.savefig(path, dpi=dpi)
     plt.close(fig)

@@ -1,4 +1,4 @@
-"""The mask-drawing helper writes a real PNG of the mask."""
+"""The mask-drawing helper writes a real PNG of the mask, with nothing clipped."""
 
 import matplotlib.image
 import numpy as np
@@ -32,3 +32,32 @@ def test_transposed_part_is_drawn_in_original_order(tmp_path):
 def test_bad_head_is_a_value_error():
   with pytest.raises(ValueError, match="heads"):
     plotting.plot_pattern(patterns.Dense(), 32, heads=[3])
+
+
+@pytest.mark.parametrize("heads", [1, 8])
+def test_title_and_labels_are_inside_the_figure(heads):
+  """A long pattern repr is wrapped to the figure's width, above the panels, and every
+  title, axis label and tick label lies inside the figure (as the renderer draws them)."""
+  import matplotlib.pyplot as plt
+  pattern = patterns.Fixed(stride=128, summary=32, heads=heads, head_groups=min(heads, 4))
+  fig = plotting.plot_pattern(pattern, 256, block_size=32)
+  fig.canvas.draw()
+  renderer = fig.canvas.get_renderer()
+  title = [t for t in fig.texts if t.get_text().startswith("Fixed(")]
+  assert len(title) == 1, [t.get_text() for t in fig.texts]
+  text = title[0].get_text()
+  assert text.replace("\n", " ").startswith(f"{pattern!r}, N=256, density "), text
+  assert (text.count("\n") >= 1) == (heads == 1), text   # 3 inches wrap it; 24 do not
+  boxes = {"title": title[0].get_window_extent(renderer)}
+  for i, ax in enumerate(fig.axes):
+    boxes[f"panel {i} with its labels"] = ax.get_tightbbox(renderer)
+    boxes[f"panel {i} title"] = ax.title.get_window_extent(renderer)
+    boxes[f"panel {i} x label"] = ax.xaxis.label.get_window_extent(renderer)
+    boxes[f"panel {i} y label"] = ax.yaxis.label.get_window_extent(renderer)
+  figure = fig.bbox
+  for name, box in boxes.items():
+    assert (figure.x0 <= box.x0 and box.x1 <= figure.x1 and figure.y0 <= box.y0 and
+            box.y1 <= figure.y1), (name, box.extents, figure.extents)
+  top_of_panels = max(ax.get_tightbbox(renderer).y1 for ax in fig.axes)
+  assert boxes["title"].y0 >= top_of_panels, "the title overlaps the panels"
+  plt.close(fig)
