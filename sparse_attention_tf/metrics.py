@@ -1,4 +1,4 @@
-"""Bits per byte / bits per dim: cross-entropy in base 2, averaged per token."""
+"""Bits per token (per byte, dim or sample): cross-entropy in base 2, averaged per token."""
 
 from __future__ import annotations
 
@@ -12,9 +12,13 @@ import tensorflow as tf
 class BitsPerToken(keras.metrics.Metric):
   """Mean next-token cross-entropy in bits (the paper's bits/byte, bits/dim).
 
+  Name it for what a token is, as `sparse_attention_tf.data` does
+  (`TokenData.unit`): "bits_per_byte" for bytes, "bits_per_dim" for image
+  pixels x channels, "bits_per_sample" for µ-law audio samples.
+
   Args:
     from_logits: whether predictions are logits (default) or probabilities.
-    name: metric name (e.g. "bits_per_byte" for bytes, "bits_per_dim" for pixels).
+    name: metric name (default "bits_per_byte").
 
   Call arguments (`update_state`):
     y_true: int token ids `[batch, seq]`.
@@ -36,6 +40,7 @@ class BitsPerToken(keras.metrics.Metric):
     self.count = self.add_variable(shape=(), initializer="zeros", name="count")
 
   def update_state(self, y_true, y_pred, sample_weight=None):
+    y_true = tf.convert_to_tensor(y_true)      # lists and arrays too, as in the example
     y_pred = tf.cast(y_pred, tf.float32)
     nats = keras.losses.sparse_categorical_crossentropy(y_true, y_pred,
                                                         from_logits=self.from_logits)
