@@ -54,8 +54,8 @@ def test_model_refuses_non_integer_tokens(model, kind, ops):
     model(tokens)
   with pytest.raises(ValueError, match=pattern):
     model.call(tf.convert_to_tensor(tokens))
-  with pytest.raises(ValueError, match=r"tokens must be integers"):   # Keras casts to float32
-    model.predict(tokens, verbose=0)
+  with pytest.raises(tf.errors.InvalidArgumentError, match=r"tokens must be integers"):
+    model.predict(tokens, verbose=0)                   # traced: fails when run
   with pytest.raises(ValueError, match=rf"generate: tokens must be integers.*dtype {dtype}"):
     model.generate(tokens[:1, :3], 2)
 
@@ -65,8 +65,9 @@ def test_model_refuses_float_tokens_in_functional_models_and_lists(model):
     model(keras.Input((N,), dtype="float32"))
   with pytest.raises(ValueError, match=r"generate: tokens must be integers.*float64"):
     model.generate([1.0, 2.0], 2)
-  with pytest.raises(ValueError, match=r"tokens must be integers.*float16"):
-    tf.function(lambda t: model(t))(tf.constant(_tokens(), tf.float16))
+  traced = tf.function(lambda t: model(t))
+  with pytest.raises(tf.errors.InvalidArgumentError, match=r"tokens must be integers.*float16"):
+    traced(tf.constant(_tokens(), tf.float16))
 
 
 def test_model_refuses_token_values_outside_the_vocabulary(model, ops):

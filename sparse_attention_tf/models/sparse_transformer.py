@@ -17,8 +17,8 @@ HEAD_MODES = ("merged", "interleaved", "multihead")
 EMBEDDINGS = ("learned", "image", "strided")
 
 
-def check_token_dtype(tokens, where: str) -> None:
-  """Raises a ValueError unless `tokens` (array, tensor, list) holds integers.
+def token_dtype_error(tokens, where: str) -> Optional[str]:
+  """The error message for `tokens` (array, tensor, list) that are not integers, else None.
 
   Any integer width is accepted (int8 ... int64, uint8 ...); floats and bools
   are refused rather than truncated to token ids.
@@ -32,11 +32,18 @@ def check_token_dtype(tokens, where: str) -> None:
     is_integer, name = False, str(dtype)
   else:
     is_integer, name = dtype.is_integer, dtype.name
-  if not is_integer:
-    raise ValueError(
-        f"{where}: tokens must be integers (token ids), got dtype {name}. Float tokens are not "
-        f"rounded: convert them explicitly, e.g. tokens.astype('int32') or "
-        f"tf.cast(tokens, tf.int32).")
+  if is_integer:
+    return None
+  return (f"{where}: tokens must be integers (token ids), got dtype {name}. Float tokens are "
+          f"not rounded: convert them explicitly, e.g. tokens.astype('int32') or "
+          f"tf.cast(tokens, tf.int32).")
+
+
+def check_token_dtype(tokens, where: str) -> None:
+  """Raises a ValueError unless `tokens` holds integers (see `token_dtype_error`)."""
+  message = token_dtype_error(tokens, where)
+  if message:
+    raise ValueError(message)
 
 
 def layer_patterns(pattern: patterns_lib.Pattern, head_mode: str, num_layers: int,
@@ -106,9 +113,10 @@ class SparseTransformer(keras.Model):
 
   Raises:
     ValueError: for float (or bool) tokens, tokens that are not `[batch, T]`,
-      `T > seq_len`, or token values outside `[0, vocab_size)` (checked
-      eagerly; in a traced function the same checks fail the run with an
-      InvalidArgumentError).
+      `T > seq_len`, or token values outside `[0, vocab_size)`. In a traced
+      function (`tf.function`, `fit`, `predict`) the dtype, value and
+      dynamic length checks fail the run with an InvalidArgumentError
+      carrying the same message.
 
   Example:
 
@@ -211,11 +219,26 @@ class SparseTransformer(keras.Model):
     self.built = True
 
   def __call__(self, *args, **kwargs):
-    # Before Keras converts the inputs: it would cast float arrays to the compute dtype.
-    tokens = args[0] if args else kwargs.get("tokens")
-    if tokens is not None:
-      check_token_dtype(tokens, type(self).__name__)
+    # Before Keras converts the inputs, which casts float arrays to the compute dtype.
+    if args:
+      args = (self._integer_tokens(args[0]),) + args[1:]
+    elif kwargs.get("tokens") is not None:
+      kwargs["tokens"] = self._integer_tokens(kwargs["tokens"])
     return super().__call__(*args, **kwargs)
+
+  def _integer_tokens(self, tokens):
+    """`tokens` if integers, else a ValueError; traced float tokens fail when the graph runs.
+
+    Not when traced: Keras' own symbolic build under a distribution strategy
+    traces the model on the mean of a batch, a float.
+    """
+    message = token_dtype_error(tokens, type(self).__name__)
+    if message is None:
+      return tokens
+    if not tf.is_symbolic_tensor(tokens):
+      raise ValueError(message)
+    with tf.control_dependencies([tf.debugging.Assert(False, [message])]):
+      return tf.cast(tokens, tf.int32)
 
   def call(self, tokens, training=None):
     tokens, length = self._padded_tokens(tokens)                          # (B, N), T
@@ -229,8 +252,7 @@ class SparseTransformer(keras.Model):
   def _padded_tokens(self, tokens):
     """Checked tokens padded to `[B, seq_len]`, and T (None when T == seq_len)."""
     name = type(self).__name__
-    check_token_dtype(tokens, name)
-    tokens = tf.convert_to_tensor(tokens)
+    tokens = self._integer_tokens(tf.convert_to_tensor(tokens))
     if tokens.shape.rank != 2:
       hint = " Add a batch axis: tokens[None]." if tokens.shape.rank == 1 else ""
       raise ValueError(f"{name} expects tokens of shape [batch, seq_len] (seq_len <= "
