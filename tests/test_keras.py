@@ -5,6 +5,8 @@ the definitions (tests/npref.py), and against the model's own uncached path.
 Models are tiny (seq_len 64, d_model 32, 2 layers, block_size 16).
 """
 
+import doctest
+import importlib
 import json
 import math
 import pathlib
@@ -1050,3 +1052,13 @@ def test_readme_keras_example_runs(ops):
     exec(compile(code, "README.md:" + README_HEADING, "exec"), namespace)
   finally:
     keras.mixed_precision.set_global_policy("float32")
+
+
+# --- 13. Docstring examples ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("module", ["layers.attention", "layers.block",
+                                    "models.sparse_transformer"])
+def test_docstring_examples_run(module, ops):
+  mod = importlib.import_module(f"sparse_attention_tf.{module}")
+  result = doctest.testmod(mod, extraglobs={"np": np, "keras": keras, "tf": tf})
+  assert result.attempted > 0 and result.failed == 0, result
