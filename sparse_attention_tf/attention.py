@@ -45,9 +45,8 @@ def resolve_implementation(implementation: str) -> str:
     return "custom_op"
   if not _warned_fallback:
     _warned_fallback = True
-    warnings.warn("sparse_attention_tf: custom op library not found, using the pure-TF "
-                  "reference implementation (slower). Build it with `bash scripts/setup.sh`.",
-                  RuntimeWarning, stacklevel=3)
+    warnings.warn("sparse_attention_tf: using the pure-TF reference implementation (slower). "
+                  f"{ops_lib.load_error()}", RuntimeWarning, stacklevel=3)
   return "reference"
 
 

@@ -197,6 +197,7 @@ with warnings.catch_warnings(record=True) as caught:
 fallback = [w for w in caught if issubclass(w.category, RuntimeWarning)
             and "sparse_attention_tf" in str(w.message)]
 assert len(fallback) == 1, [str(w.message) for w in caught]
+assert message in str(fallback[0].message), fallback[0].message   # says why and how to rebuild
 reference = sat.sparse_attention(x, x, x, sat.Dense(), block_size=16, implementation="reference")
 for out in outs:
   np.testing.assert_allclose(out, reference)
