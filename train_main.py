@@ -325,8 +325,12 @@ def save_model(model, out_dir, chief):
 
 
 def train():
+  """The run: strategy, data, model, training (fit or distributed_fit), outputs."""
   strategy = make_strategy()   # before anything else touches TF devices
-  config = train_config()
+  try:
+    config = train_config()
+  except ValueError as e:      # TrainConfig's fields are named like the flags
+    raise UsageError(f"--{e}") from None
   keras.utils.set_random_seed(FLAGS.seed)
   replicas = strategy.num_replicas_in_sync
   if config.batch_size % replicas:

@@ -22,7 +22,7 @@
 Each run is a fresh process (strategies and logical devices are process-wide
 in TF). All runs that depend on no other run are queued when the module
 starts and run in the background, two at a time (`Jobs`); each test waits for
-its own runs. Only the resume test queues runs later (they need the first).
+its own runs. Only the resume tests queue runs later (they need the first).
 """
 
 from __future__ import annotations
@@ -86,6 +86,7 @@ BAD_FLAGS = {
     "missing_text_file": (["--dataset=text:/does/not/exist"], ["not found", "/does/not/exist"]),
     "multi_worker_without_tf_config": (["--strategy=multi_worker"],
                                        ["--strategy=multi_worker", "TF_CONFIG"]),
+    "steps_zero": (["--steps=0"], ["--steps must be >= 1, got 0."]),
     "batch_vs_replicas": (["--strategy=mirrored", "--cpu_replicas=2", "--batch_size=3"],
                           ["--batch_size (3)", "replicas (2)"]),
     "tfds_not_prepared": (["--dataset=tfds:cifar10", "--seq_len=3072", "--block_size=64",
@@ -647,6 +648,7 @@ def test_resume(jobs):
   of A's folder: B continues it with --resume; C runs without --resume, so it
   must start over, and is then the uninterrupted run that B must match."""
   jobs.ok("resume_a")
+  submit_other_flags_run(jobs)   # from A's checkpoint, before B continues it
   dir_a, dir_c = jobs.dir("resume_a"), jobs.dir("resume_c")
   a = metrics(dir_a)
   assert a["steps_done"] == 10 and len(a["history"]["loss"]) == 1, a
@@ -702,18 +704,26 @@ def check_usage_error(jobs, name, words):
   return lines[0]
 
 
+def submit_other_flags_run(jobs):
+  """Queues (once) the resume of a copy of A's checkpoint with `OTHER_MODEL` flags;
+  returns the copy's backup folder and its files before the run."""
+  out_dir = jobs.dir("resume_other_flags")
+  backup = os.path.join(out_dir, "backup")
+  if "resume_other_flags" not in jobs.args:
+    shutil.copytree(jobs.dir("resume_a"), out_dir)
+    jobs.backup_before = file_contents(backup)
+    jobs.submit("resume_other_flags", RESUME + ["--resume", "--strategy=mirrored",
+                                                f"--output_dir={out_dir}"] + OTHER_MODEL,
+                lane="a", first=True)
+  return backup, jobs.backup_before
+
+
 def test_resume_with_other_model_flags(jobs):
   """--resume of A's checkpoint with other model flags stops with one line naming each
   (old -> new); the flags that may change on resume are not named, and the
   checkpoint is left as it was."""
   jobs.ok("resume_a")
-  out_dir = jobs.dir("resume_other_flags")
-  shutil.copytree(jobs.dir("resume_a"), out_dir)   # A's checkpoint (or B's, if test_resume ran)
-  backup = os.path.join(out_dir, "backup")
-  before = file_contents(backup)
-  jobs.submit("resume_other_flags", RESUME + ["--resume", "--strategy=mirrored",
-                                              f"--output_dir={out_dir}"] + OTHER_MODEL,
-              lane="b", first=True)
+  backup, before = submit_other_flags_run(jobs)
   line = check_usage_error(jobs, "resume_other_flags",
                            ["--resume", backup,
                             "--num_layers 1 -> 2, --d_model 32 -> 64, --pattern fixed -> strided"])
