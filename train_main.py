@@ -20,7 +20,7 @@ the model, trains it with `training.fit` (default, mirrored) or
 `logs/` (TensorBoard: loss, bits per token and learning rate, per epoch and
 every --log_every_steps steps), `model.keras` (the trained model),
 `sample.txt` / `sample.png` / `sample.wav` (generated), `metrics.json`; with
---export_dir, a SavedModel for TF Serving in `<export_dir>/1/`. The bits per
+--export_dir, a SavedModel for TF Serving in `<export_dir>/<export_version>/`. The bits per
 token are named for the data's tokens: bits_per_byte (pydoc, text:),
 bits_per_dim (images), bits_per_sample (µ-law audio).
 
@@ -63,6 +63,7 @@ import tensorflow as tf
 
 import sparse_attention_tf as sat
 from sparse_attention_tf import data as data_lib
+from sparse_attention_tf import export as export_lib
 from sparse_attention_tf import training as training_lib
 
 FLAGS = flags.FLAGS
@@ -118,9 +119,11 @@ flags.DEFINE_bool("resume", DEFAULTS.resume, "continue from the checkpoint in ou
 flags.DEFINE_integer("log_every_steps", DEFAULTS.log_every_steps,
                      "TensorBoard scalars every this many steps (and after every epoch)")
 flags.DEFINE_string("export_dir", None, "also export a SavedModel for TF Serving here "
-                    "(<export_dir>/1/, see sparse_attention_tf.export)")
+                    "(<export_dir>/<export_version>/, see sparse_attention_tf.export)")
 flags.DEFINE_enum("export_mode", "portable", ["portable", "custom_op"],
                   "portable: stock TF ops only; custom_op: needs the op library to load")
+flags.DEFINE_integer("export_version", 1, "the TF Serving version number of the export")
+flags.DEFINE_bool("export_overwrite", False, "replace an existing export of that version")
 flags.DEFINE_integer("sample_tokens", 256, "tokens to generate at the end (text/audio)")
 flags.DEFINE_integer("stop_after_epochs", DEFAULTS.stop_after_epochs, "stop after this many "
                      "epochs of this run, as if interrupted (to test --resume)")
@@ -353,6 +356,14 @@ def train():
   config = dataclasses.replace(config, unit=data.unit,
                                validation_steps=min(config.validation_steps, available))
 
+  if FLAGS.export_dir:   # before training, not after it
+    try:
+      export_lib.version_path(FLAGS.export_dir, FLAGS.export_version, FLAGS.export_overwrite)
+    except FileExistsError:
+      existing = os.path.join(FLAGS.export_dir, str(FLAGS.export_version))
+      raise UsageError(f"--export_dir: {existing} already exists: pass --export_overwrite to "
+                       f"replace it, or another --export_version.") from None
+
   chief = training_lib.is_chief(strategy)
   custom_loop = FLAGS.strategy == "multi_worker"   # Keras fit fails there (keras#20585)
   out_dir = FLAGS.output_dir
@@ -401,8 +412,9 @@ def train():
     return results
   sample = write_sample(data, generate_sample(model, data), out_dir)
   if FLAGS.export_dir:
-    from sparse_attention_tf import export as export_lib
-    exported = export_lib.export_saved_model(model, FLAGS.export_dir, mode=FLAGS.export_mode)
+    exported = export_lib.export_saved_model(model, FLAGS.export_dir, mode=FLAGS.export_mode,
+                                             version=FLAGS.export_version,
+                                             overwrite=FLAGS.export_overwrite)
     print(f"SavedModel ({FLAGS.export_mode}): {exported}")
   with open(os.path.join(out_dir, "metrics.json"), "w") as f:
     json.dump(results, f, indent=1)

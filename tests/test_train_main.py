@@ -87,6 +87,9 @@ BAD_FLAGS = {
     "multi_worker_without_tf_config": (["--strategy=multi_worker"],
                                        ["--strategy=multi_worker", "TF_CONFIG"]),
     "steps_zero": (["--steps=0"], ["--steps must be >= 1, got 0."]),
+    "export_version_exists": (["--export_dir={tmp}/exports"],
+                              ["--export_dir: {tmp}/exports/1 already exists",
+                               "--export_overwrite", "--export_version"]),
     "batch_vs_replicas": (["--strategy=mirrored", "--cpu_replicas=2", "--batch_size=3"],
                           ["--batch_size (3)", "replicas (2)"]),
     "tfds_not_prepared": (["--dataset=tfds:cifar10", "--seq_len=3072", "--block_size=64",
@@ -383,6 +386,7 @@ def jobs(request, tmp_path_factory):
   with open(os.path.join(data, "run_mocked_tfds.py"), "w") as f:
     f.write(TFDS_WRAPPER)
   os.makedirs(os.path.join(data, "empty_tfds"))
+  os.makedirs(os.path.join(data, "exports", "1"))   # an export of version 1 exists
   selected = {item.originalname for item in request.session.items
               if item.module is request.module}
   runner = Jobs(str(tmp_path_factory.mktemp("train_main_runs")))
