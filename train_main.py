@@ -20,9 +20,9 @@ the model, trains it with `training.fit` (default, mirrored) or
 `logs/` (TensorBoard: loss, bits per token and learning rate, per epoch and
 every --log_every_steps steps), `model.keras` (the trained model),
 `sample.txt` / `sample.png` / `sample.wav` (generated), `metrics.json`; with
---export_dir, a SavedModel for TF Serving in `<export_dir>/<export_version>/`. The bits per
-token are named for the data's tokens: bits_per_byte (pydoc, text:),
-bits_per_dim (images), bits_per_sample (µ-law audio).
+--export_dir, a SavedModel for TF Serving in `<export_dir>/<export_version>/`.
+The bits per token are named for the data's tokens: bits_per_byte (pydoc,
+text:), bits_per_dim (images), bits_per_sample (µ-law audio).
 
 Batches: --batch_size is the global batch; each of R replicas (all
 replicas of all workers) gets batch_size / R examples per step (it must
