@@ -58,7 +58,8 @@ fi
 
 STAGE="$(mktemp -d)"
 trap 'rm -rf "$STAGE"' EXIT
-cp "$SRC/pyproject.toml" "$SRC/setup.py" "$SRC/README.md" "$SRC/MANIFEST.in" "$STAGE/"
+cp "$SRC/pyproject.toml" "$SRC/setup.py" "$SRC/README.md" "$SRC/MANIFEST.in" "$SRC/LICENSE" \
+  "$STAGE/"
 (cd "$SRC" && find sparse_attention_tf -name '*.py' -not -path '*/__pycache__/*') |
   while read -r f; do install -D -m 0644 "$SRC/$f" "$STAGE/$f"; done
 

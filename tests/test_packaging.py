@@ -60,7 +60,7 @@ def test_wheel_name_and_files(installed_package):
   modules = [str(p.relative_to(ROOT)) for p in (ROOT / "sparse_attention_tf").rglob("*.py")
              if "__pycache__" not in p.parts]
   assert [f for f in files if not f.startswith(DIST_INFO)] == sorted(modules + [LIBRARY])
-  assert {DIST_INFO + n for n in ("METADATA", "WHEEL", "RECORD")} <= set(files)
+  assert {DIST_INFO + n for n in ("METADATA", "WHEEL", "RECORD", "licenses/LICENSE")} <= set(files)
   assert not [f for f in files if f.startswith(("tests/", "bench/", "custom_ops/"))]
   tags = _wheel_text(wheel, DIST_INFO + "WHEEL")
   assert "Root-Is-Purelib: false" in tags and f"Tag: {PY_TAG}-{PY_TAG}-linux_x86_64" in tags
