@@ -9,8 +9,6 @@ import doctest
 import importlib
 import json
 import math
-import pathlib
-import re
 
 import keras
 import numpy as np
@@ -33,7 +31,6 @@ KEY_DIM = 8
 BLOCK = 16
 VOCAB = 12
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
 def _custom_layout():
@@ -351,6 +348,12 @@ def test_padding_keeps_the_keras_mask(rng, ops):
   np.testing.assert_allclose(attention(embedding(tokens)).numpy(), explicit, atol=1e-6)
 
 
+# Block outputs with randomized weights reach |x| ~ 20; graph and eager runs (and the padded
+# and unpadded lengths) sum in another order: float32 rounding is ~1e-5 there, a padding
+# error is O(1).
+BLOCK_TOL = dict(rtol=1e-5, atol=1e-4)
+
+
 def test_block_pads_lengths_the_plan_refuses(rng, ops):
   """Causal: a block on the first 50 positions equals the block on 64, sliced (any suffix).
   Not causal: the block on 50 equals the block on 50 zero-padded to 64 with the tail masked."""
@@ -358,9 +361,9 @@ def test_block_pads_lengths_the_plan_refuses(rng, ops):
   causal = SparseTransformerBlock(HEADS, P.Fixed(16, 4), num_layers=2, block_size=BLOCK)
   causal.build(x.shape)
   _randomize(causal, rng)
-  np.testing.assert_allclose(causal(x[:, :50]).numpy(), causal(x).numpy()[:, :50], atol=1e-5)
+  np.testing.assert_allclose(causal(x[:, :50]).numpy(), causal(x).numpy()[:, :50], **BLOCK_TOL)
   step = tf.function(lambda x: causal(x))
-  np.testing.assert_allclose(step(x[:, :50]).numpy(), causal(x).numpy()[:, :50], atol=1e-5)
+  np.testing.assert_allclose(step(x[:, :50]).numpy(), causal(x).numpy()[:, :50], **BLOCK_TOL)
 
   both = SparseTransformerBlock(HEADS, P.Longformer(6, global_tokens=(0,)), num_layers=2,
                                 block_size=BLOCK)
@@ -371,7 +374,7 @@ def test_block_pads_lengths_the_plan_refuses(rng, ops):
   padded_kp = np.concatenate([kp, np.zeros((2, N - 50), bool)], axis=1)
   np.testing.assert_allclose(both(x[:, :50], key_padding_mask=kp).numpy(),
                              both(padded_x, key_padding_mask=padded_kp).numpy()[:, :50],
-                             atol=1e-5)
+                             **BLOCK_TOL)
 
 
 def test_functional_model_with_padded_layers_saves_and_loads(rng, tmp_path, ops):
@@ -1019,42 +1022,7 @@ def test_bits_per_token_matches_numpy(rng):
   assert clone.from_logits is False and clone.name == p.name
 
 
-# --- 12. The README example ---------------------------------------------------------------------
-
-README_HEADING = "Use it in your own Keras model"
-
-
-def _readme_block(text):
-  lines = text.splitlines()
-  start = next((i for i, line in enumerate(lines)
-                if line.startswith("#") and line.lstrip("#").strip() == README_HEADING), None)
-  assert start is not None, (
-      f"README.md has no heading '{README_HEADING}' (expected a section with a fenced python "
-      f"example of the Keras layers and model)")
-  level = len(lines[start]) - len(lines[start].lstrip("#"))
-  section, fenced = [], False
-  for line in lines[start + 1:]:
-    if line.startswith("```"):
-      fenced = not fenced
-    elif not fenced and line.startswith("#") and len(line) - len(line.lstrip("#")) <= level:
-      break                                             # the next section
-    section.append(line)
-  match = re.search(r"^```python[ \t]*\n(.*?)^```", "\n".join(section) + "\n",
-                    re.S | re.M)
-  assert match, f"README section '{README_HEADING}' has no fenced ```python block"
-  return match.group(1)
-
-
-def test_readme_keras_example_runs(ops):
-  code = _readme_block((ROOT / "README.md").read_text())
-  namespace = {"__name__": "readme_example"}
-  try:
-    exec(compile(code, "README.md:" + README_HEADING, "exec"), namespace)
-  finally:
-    keras.mixed_precision.set_global_policy("float32")
-
-
-# --- 13. Docstring examples ---------------------------------------------------------------------
+# --- 12. Docstring examples ---------------------------------------------------------------------
 
 @pytest.mark.parametrize("module", ["layers.attention", "layers.block",
                                     "models.sparse_transformer"])
