@@ -55,6 +55,7 @@ import os
 import shutil
 import sys
 import tempfile
+from typing import Optional
 
 from absl import app, flags
 import keras
@@ -142,6 +143,56 @@ CHECKPOINT_FORMAT = {"strategy": lambda s: "distributed_fit" if s == "multi_work
 
 class UsageError(ValueError):
   """A bad flag: reported as one line, exit status 2."""
+
+
+@dataclasses.dataclass
+class RunState:
+  """What `main` undoes when a run fails before training starts."""
+  created: Optional[str] = None   # the first folder of --output_dir this run created
+  training: bool = False          # training has started: a failure keeps every output
+
+
+def check_folder_flag(flag: str, path: str) -> None:
+  """Checks, creating nothing, that this run can make and write folder `path`, the value of
+  `flag` (--output_dir, --export_dir), so that a bad one stops the run before its work.
+
+  Raises:
+    UsageError: `path` is empty, not UTF-8 (TensorFlow's file functions take UTF-8
+      paths), a file, under a file, or in a folder this process cannot write in
+      (permissions, a read-only file system).
+  """
+  if not path:
+    raise UsageError(f"{flag} is empty: give a folder.")
+  try:
+    path.encode("utf-8")
+  except UnicodeEncodeError:
+    raise UsageError(f"{flag}={os.fsencode(path)!r} is not UTF-8, which TensorFlow needs for "
+                     f"its file names: choose a UTF-8 name.") from None
+  folder = os.path.abspath(path)
+  while not os.path.lexists(folder):            # up to the first part that exists
+    folder = os.path.dirname(folder)
+  if not os.path.isdir(folder):
+    what = "a broken symbolic link" if os.path.islink(folder) else "a file"
+    where = "" if folder == os.path.abspath(path) else f" is under {folder}, which"
+    raise UsageError(f"{flag}={path}{where} is {what}, not a folder: choose another path.")
+  try:   # the only sure test (os.access misses read-only file systems for root)
+    os.rmdir(tempfile.mkdtemp(prefix=".train_main_write_test_", dir=folder))
+  except OSError as e:
+    raise UsageError(f"{flag}={path}: cannot write in {folder} ({e.strerror}): choose a "
+                     f"writable folder.") from None
+
+
+def make_output_dir(path: str, state: RunState) -> None:
+  """Creates --output_dir and its missing parents, noting in `state` the first it creates."""
+  folder = os.path.abspath(path)
+  while not os.path.lexists(os.path.dirname(folder)):
+    folder = os.path.dirname(folder)
+  if not os.path.lexists(folder):
+    state.created = folder
+  try:
+    os.makedirs(path, exist_ok=True)
+  except OSError as e:
+    raise UsageError(f"--output_dir={path}: cannot create it ({e.strerror}).") from None
 
 
 def make_strategy():
@@ -327,8 +378,10 @@ def save_model(model, out_dir, chief):
 # The run
 
 
-def train():
-  """The run: strategy, data, model, training (fit or distributed_fit), outputs."""
+def train(state: Optional[RunState] = None):
+  """The run: strategy, data, model, training (fit or distributed_fit), outputs; notes in
+  `state` the folder it creates and when training starts."""
+  state = state or RunState()
   strategy = make_strategy()   # before anything else touches TF devices
   try:
     config = train_config()
@@ -368,7 +421,7 @@ def train():
   custom_loop = FLAGS.strategy == "multi_worker"   # Keras fit fails there (keras#20585)
   out_dir = FLAGS.output_dir
   if chief:
-    os.makedirs(out_dir, exist_ok=True)
+    make_output_dir(out_dir, state)
   prepare_backup(config.backup_dir, config.log_dir, checkpoint_flags(data, embedding), chief)
 
   # Data: an endless, deterministic stream of batches (a resumed run skips the
@@ -388,6 +441,7 @@ def train():
     training_lib.compile_model(model, config)
     model(np.zeros((1, seq_len), np.int32))                            # build before restoring
 
+  state.training = True
   print(f"training {FLAGS.dataset} ({data.kind}, {data.num_train_examples} train / "
         f"{data.num_validation_examples} validation sequences of {seq_len}), "
         f"{FLAGS.num_layers} layers x {FLAGS.d_model}, {pattern!r}, strategy "
@@ -429,11 +483,20 @@ def main(argv):
   if len(argv) > 1:
     print(f"train_main.py: error: unexpected arguments {argv[1:]}", file=sys.stderr)
     sys.exit(2)
+  state = RunState()
   try:
-    train()
-  except ValueError as e:   # UsageError, the data module's DataError, pattern/model checks
-    print(f"train_main.py: error: {e}", file=sys.stderr)
-    sys.exit(2)
+    check_folder_flag("--output_dir", FLAGS.output_dir)
+    if FLAGS.export_dir:
+      check_folder_flag("--export_dir", FLAGS.export_dir)
+    train(state)
+  except BaseException as e:
+    if state.created and not state.training:   # no half-made output folder
+      shutil.rmtree(state.created, ignore_errors=True)
+    # UsageError, the data module's DataError, pattern/model checks; OSError before training
+    if isinstance(e, ValueError) or (isinstance(e, OSError) and not state.training):
+      print(f"train_main.py: error: {e}", file=sys.stderr)
+      sys.exit(2)
+    raise
 
 
 if __name__ == "__main__":
