@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import stat
 from typing import Optional
 
 import numpy as np
@@ -246,6 +247,46 @@ def stream_data(name: str, kind: str, tokens: np.ndarray, vocab_size: int,
                    num_train_examples=num_train, num_validation_examples=num_validation)
 
 
+# What a path is when it is not a regular file, by `stat` file type test.
+NOT_REGULAR = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+               (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+               (stat.S_ISBLK, "a block device"))
+
+
+def read_regular_file(path: str, what: str) -> bytes:
+  """The bytes of the regular file `path` (or of the file a symbolic link there names).
+
+  Its type is checked before it is opened, so a FIFO (whose opening waits for a
+  writer), socket, device or directory is never read, and it is opened
+  non-blocking and checked again (in case it was replaced in between).
+
+  Args:
+    path: the file.
+    what: how errors name it, e.g. "text file".
+
+  Raises:
+    DataError: naming `path`: missing, a broken symbolic link, not a regular
+      file, or unreadable.
+  """
+  try:
+    mode = os.stat(path).st_mode
+    if stat.S_ISREG(mode):
+      fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+      with os.fdopen(fd, "rb") as f:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISREG(mode):
+          return f.read()
+  except FileNotFoundError:
+    if os.path.islink(path):
+      raise DataError(f"{what} {path} is a broken symbolic link (to "
+                      f"{os.readlink(path)})") from None
+    raise DataError(f"{what} not found: {path}") from None
+  except OSError as e:
+    raise DataError(f"cannot read {what} {path}: {e.strerror}") from None
+  kind = next((name for test, name in NOT_REGULAR if test(mode)), "not a regular file")
+  raise DataError(f"{what} {path} is {kind}, not a regular file")
+
+
 def pydoc_bytes() -> bytes:
   """Python's bundled help topics as UTF-8 bytes, topics sorted by key."""
   from pydoc_data.topics import topics
@@ -260,11 +301,49 @@ def load_pydoc(seq_len: Optional[int]) -> TokenData:
 
 def load_text(path: str, seq_len: Optional[int]) -> TokenData:
   """Any local file as bytes; enwik8 (10^8 bytes) gets the paper's 90M/5M/5M split."""
-  if not os.path.isfile(path):
-    raise DataError(f"text file not found: {path}")
-  with open(path, "rb") as f:
-    tokens = np.frombuffer(f.read(), np.uint8)
+  tokens = np.frombuffer(read_regular_file(path, "text file"), np.uint8)
   return stream_data(f"text:{path}", "text", tokens, 256, seq_len, f"text file {path}")
+
+
+def read_wav(path: str) -> tuple[np.ndarray, int]:
+  """Decodes one 16-bit PCM WAV file to mono.
+
+  Returns:
+    `(audio, rate)`: float32 `[samples]` in [-1, 1], channels averaged, and the
+    sample rate.
+
+  Raises:
+    DataError: naming `path`: not a readable regular file (see
+      `read_regular_file`) or not a 16-bit PCM WAV file.
+  """
+  contents = read_regular_file(path, "WAV file")
+  if contents[:4] != b"RIFF" or contents[8:12] != b"WAVE":
+    raise DataError(f"cannot decode {path}: not a WAV file (its first bytes are not a "
+                    f"RIFF/WAVE header; 16-bit PCM WAV expected)")
+  try:
+    audio, rate = tf.audio.decode_wav(contents)  # (S, C), ()
+  except (tf.errors.InvalidArgumentError, UnicodeDecodeError) as e:
+    # TF's message may quote the file's bytes; as a UnicodeDecodeError it names no file.
+    raw = e.object if isinstance(e, UnicodeDecodeError) else e.message.encode()
+    reason = raw.decode("utf-8", "backslashreplace").split("}} ")[-1].split(" [Op:")[0]
+    raise DataError(f"cannot decode {path} (16-bit PCM WAV expected): "
+                    f"{(reason.splitlines() or [''])[0]}") from None
+  return tf.reduce_mean(audio, axis=-1).numpy(), int(rate)  # (S,)
+
+
+def wav_names(directory: str) -> list:
+  """The names of the *.wav entries of `directory`, sorted (a DataError if it is no folder)."""
+  if not os.path.lexists(directory):
+    raise DataError(f"wav directory not found: {directory}")
+  if not os.path.isdir(directory):
+    raise DataError(f"wav:DIR needs a folder of WAV files: {directory} is not a folder")
+  try:
+    names = sorted(n for n in os.listdir(directory) if n.lower().endswith(".wav"))
+  except OSError as e:
+    raise DataError(f"cannot list the wav directory {directory}: {e.strerror}") from None
+  if not names:
+    raise DataError(f"no .wav files in {directory}")
+  return names
 
 
 def read_wav_dir(directory: str) -> np.ndarray:
@@ -277,42 +356,37 @@ def read_wav_dir(directory: str) -> np.ndarray:
     float32 `[total_samples]` in [-1, 1], files concatenated in name order.
 
   Raises:
-    DataError: no such folder, no WAV files, undecodable file, or files with
-      different sample rates.
+    DataError: no such folder, no WAV files, an entry named *.wav that is not a
+      readable regular file (a folder, FIFO, socket, device or broken symbolic
+      link: none is opened), an undecodable file, or files with different
+      sample rates.
   """
-  if not os.path.isdir(directory):
-    raise DataError(f"wav directory not found: {directory}")
-  names = sorted(n for n in os.listdir(directory) if n.lower().endswith(".wav"))
-  if not names:
-    raise DataError(f"no .wav files in {directory}")
+  return _decode_wav_dir(directory)[0]
+
+
+def _decode_wav_dir(directory: str) -> tuple[np.ndarray, int]:
+  """`read_wav_dir`'s stream and the files' common sample rate."""
   parts, rates = [], {}
-  for fname in names:
-    path = os.path.join(directory, fname)
-    try:
-      audio, rate = tf.audio.decode_wav(tf.io.read_file(path))  # (S, C), ()
-    except tf.errors.InvalidArgumentError as e:
-      raise DataError(f"cannot decode {path} (16-bit PCM WAV expected): "
-                      f"{e.message.splitlines()[0]}") from None
-    rates[fname] = int(rate)
-    parts.append(tf.reduce_mean(audio, axis=-1).numpy())  # (S,)
+  for fname in wav_names(directory):
+    audio, rates[fname] = read_wav(os.path.join(directory, fname))  # (S,)
+    parts.append(audio)
   if len(set(rates.values())) > 1:
     raise DataError(f"wav files in {directory} have different sample rates {rates}; "
                     f"resample them to one rate")
-  return np.concatenate(parts)  # (total,)
+  return np.concatenate(parts), next(iter(rates.values()))  # (total,), ()
 
 
 def wav_sample_rate(directory: str) -> int:
   """The sample rate of the first WAV file in directory (all share it: read_wav_dir checks)."""
-  first = sorted(f for f in os.listdir(directory) if f.lower().endswith(".wav"))[0]
-  _, rate = tf.audio.decode_wav(tf.io.read_file(os.path.join(directory, first)))
-  return int(rate)
+  return read_wav(os.path.join(directory, wav_names(directory)[0]))[1]
 
 
 def load_wav(directory: str, seq_len: Optional[int]) -> TokenData:
   """WAV files as one 8-bit µ-law stream (vocab 256, no BOS)."""
-  tokens = mu_law_encode(read_wav_dir(directory)).astype(np.uint8)  # (total,)
+  samples, rate = _decode_wav_dir(directory)  # (total,), ()
+  tokens = mu_law_encode(samples).astype(np.uint8)  # (total,)
   data = stream_data(f"wav:{directory}", "audio", tokens, 256, seq_len, f"audio in {directory}")
-  return dataclasses.replace(data, sample_rate=wav_sample_rate(directory))
+  return dataclasses.replace(data, sample_rate=rate)
 
 
 # ---------------------------------------------------------------------------
@@ -371,7 +445,8 @@ def _tfds_not_found(name: str, data_dir: Optional[str], root: str) -> DataError:
   """
   folder = name.split("/")[0]   # what `tfds build` writes under its data dir
   if data_dir:
-    what = f"no prepared {folder}/ in it" if os.path.isdir(data_dir) else "no such folder"
+    what = (f"no prepared {folder}/ in it" if os.path.isdir(data_dir) else
+            "it is a file, not a folder" if os.path.exists(data_dir) else "no such folder")
     return DataError(
         f"tfds dataset {name} not found in the given data dir {data_dir} ({what}; nothing "
         f"is downloaded here): on a machine with network access run `tfds build {name} "

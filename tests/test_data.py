@@ -1,5 +1,9 @@
 """Data module: splits, next-token pairs, image raster order, µ-law, errors."""
 
+from concurrent import futures
+import os
+import socket
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -84,6 +88,54 @@ def test_text_errors(tmp_path):
     data.load(f"text:{short}", seq_len=8)
 
 
+def make_fifo(path):
+  os.mkfifo(path)
+  return path
+
+
+def make_socket(path):
+  s = socket.socket(socket.AF_UNIX)
+  s.bind(str(path))
+  s.close()   # the socket file stays
+  return path
+
+
+NOT_FILES = {   # how to make a path that is no regular file, and what the error calls it
+    "directory": (lambda p: p.mkdir(), "is a directory, not a regular file"),
+    "fifo": (make_fifo, "is a FIFO (named pipe), not a regular file"),
+    "socket": (make_socket, "is a socket, not a regular file"),
+    "broken_symlink": (lambda p: p.symlink_to(p.parent / "gone"), "is a broken symbolic link"),
+}
+
+
+def run_with_timeout(fn, seconds=20):
+  """fn() in a thread; fails the test if it blocks (a FIFO opened for reading waits for a
+  writer forever)."""
+  with futures.ThreadPoolExecutor(1) as pool:
+    job = pool.submit(fn)
+    try:
+      return job.result(timeout=seconds)
+    except futures.TimeoutError:
+      # unblock it: a writer lets a waiting open() on a FIFO return
+      for path in getattr(fn, "fifos", ()):
+        os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+      pytest.fail(f"blocked for {seconds} s")
+
+
+@pytest.mark.parametrize("kind", sorted(NOT_FILES))
+def test_text_path_that_is_no_regular_file(tmp_path, kind):
+  """text:PATH on a directory, FIFO, socket or broken link: an error naming the path and what
+  it is, never a hang on the FIFO."""
+  make, words = NOT_FILES[kind]
+  path = tmp_path / "corpus.txt"
+  make(path)
+  load = lambda: data.load(f"text:{path}", seq_len=8)
+  load.fifos = [path] if kind == "fifo" else []
+  with pytest.raises(data.DataError) as e:
+    run_with_timeout(load)
+  assert str(e.value).startswith(f"text file {path} {words}"), str(e.value)
+
+
 @pytest.mark.parametrize("spec,kind,unit", [
     ("pydoc", "text", "bits_per_byte"),
     ("text:{tmp}/t.txt", "text", "bits_per_byte"),
@@ -160,17 +212,20 @@ def test_tfds_cifar10_mocked():
     data.load("tfds:cifar10", seq_len=1024)
 
 
-@pytest.mark.parametrize("missing", [False, True])
+@pytest.mark.parametrize("missing", [False, True, "file"])
 def test_tfds_not_found_in_given_dir(tmp_path, missing):
   """A --data_dir was given: the message says the data is not in that folder and how
   to build it elsewhere into a folder to copy there; it does not suggest --data_dir."""
   given = str(tmp_path / "missing" if missing else tmp_path)
+  if missing == "file":
+    (tmp_path / "missing").write_bytes(b"")
   with pytest.raises(data.DataError) as e:
     data.load("tfds:cifar10", seq_len=None, data_dir=given)
   message = str(e.value)
   assert "\n" not in message
   assert f"cifar10 not found in the given data dir {given} (" in message
-  assert ("no such folder" if missing else "no prepared cifar10/ in it") in message
+  assert {False: "no prepared cifar10/ in it", True: "no such folder",
+          "file": "it is a file, not a folder"}[missing] in message
   assert "network access run `tfds build cifar10 --data_dir=DIR`" in message
   assert f"copy DIR/cifar10 into {given}" in message
   assert "pass --data_dir" not in message and "download_and_prepare" not in message
@@ -254,6 +309,42 @@ def test_wav_errors(tmp_path):
   write_wav(tmp_path / "b.wav", np.zeros((100, 1)), rate=16000)
   with pytest.raises(data.DataError, match="different sample rates"):
     data.load(f"wav:{tmp_path}", seq_len=8)
+
+
+@pytest.mark.parametrize("kind", sorted(NOT_FILES))
+def test_wav_entry_that_is_no_regular_file(tmp_path, kind):
+  """A *.wav entry that is a directory, FIFO, socket or broken link beside a good file: an
+  error naming it, before it is opened (the FIFO would block)."""
+  make, words = NOT_FILES[kind]
+  write_wav(tmp_path / "a.wav", np.zeros((2000, 1)))
+  path = tmp_path / "b.wav"
+  make(path)
+  load = lambda: data.load(f"wav:{tmp_path}", seq_len=8)
+  load.fifos = [path] if kind == "fifo" else []
+  with pytest.raises(data.DataError) as e:
+    run_with_timeout(load)
+  assert str(e.value).startswith(f"WAV file {path} {words}"), str(e.value)
+
+
+@pytest.mark.parametrize("contents,reason", [
+    (bytes(range(255, 127, -1)) * 4, "not a WAV file (its first bytes are not a RIFF/WAVE"),
+    (b"RIFF\0\0\0\0WAVE\xff\xfe\xfd\xfc" + b"\x80" * 64,   # TF quotes the bytes: not UTF-8
+     "(16-bit PCM WAV expected): Unexpected field \\xff\\xfe\\xfd\\xfc"),
+    (b"RIFF\0\0\0\0WAVE", "(16-bit PCM WAV expected): Data too short"),
+], ids=["random_bytes", "bytes_quoted_in_tf_message", "truncated"])
+def test_wav_undecodable_bytes_name_the_file(tmp_path, contents, reason):
+  path = tmp_path / "noise.wav"
+  path.write_bytes(contents)
+  with pytest.raises(data.DataError) as e:
+    data.load(f"wav:{tmp_path}", seq_len=8)
+  assert str(e.value).startswith(f"cannot decode {path}"), str(e.value)
+  assert reason in str(e.value) and "\n" not in str(e.value) and "{{" not in str(e.value)
+
+
+def test_wav_dir_that_is_a_file(tmp_path):
+  (tmp_path / "a.wav").write_bytes(b"x")
+  with pytest.raises(data.DataError, match="needs a folder of WAV files: .*a.wav is not a folder"):
+    data.load(f"wav:{tmp_path / 'a.wav'}", seq_len=8)
 
 
 # --------------------------------------------------------------------- batching
