@@ -83,6 +83,7 @@ import argparse
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -516,19 +517,52 @@ def predict(loaded, inputs, signature: str = "serving_default") -> dict:
 
 
 # --- REST bodies -------------------------------------------------------------------
+# The deepest a predict body nests arrays and objects: {"inputs": {"tokens": [[...]]}}
+# or {"instances": [{"tokens": [...]}]}.
+MAX_BODY_DEPTH = 4
+
+
+def _json_depth(text) -> int:
+  """How deep JSON `text` (str or UTF-8 bytes) nests arrays and objects, counted in one
+  pass without recursion (json.loads recurses per level and fails near 1,000 levels)."""
+  if isinstance(text, str):
+    text = text.encode("utf-8", "surrogatepass")
+  bare = re.sub(rb'"[^"\\]*(?:\\.[^"\\]*)*"', b'""', text)   # strings may hold brackets
+  step = np.zeros(256, np.int64)                                     # by byte value
+  step[list(b"[{")], step[list(b"]}")] = 1, -1
+  return int(np.cumsum(step[np.frombuffer(bare, np.uint8)]).max(initial=0))
+
+
+def _brief(value) -> str:
+  """`value` for an error message: short, and never the repr of a (deep) container."""
+  if isinstance(value, (list, tuple, dict)):
+    return f"a {type(value).__name__} of {len(value)}"
+  text = repr(value)
+  return text if len(text) <= 40 else text[:37] + "..."
+
+
 def _int_row(row, i: int) -> list:
   """Row `i` of a body as a list of Python ints, or a ValueError."""
   if not isinstance(row, (list, tuple)):
     raise ValueError(f"row {i} must be a list of integer tokens, got {type(row).__name__}.")
   for v in row:
+    if isinstance(v, (list, tuple, dict)):
+      raise ValueError(f"tokens must be integers, got {_brief(v)} in row {i}: prompts are "
+                       f"nested deeper than [batch, tokens].")
     if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
-      raise ValueError(f"tokens must be integers, got {v!r} ({type(v).__name__}) in row {i}.")
+      raise ValueError(f"tokens must be integers, got {_brief(v)} ({type(v).__name__}) in "
+                       f"row {i}.")
   return [int(v) for v in row]
 
 
 def _rest_fields(body) -> tuple:
   """(rows, lengths or None) from the row or columnar form of a REST body."""
   if isinstance(body, (str, bytes)):
+    depth = _json_depth(body)
+    if depth > MAX_BODY_DEPTH:
+      raise ValueError(f"the body nests arrays and objects {depth} levels deep; a predict "
+                       f"body nests at most {MAX_BODY_DEPTH} "
+                       f'({{"inputs": {{"tokens": [[...]]}}}}): prompts are [batch, tokens].')
     body = json.loads(body)
   if not isinstance(body, dict) or len({"instances", "inputs"} & set(body)) != 1:
     raise ValueError("a predict request needs exactly one of 'instances' (row format) or "
@@ -551,7 +585,7 @@ def _rest_fields(body) -> tuple:
     return inputs, None
   if set(inputs) not in allowed:
     raise ValueError(f"'inputs' must hold 'tokens' (and optionally 'lengths'), got "
-                     f"{sorted(inputs)}.")
+                     f"{sorted(map(str, inputs))}.")
   return inputs["tokens"], inputs.get("lengths")
 
 
@@ -574,9 +608,11 @@ def rest_to_inputs(body, seq_len: Optional[int] = None,
 
   Raises:
     ValueError: for a body that is not one of those forms, an empty body or
-      row, non-integer tokens, tokens outside `[0, vocab_size)` (or int32), a
-      row longer than `seq_len`, or lengths that are not integers in
-      `[1, len(row)]`, one per row.
+      row, non-integer tokens (booleans included), prompts nested deeper than
+      `[batch, tokens]` (a JSON body is measured before it is parsed, without
+      recursion), tokens outside `[0, vocab_size)` (or int32), a row longer
+      than `seq_len`, or lengths that are not integers in `[1, len(row)]`, one
+      per row.
   """
   rows, lengths = _rest_fields(body)
   if not isinstance(rows, list) or not rows:
@@ -592,14 +628,14 @@ def rest_to_inputs(body, seq_len: Optional[int] = None,
     lengths = [len(r) for r in rows]
   if not isinstance(lengths, list) or len(lengths) != len(rows):
     raise ValueError(f"lengths must be a list of one length per row ({len(rows)}), got "
-                     f"{lengths!r}.")
+                     f"{_brief(lengths)}.")
   high = np.iinfo(np.int32).max if vocab_size is None else vocab_size - 1
   tokens = np.zeros((len(rows), max(len(r) for r in rows)), np.int32)   # (B, L)
   for i, (n, r) in enumerate(zip(lengths, rows)):
     if isinstance(n, (bool, np.bool_)) or not isinstance(n, (int, np.integer)) or \
         not 1 <= n <= len(r):
       raise ValueError(f"lengths[{i}] must be an integer in [1, {len(r)}] (the length of row "
-                       f"{i}), got {n!r}.")
+                       f"{i}), got {_brief(n)}.")
     real = r[:n]                                  # the rest of the row is padding
     if min(real) < 0 or max(real) > high:
       raise ValueError(f"tokens must be in [0, {high}], got values in [{min(real)}, "

@@ -597,6 +597,16 @@ def _row(n=SEQ_LEN, value=1):
   return [value] * n
 
 
+def _nested(depth, inner=1):
+  """`inner` inside `depth` lists, built without recursion."""
+  for _ in range(depth):
+    inner = [inner]
+  return inner
+
+
+DEEP = 5000   # levels: past json.loads' recursion (~1,000) and repr's
+
+
 BAD_BODIES = {   # case -> (body, a word of the message)
     "both_keys": ({"instances": [_row()], "inputs": [_row()]}, "exactly one"),
     "neither_key": ({"tokens": [_row()]}, "exactly one"),
@@ -632,6 +642,23 @@ BAD_BODIES = {   # case -> (body, a word of the message)
     "lengths_count": ({"inputs": {"tokens": [_row(), _row()], "lengths": [3]}}, "one length"),
     "lengths_scalar": ({"inputs": {"tokens": [_row()], "lengths": 3}}, "one length"),
     "bad_json": ('{"instances": [[1, 2', "Expecting"),
+    "json_bool": ('{"instances": [[1, true, 2]]}', "tokens must be integers, got True (bool)"),
+    "json_length_bool": ('{"inputs": {"tokens": [[1, 2]], "lengths": [true]}}', "lengths[0]"),
+    # nesting deeper than [batch, tokens], measured without recursion
+    "deep_json": ('{"instances": ' + "[" * DEEP + "]" * DEEP + "}", f"{DEEP + 1} levels deep"),
+    "deep_json_bytes": (b'{"inputs": ' + b"[" * DEEP + b"1" + b"]" * DEEP + b"}",
+                        f"{DEEP + 1} levels deep"),
+    "deep_json_in_other_field": ('{"instances": [[1]], "x": ' + "[" * DEEP + "]" * DEEP + "}",
+                                 "levels deep"),
+    "json_one_level_too_deep": (json.dumps({"inputs": {"tokens": [[[1]]]}}), "5 levels deep"),
+    "deep_rows": ({"instances": _nested(DEEP)}, "nested deeper than [batch, tokens]"),
+    "deep_token": ({"inputs": [[1, _nested(DEEP)]]}, "nested deeper than [batch, tokens]"),
+    "deep_length": ({"inputs": {"tokens": [_row()], "lengths": [_nested(DEEP)]}},
+                    "lengths[0] must be an integer"),
+    "deep_lengths": ({"inputs": {"tokens": [_row(), _row()], "lengths": _nested(DEEP)}},
+                     "one length per row (2), got a list of 1"),
+    "deep_instance_length": ({"instances": [{"tokens": _row(), "lengths": _nested(DEEP)}]},
+                             "lengths[0] must be an integer"),
 }
 
 
