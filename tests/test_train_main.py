@@ -10,14 +10,17 @@
 * Distribution: `mirrored` on 2 logical CPUs gives the loss of `default` at
   the same global batch; `multi_worker` (two local worker processes, the
   custom tf.distribute loop) trains: both workers finish, end with the same
-  weights, the chief writes one checkpoint at the last step and the outputs,
+  weights, the chief writes the checkpoints (the last two) and the outputs,
   and the losses are those of `default` at the same global batch.
 * Resume: an interrupted run continued with --resume ends exactly where an
   uninterrupted run ends, and its TensorBoard points continue at the global
   step; without --resume the run starts over; --resume with other model
   flags stops and names them; --resume without a checkpoint starts fresh.
-* Bad flags: exit status 2, one `train_main.py: error:` line naming the
-  problem, no traceback.
+* Bad flags and paths (an --output_dir that cannot be made, a wav: entry
+  that is no file, ...): exit status 2, one `train_main.py: error:` line
+  naming the problem, no traceback or hang, no output folder left behind.
+  These cases all run in one process, each in a child forked after the
+  import of train_main (`BAD_INPUTS_WRAPPER`), so they cost one import.
 
 Each run is a fresh process (strategies and logical devices are process-wide
 in TF). All runs that depend on no other run are queued when the module
@@ -97,6 +100,97 @@ BAD_FLAGS = {
                           ["cifar10", "not found in the given data dir {tmp}/empty_tfds",
                            "`tfds build cifar10 --data_dir=DIR`"]),
 }
+
+# Bad paths (issue 13): (extra flags, words the error line must contain). "{tmp}" is the
+# data folder (see `write_bad_inputs`), "{fresh}" a folder that does not exist, which
+# the run must not leave behind, "{ro}" a folder nobody can create folders in: a
+# chmod 0555 folder, or /sys when the tests run as root (root ignores the mode; sysfs
+# refuses mkdir to everyone). Without its own, a case's --output_dir is {fresh}/out.
+BAD_INPUTS = {
+    "output_dir_empty": (["--output_dir="], ["--output_dir is empty"]),
+    "output_dir_is_a_file": (["--output_dir={tmp}/a_file"],
+                             ["--output_dir={tmp}/a_file is a file, not a folder"]),
+    "output_dir_under_a_file": (["--output_dir={tmp}/a_file/out"],
+                                ["--output_dir={tmp}/a_file/out is under {tmp}/a_file, which "
+                                 "is a file"]),
+    "output_dir_read_only": (["--output_dir={ro}/train_main_test/out"],
+                             ["--output_dir={ro}/train_main_test/out: cannot write in {ro} ("]),
+    "output_dir_not_utf8": (["--output_dir={fresh}/out\udcff"],
+                            ["--output_dir=b'{fresh}/out\\xff' is not UTF-8"]),
+    "export_dir_under_a_file": (["--export_dir={tmp}/a_file/exports"],
+                                ["--export_dir={tmp}/a_file/exports is under {tmp}/a_file"]),
+    "export_dir_read_only": (["--export_dir={ro}/train_main_test/exports"],
+                             ["--export_dir={ro}/train_main_test/exports: cannot write in {ro}"]),
+    "wav_entry_is_a_directory": (["--dataset=wav:{tmp}/wav_dir_entry"],
+                                 ["WAV file {tmp}/wav_dir_entry/b.wav is a directory"]),
+    "wav_entry_is_a_broken_link": (["--dataset=wav:{tmp}/wav_broken_link"],
+                                   ["WAV file {tmp}/wav_broken_link/b.wav is a broken symbolic "
+                                    "link"]),
+    "wav_entry_is_a_fifo": (["--dataset=wav:{tmp}/wav_fifo"],   # used to hang
+                            ["WAV file {tmp}/wav_fifo/b.wav is a FIFO"]),
+    "wav_random_bytes": (["--dataset=wav:{tmp}/wav_noise"],
+                         ["cannot decode {tmp}/wav_noise/b.wav: not a WAV file"]),
+    "text_is_a_directory": (["--dataset=text:{tmp}"], ["text file {tmp} is a directory"]),
+    # fails after the output folder is made (the pattern is built after it)
+    "fails_after_making_output_dir": (["--output_dir={fresh}/a/out", "--summary=32"],
+                                      ["summary * head_groups (32 * 1) must be <= stride (16)"]),
+}
+
+BAD_INPUTS_WRAPPER = '''\
+"""Runs train_main once per case, each in a child forked from this process after it has
+imported train_main (TensorFlow's import is most of the time of a run that fails early).
+
+argv: REPO_ROOT CASES_JSON --output_dir=DIR (from Jobs). CASES_JSON holds {case: args};
+case's stdout and stderr go to DIR/<case>.stdout and .stderr, the exit statuses to
+DIR/status.json (None: killed after 60 s, e.g. blocked)."""
+import json, os, signal, sys, time, traceback
+sys.path.insert(0, sys.argv[1])
+from absl import app
+import train_main
+
+def run_case(args, base):
+  for fd, suffix in ((1, "stdout"), (2, "stderr")):
+    f = os.open(f"{base}.{suffix}", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.dup2(f, fd)
+    os.close(f)
+  try:
+    app.run(train_main.main, argv=["train_main.py"] + args)
+    code = 0
+  except SystemExit as e:
+    code = e.code if isinstance(e.code, int) else int(e.code is not None)
+  except BaseException:
+    traceback.print_exc()
+    code = 1
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(code)
+
+with open(sys.argv[2]) as f:
+  cases = json.load(f)
+out = sys.argv[3].split("=", 1)[1]
+os.makedirs(out, exist_ok=True)
+status = {}
+for case, args in cases.items():
+  sys.stdout.flush()
+  sys.stderr.flush()
+  pid = os.fork()
+  if pid == 0:
+    run_case(args, os.path.join(out, case))
+  deadline = time.monotonic() + 60
+  while True:
+    done, wait_status = os.waitpid(pid, os.WNOHANG)
+    if done:
+      status[case] = os.waitstatus_to_exitcode(wait_status)
+      break
+    if time.monotonic() > deadline:
+      os.kill(pid, signal.SIGKILL)
+      os.waitpid(pid, 0)
+      status[case] = None
+      break
+    time.sleep(0.02)
+with open(os.path.join(out, "status.json"), "w") as f:
+  json.dump(status, f)
+'''
 
 
 # ---------------------------------------------------------------------------
@@ -334,14 +428,54 @@ def multi_worker_pair(out_dir):
           for i in range(2)]
 
 
+def bad_input_paths(jobs, case):
+  """The values of BAD_INPUTS' "{tmp}", "{fresh}" and "{ro}" for `case`."""
+  ro = "/sys" if os.geteuid() == 0 else os.path.join(jobs.data, "read_only")
+  return {"tmp": jobs.data, "fresh": os.path.join(jobs.base, "fresh", case), "ro": ro}
+
+
+def write_bad_inputs(jobs, data):
+  """The files BAD_INPUTS reads, the arguments of BAD_FLAGS' (as bad_<case>, --output_dir
+  `jobs.dir(bad_<case>)`) and BAD_INPUTS' cases in bad_inputs.json, and the script that
+  runs them all (`BAD_INPUTS_WRAPPER`)."""
+  with open(os.path.join(data, "a_file"), "w") as f:
+    f.write("a file where a folder is expected\n")
+  def write_noise(path):
+    with open(path, "wb") as f:
+      f.write(bytes(range(255, 0, -1)))   # TF's decode error quotes the first bytes: not UTF-8
+
+  good = os.path.join(data, "wav8k", "tone0.wav")
+  for folder, make_b in [("wav_dir_entry", os.mkdir),
+                         ("wav_broken_link", lambda p: os.symlink(p + ".gone", p)),
+                         ("wav_fifo", os.mkfifo), ("wav_noise", write_noise)]:
+    os.makedirs(os.path.join(data, folder))
+    shutil.copy(good, os.path.join(data, folder, "a.wav"))   # a good file first
+    make_b(os.path.join(data, folder, "b.wav"))
+  if os.geteuid() != 0:
+    os.makedirs(os.path.join(data, "read_only"), mode=0o555)
+  os.makedirs(os.path.join(jobs.base, "fresh"))
+  cases = {f"bad_{case}": TINY + ["--steps=1", "--steps_per_epoch=1",
+                                  f"--output_dir={jobs.dir(f'bad_{case}')}"] +
+           [a.format(tmp=data) for a in extra] for case, (extra, _) in BAD_FLAGS.items()}
+  for case, (extra, _) in BAD_INPUTS.items():
+    paths = bad_input_paths(jobs, case)
+    args = TINY + ["--steps=1", "--steps_per_epoch=1"] + [a.format(**paths) for a in extra]
+    if not any(a.startswith("--output_dir=") for a in args):
+      args.append(f"--output_dir={paths['fresh']}/out")
+    cases[case] = args
+  with open(os.path.join(data, "bad_inputs.json"), "w") as f:
+    json.dump(cases, f)
+  with open(os.path.join(data, "run_bad_inputs.py"), "w") as f:
+    f.write(BAD_INPUTS_WRAPPER)
+
+
 def submit_background_jobs(jobs, data, selected):
   """Queues the runs of the selected tests that depend on no other run, in test order,
   spread over the two lanes."""
   cifar = TINY + ["--dataset=tfds:cifar10", "--seq_len=3072", "--steps=2", "--steps_per_epoch=1",
                   "--num_layers=1", "--d_model=16", "--batch_size=2", "--block_size=64",
                   "--stride=128", "--summary=32", f"--data_dir={data}/no_tfds_data"]
-  bad = [(f"bad_{name}", TINY + ["--steps=1", "--steps_per_epoch=1"] +
-          [a.format(tmp=data) for a in extra], "b") for name, (extra, _) in BAD_FLAGS.items()]
+  bad = [("bad_inputs", [f"{data}/bad_inputs.json"], "b", f"{data}/run_bad_inputs.py")]
   runs = {  # test: [(run name, args, lane[, script])]
       "test_pydoc": [("pydoc", TINY + LEARN + ["--dataset=pydoc"], "a")],
       "test_text_file": [("text", TINY + LEARN + [f"--dataset=text:{data}/corpus.txt"], "a")],
@@ -364,8 +498,11 @@ def submit_background_jobs(jobs, data, selected):
                                               "a")],
       "test_multi_worker": [("multi_worker_reference", MULTI_WORKER + ["--strategy=default"],
                              "b")],
-      "test_bad_flags": bad,
+      "test_bad_flags": bad,   # one process runs both tests' cases
+      "test_bad_inputs": bad,
   }
+  if {"test_bad_flags", "test_bad_inputs"} & selected:
+    write_bad_inputs(jobs, data)
   for test, test_runs in runs.items():
     if test in selected:
       for name, args, lane, *script in test_runs:
@@ -697,8 +834,12 @@ def file_contents(folder):
 def check_usage_error(jobs, name, words):
   """The run stopped with exit 2 and one `train_main.py: error:` line holding `words`,
   no traceback, before training; returns the line."""
-  rc, out, err = jobs.result(name)
-  assert rc == 2, describe(jobs.args[name], rc, out, err)
+  return check_error_output(jobs.args[name], *jobs.result(name), words)
+
+
+def check_error_output(args, rc, out, err, words):
+  """`check_usage_error` of a run's `args`, returncode, stdout and stderr."""
+  assert rc == 2, describe(args, rc, out, err)
   assert "Traceback" not in err and "Traceback" not in out, err
   lines = [l for l in err.splitlines() if l.startswith("train_main.py: error:")]
   assert len(lines) == 1, err
@@ -745,10 +886,38 @@ def test_resume_without_checkpoint_starts_fresh(jobs):
 
 
 # ---------------------------------------------------------------------------
-# 5. Bad flags: one clear line, exit 2, no traceback
+# 5. Bad flags and paths: one clear line, exit 2, no traceback, no folder left behind
+
+
+def bad_input_run(jobs, case):
+  """(args, returncode, stdout, stderr) of a case run by `BAD_INPUTS_WRAPPER`."""
+  jobs.ok("bad_inputs")
+  results = jobs.dir("bad_inputs")
+  with open(os.path.join(results, "status.json")) as f:
+    rc = json.load(f)[case]
+  with open(os.path.join(results, f"{case}.stdout"), errors="replace") as f:
+    out = f.read()
+  with open(os.path.join(results, f"{case}.stderr"), errors="backslashreplace") as f:
+    err = f.read()
+  with open(os.path.join(jobs.data, "bad_inputs.json")) as f:
+    args = json.load(f)[case]
+  return args, rc, out, err
 
 
 @pytest.mark.parametrize("case", sorted(BAD_FLAGS))
 def test_bad_flags(jobs, case):
-  check_usage_error(jobs, f"bad_{case}", [w.format(tmp=jobs.data) for w in BAD_FLAGS[case][1]])
+  check_error_output(*bad_input_run(jobs, f"bad_{case}"),
+                     [w.format(tmp=jobs.data) for w in BAD_FLAGS[case][1]])
   assert not os.path.exists(os.path.join(jobs.dir(f"bad_{case}"), "metrics.json"))
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_inputs(jobs, case):
+  """A bad path stops the run before training with exit 2 and one line naming it, and no
+  traceback or hang, and leaves no folder behind (each case is run by `BAD_INPUTS_WRAPPER`)."""
+  args, rc, out, err = bad_input_run(jobs, case)
+  paths = bad_input_paths(jobs, case)
+  line = check_error_output(args, rc, out, err, [w.format(**paths) for w in BAD_INPUTS[case][1]])
+  assert err.splitlines() == [line], err   # the child's stderr: nothing but that line
+  assert not os.path.lexists(paths["fresh"]), os.listdir(paths["fresh"])
+  assert not os.path.lexists(os.path.join(paths["ro"], "train_main_test"))
