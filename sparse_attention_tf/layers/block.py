@@ -51,6 +51,11 @@ class SparseTransformerBlock(keras.layers.Layer):
       reproduced exactly.
     layer_norm_epsilon: epsilon of the layer norms.
     implementation: attention implementation (see `sparse_attention`).
+    seed: initial seed of the dropout masks (default: drawn from Python's
+      `random`, which `keras.utils.set_random_seed` seeds). The masks come
+      from a `keras.random.SeedGenerator` whose state advances once per
+      training call; `sparse_attention_tf.checkpointing.RunCheckpoint` saves
+      that state, so a resumed run draws the masks the uninterrupted run would.
     **kwargs: base layer arguments.
 
   Call arguments:
@@ -83,9 +88,11 @@ class SparseTransformerBlock(keras.layers.Layer):
   def __init__(self, num_heads: int, pattern, num_layers: int = 1, key_dim=None,
                ffn_multiplier: int = 4, dropout: float = 0.0, block_size: int = 32,
                recompute: bool = False, layer_norm_epsilon: float = 1e-5,
-               implementation: str = "auto", **kwargs):
+               implementation: str = "auto", seed=None, **kwargs):
     super().__init__(**kwargs)
     self.supports_masking = True
+    self.seed = None if seed is None else int(seed)
+    self.seed_generator = keras.random.SeedGenerator(self.seed, name="dropout_seed")
     self.num_heads = int(num_heads)
     self.pattern = patterns_lib.deserialize(pattern)
     self.num_layers = int(num_layers)
@@ -147,7 +154,11 @@ class SparseTransformerBlock(keras.layers.Layer):
     if key_padding_mask is None:
       key_padding_mask = mask                   # Keras passes the mask of `inputs` here
     rate = self.dropout if training else 0.0
-    seeds = tf.random.uniform([2, 2], maxval=2**31 - 1, dtype=tf.int32)  # one per branch
+    if rate > 0.0:   # a stateless seed per branch, from the checkpointed generator state
+      seeds = keras.random.randint([2, 2], 0, 2**31 - 1, dtype="int32",
+                                   seed=self.seed_generator)
+    else:
+      seeds = tf.zeros([2, 2], tf.int32)                                  # unused
     kp = key_padding_mask
 
     def attention_branch(x, seed):
@@ -200,5 +211,6 @@ class SparseTransformerBlock(keras.layers.Layer):
         "recompute": self.recompute,
         "layer_norm_epsilon": self.layer_norm_epsilon,
         "implementation": self.implementation,
+        "seed": self.seed,
     })
     return config
