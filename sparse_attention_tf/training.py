@@ -13,8 +13,8 @@ Both loops read one `TrainConfig` and return the same summary (`history`,
 from its flags.
 
 * `fit` (the `default` and `MirroredStrategy` strategies) is Keras
-  `Model.fit` with `BackupAndRestore` (weights, optimizer state and epoch,
-  after every epoch) and Keras's TensorBoard callback.
+  `Model.fit` with a checkpoint after every epoch (and every
+  `save_every_steps` steps) and Keras's TensorBoard callback.
 * `distributed_fit` (`MultiWorkerMirroredStrategy`): Keras 3.15's `fit` fails
   there (keras-team/keras#20585: its symbolic build reduces a *tuple* of
   `PerReplica` batches, which the collective cross-device ops cannot
@@ -29,17 +29,26 @@ from its flags.
   replica's gradient by global norm, sums the gradients of all replicas of
   all workers (a collective all-reduce) and applies AdamW with the schedule
   (and, under mixed_float16, the `LossScaleOptimizer`'s dynamic loss
-  scaling). Checkpoints (`tf.train.CheckpointManager`: model, optimizer, step
-  counter) are saved after every epoch by every worker: the chief into
-  `backup_dir`, the others into temporary folders they delete again (the
-  usual multi-worker pattern). `resume` restores the chief's checkpoint on
-  every worker, so `backup_dir` must be on a file system all workers see.
+  scaling). Every worker saves the checkpoints (saving is collective-safe
+  that way): the chief into `backup_dir`, the others into temporary folders
+  they delete again (the usual multi-worker pattern). `resume` restores the
+  chief's checkpoint on every worker, so `backup_dir` must be on a file
+  system all workers see.
 
-A resumed run (`resume=True`) restores the checkpoint in `backup_dir` and
-skips the batches already trained on, so it continues at the same step and
-data position; a run that is not resumed replaces the checkpoint. The two
-loops write different checkpoint formats (`find_checkpoint` tells which) and
-cannot resume each other's.
+Checkpoints (`checkpointing.RunCheckpoint`, the same format for both loops,
+so a run may resume under another strategy): model, optimizer, global step
+and the dropout RNG state, after every epoch and every `save_every_steps`
+steps; written crash-safe, the newest two kept, a damaged newest one skipped
+for the previous one on resume. A resumed run (`resume=True`) restores the
+checkpoint in `backup_dir` and skips the batches already trained on, so it
+continues at the same step, data position and dropout masks, also from a
+checkpoint taken mid-epoch; a run that is not resumed replaces the
+checkpoint.
+
+Preemption and lost workers (`checkpointing`): a SIGTERM saves a checkpoint
+(under multi_worker, all workers at the same step) and raises `Preempted`;
+a peer worker that stops answering raises `PeerLost`. Both are
+`checkpointing.Interrupted`: restart with `resume=True`.
 
 TensorBoard (the chief, in `log_dir`): `train/` and `validation/` hold
 `epoch_loss` and `epoch_<unit>` after every epoch (step: the epoch index;
@@ -63,12 +72,13 @@ from typing import Callable, Optional
 import keras
 import tensorflow as tf
 
+from sparse_attention_tf import checkpointing
+from sparse_attention_tf.checkpointing import (METADATA, Interrupted, PeerLost, Preempted,
+                                               RunCheckpoint, find_checkpoint)
 from sparse_attention_tf.metrics import BitsPerToken
 
 SUM = tf.distribute.ReduceOp.SUM
 MEAN = tf.distribute.ReduceOp.MEAN
-METADATA = "training_metadata.json"   # {"epoch": epochs done, ...}; both loops write it
-KERAS_BACKUP_FILES = ("latest.weights.h5", METADATA)   # what BackupAndRestore writes (+ .bkp)
 
 
 @dataclasses.dataclass
@@ -89,6 +99,7 @@ class TrainConfig:
   steps_per_epoch: int = 200         # a validation and a checkpoint every 200 steps
   validation_steps: int = 10         # 160 sequences: a stable estimate in seconds
   stop_after_epochs: Optional[int] = None  # end early as if interrupted (tests of resume)
+  save_every_steps: Optional[int] = None   # also checkpoint every N steps (None: per epoch)
   verbose: int = 1                   # Keras progress bars; the custom loop: a line per epoch
   # --- checkpoints and logs
   backup_dir: Optional[str] = None   # the checkpoint's folder (None: no checkpoints)
@@ -102,6 +113,8 @@ class TrainConfig:
                  "log_every_steps"):
       if getattr(self, name) < 1:
         raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
+    if self.save_every_steps is not None and self.save_every_steps < 1:
+      raise ValueError(f"save_every_steps must be >= 1, got {self.save_every_steps}.")
     if self.warmup_steps < 0:
       raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}.")
     if self.resume and not self.backup_dir:
@@ -139,36 +152,29 @@ def compile_model(model: keras.Model, config: TrainConfig) -> None:
                 metrics=[BitsPerToken(name=config.unit)])
 
 
-def find_checkpoint(backup_dir: Optional[str]) -> Optional[str]:
-  """Which loop wrote the checkpoint in `backup_dir`: "fit", "distributed_fit" or None."""
-  if not backup_dir or not os.path.isdir(backup_dir):
-    return None
-  if tf.train.latest_checkpoint(backup_dir):
-    return "distributed_fit"
-  if os.path.exists(os.path.join(backup_dir, KERAS_BACKUP_FILES[0])):
-    return "fit"
-  return None
+def _restore(model: keras.Model, config: TrainConfig, directory: Optional[str],
+             print_fn: Callable) -> RunCheckpoint:
+  """The run's checkpoint object, restored from `config.backup_dir` when resuming (the
+  newest loadable checkpoint); a run that does not resume removes the old one.
+  `directory` is where this process saves (None: it does not)."""
+  optimizer = model.optimizer
+  if not optimizer.built:     # before restoring: no deferred restoration
+    with model.distribute_strategy.scope():
+      optimizer.build(model.trainable_variables)
+  resuming = config.resume and find_checkpoint(config.backup_dir)
+  if directory and not resuming:
+    checkpointing.remove_checkpoints(directory)
+  if directory:
+    os.makedirs(directory, exist_ok=True)
+  checkpoint = RunCheckpoint(model, optimizer, directory)   # after the removal: its list
+  if resuming:
+    checkpoint.restore(config.backup_dir, print_fn)
+  return checkpoint
 
 
-def _check_resumable(config: TrainConfig, loop: str) -> Optional[str]:
-  """The checkpoint `loop` restores (None: none, start fresh); raises if the other loop
-  wrote it."""
-  found = find_checkpoint(config.backup_dir) if config.resume else None
-  if found not in (None, loop):
-    raise ValueError(f"the checkpoint in {config.backup_dir} was written by {found}, which "
-                     f"{loop} cannot restore (fit: the default and mirrored strategies; "
-                     f"distributed_fit: multi_worker).")
-  return found
-
-
-def _remove_checkpoint(backup_dir: str) -> None:
-  """Deletes both loops' checkpoint files in `backup_dir` (a run that starts over)."""
-  if not os.path.isdir(backup_dir):
-    return
-  for name in os.listdir(backup_dir):
-    if (name.startswith(KERAS_BACKUP_FILES) or name == "checkpoint" or
-        name.startswith("ckpt-")):
-      os.remove(os.path.join(backup_dir, name))
+def _write_metadata(config: TrainConfig, step: int) -> None:
+  checkpointing.write_json_atomically(os.path.join(config.backup_dir, METADATA),
+                                      {"epoch": step // config.steps_per_epoch, "step": step})
 
 
 def _learning_rate(optimizer) -> float:
@@ -209,37 +215,58 @@ class _StepScalars:
 
 
 class _FitControl(keras.callbacks.Callback):
-  """Step bookkeeping inside `fit`: per-step TensorBoard points, the learning rate in
-  the epoch logs, and the end of training at `steps` or after `stop_after_epochs`.
+  """Step bookkeeping inside `fit`: checkpoints (after every epoch and every
+  `save_every_steps` steps), SIGTERM (a checkpoint, then `Preempted`),
+  per-step TensorBoard points, the learning rate in the epoch logs, and the
+  end of training at `steps` or after `stop_after_epochs`.
 
-  Keras's batch logs hold the running means of the epoch so far, so the sum of
-  the first k steps of an epoch is k times the mean after step k: the mean of
-  the steps since the previous point is a difference of two such sums. The
-  global step is `epoch * steps_per_epoch + batch + 1` (a resumed `fit` starts
-  at the restored epoch), so points continue across a resume.
+  The global step is the optimizer's iteration count at the start of the
+  epoch plus the batches since (a resumed `fit` may start mid-epoch), so
+  checkpoints and points continue across a resume. Keras's batch logs hold
+  the running means of the epoch so far, so the sum of the first k steps of
+  an epoch is k times the mean after step k: the mean of the steps since the
+  previous point is a difference of two such sums.
   """
 
-  def __init__(self, config: TrainConfig):
+  def __init__(self, config: TrainConfig, checkpoint: RunCheckpoint,
+               preemption: Optional[checkpointing.PreemptionWatch]):
     super().__init__()
     self.config = config
+    self.checkpoint = checkpoint
+    self.preemption = preemption
     self.scalars = _StepScalars(config.log_dir, config.unit) if config.log_dir else None
     self.epochs_left = config.stop_after_epochs
-    self.epoch = 0
+    self.stopped = False                # stop_after_epochs or steps reached: no more fit calls
+    self.epoch_start = 0                # global step at the start of this epoch
+    self.step = 0                       # global steps done
+    self.saved = -1                     # the step of the last checkpoint
     self.counted = (0.0, 0.0, 0)        # (loss sum, unit sum, steps) of this epoch, written
 
+  def save(self) -> int:
+    if self.saved != self.step:
+      self.checkpoint.save(self.step)
+      if self.checkpoint.directory:
+        _write_metadata(self.config, self.step)
+      self.saved = self.step
+    return self.step
+
   def on_epoch_begin(self, epoch, logs=None):
-    self.epoch = epoch
+    self.epoch_start = self.step = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
     self.counted = (0.0, 0.0, 0)
 
   def on_train_batch_end(self, batch, logs=None):
     config = self.config
-    step = self.epoch * config.steps_per_epoch + batch + 1
+    step = self.step = self.epoch_start + batch + 1
     if step >= config.steps:
-      self.model.stop_training = True     # a shorter last epoch ends at `steps`
-    last_of_epoch = batch + 1 == config.steps_per_epoch or step >= config.steps
+      self.model.stop_training = self.stopped = True    # a shorter last epoch ends at `steps`
+    if config.save_every_steps and step % config.save_every_steps == 0:
+      self.save()
+    if self.preemption is not None:
+      self.preemption.check()           # after a SIGTERM: save, raise Preempted
+    last_of_epoch = step % config.steps_per_epoch == 0 or step >= config.steps
     if self.scalars is None or not (step % config.log_every_steps == 0 or last_of_epoch):
       return
-    k = batch + 1                              # steps of this epoch so far
+    k = batch + 1                              # steps of this fit epoch so far
     loss_sum, unit_sum = k * float(logs["loss"]), k * float(logs[config.unit])
     done_loss, done_unit, done = self.counted
     self.scalars.add(loss_sum - done_loss, unit_sum - done_unit, k - done)
@@ -250,18 +277,19 @@ class _FitControl(keras.callbacks.Callback):
   def on_epoch_end(self, epoch, logs=None):
     if logs is not None:
       logs["learning_rate"] = _learning_rate(self.model.optimizer)
+    self.save()
     if self.epochs_left is not None:
       self.epochs_left -= 1
       if self.epochs_left <= 0:
-        self.model.stop_training = True
+        self.model.stop_training = self.stopped = True
 
-  def on_train_end(self, logs=None):
+  def close(self):
     if self.scalars is not None:
       self.scalars.close()
 
 
 def fit(model: keras.Model, train_ds: tf.data.Dataset, val_ds: tf.data.Dataset,
-        config: TrainConfig) -> dict:
+        config: TrainConfig, print_fn: Callable = print) -> dict:
   """Trains a compiled `model` with Keras `fit` (default or mirrored strategy).
 
   Args:
@@ -271,36 +299,52 @@ def fit(model: keras.Model, train_ds: tf.data.Dataset, val_ds: tf.data.Dataset,
       resumed run skips the steps already done.
     val_ds: validation batches `(x, y)`, at least `config.validation_steps`.
     config: the run (`verbose` sets Keras's progress output).
+    print_fn: where a resume that skips a damaged checkpoint says so.
 
   Returns:
     dict: `history` (per-epoch lists: `loss`, the unit, `val_loss`,
     `val_<unit>`, `learning_rate`), `validation` (a final evaluation: `loss`
     and the unit), `steps_done`, `train_seconds`.
+
+  Raises:
+    checkpointing.Preempted: a SIGTERM arrived (a checkpoint was saved first).
   """
-  start_epoch = 0    # BackupAndRestore restores the epoch; skip the batches it trained on
-  if _check_resumable(config, "fit"):
-    metadata = os.path.join(config.backup_dir, METADATA)
-    if os.path.exists(metadata):
-      with open(metadata) as f:
-        start_epoch = int(json.load(f)["epoch"])
-  elif config.backup_dir:
-    _remove_checkpoint(config.backup_dir)
-  callbacks = []
-  if config.backup_dir:   # first: it restores the model before the others start
-    callbacks.append(keras.callbacks.BackupAndRestore(config.backup_dir, save_freq="epoch",
-                                                      delete_checkpoint=False))
-  callbacks.append(_FitControl(config))
+  checkpoint = _restore(model, config, config.backup_dir, print_fn)
+  start_step = int(keras.ops.convert_to_numpy(model.optimizer.iterations))
+  preemption = checkpointing.PreemptionWatch(None, lambda: control.save(), config.backup_dir)
+  control = _FitControl(config, checkpoint, preemption)
+  callbacks = [control]
   if config.log_dir:
     callbacks.append(keras.callbacks.TensorBoard(config.log_dir, update_freq="epoch"))
+  # Keras epochs have one length per `fit` call: a run resumed mid-epoch first
+  # finishes that epoch in a call of its own.
+  spe = config.steps_per_epoch
+  epoch, done_in_epoch = divmod(start_step, spe)
+  calls = []   # (initial_epoch, epochs, steps_per_epoch, first step)
+  if done_in_epoch and epoch < config.epochs:
+    calls.append((epoch, epoch + 1, spe - done_in_epoch, start_step))
+    epoch += 1
+  if epoch < config.epochs:
+    calls.append((epoch, config.epochs, spe, epoch * spe))
+  history = {}
   start = time.time()
-  history = model.fit(train_ds.skip(start_epoch * config.steps_per_epoch), epochs=config.epochs,
-                      steps_per_epoch=config.steps_per_epoch, validation_data=val_ds,
+  try:
+    for initial_epoch, epochs, steps_per_epoch, first in calls:
+      if control.stopped:
+        break
+      run = model.fit(train_ds.skip(first), initial_epoch=initial_epoch, epochs=epochs,
+                      steps_per_epoch=steps_per_epoch, validation_data=val_ds,
                       validation_steps=config.validation_steps, callbacks=callbacks,
                       verbose=config.verbose,
                       shuffle=False)   # the dataset is shuffled, deterministically
+      for name, values in run.history.items():
+        history.setdefault(name, []).extend(values)
+  finally:
+    preemption.close()
+    control.close()
   train_seconds = time.time() - start
   final = model.evaluate(val_ds, steps=config.validation_steps, return_dict=True, verbose=0)
-  return {"history": history.history, "validation": final,
+  return {"history": history, "validation": final,
           "steps_done": int(keras.ops.convert_to_numpy(model.optimizer.iterations)),
           "train_seconds": train_seconds}
 
@@ -370,31 +414,29 @@ def distributed_fit(strategy: tf.distribute.Strategy, model: keras.Model,
   unit = config.unit
   optimizer = model.optimizer
   variables = model.trainable_variables
-  with strategy.scope():
-    if not optimizer.built:
-      optimizer.build(variables)        # before restoring: no deferred restoration
-  step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
-  checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, step=step)
 
   write_dir, temporary = config.backup_dir, False
-  if not chief:
+  if not chief and config.backup_dir:
     task = strategy.cluster_resolver.task_id
     write_dir, temporary = tempfile.mkdtemp(prefix=f"train_worker{task}_backup_"), True
-  scalars, writers = None, {}
+  scalars, writers, preemption = None, {}, None
   try:
-    found = _check_resumable(config, "distributed_fit")
-    if chief and config.backup_dir:
-      if not found:
-        _remove_checkpoint(config.backup_dir)
-      os.makedirs(config.backup_dir, exist_ok=True)
-    manager = (tf.train.CheckpointManager(checkpoint, write_dir, max_to_keep=1)
-               if write_dir else None)
-    if found:
-      checkpoint.restore(tf.train.latest_checkpoint(config.backup_dir)
-                         ).assert_existing_objects_matched()
+    checkpoint = _restore(model, config, write_dir, print_fn if chief else lambda line: None)
+    step = checkpoint.step
     _check_same_step(strategy, step)
     start_step = int(step.numpy())
 
+    def save() -> int:
+      """A checkpoint of the current step (every worker: collective-safe)."""
+      done = int(step.numpy())
+      checkpoint.save(done)
+      if temporary:   # only the chief's is kept
+        checkpointing.remove_checkpoints(write_dir)
+      if chief and config.backup_dir:
+        _write_metadata(config, done)
+      return done
+
+    preemption = checkpointing.PreemptionWatch(strategy, save, config.backup_dir)
     loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None)
 
     def replica_train_step(x, y):
@@ -445,56 +487,60 @@ def distributed_fit(strategy: tf.distribute.Strategy, model: keras.Model,
     window, window_steps = tf.constant(0.0), 0    # losses since the last TensorBoard point
     epochs_run = 0
     start = time.time()
-    while int(step.numpy()) < config.steps:
-      first = int(step.numpy())
-      epoch = first // config.steps_per_epoch
-      count = min(config.steps_per_epoch, config.steps - first)
-      epoch_start = time.time()
-      total = tf.constant(0.0)
-      for i in range(count):
-        loss = train_step(iterator)
-        total += loss
-        step.assign_add(1)
-        if scalars is not None:
-          window, window_steps = window + loss, window_steps + 1
-          if (first + i + 1) % config.log_every_steps == 0:
-            nats = float(window)
-            scalars.add(nats, nats / math.log(2.0), window_steps)
-            scalars.write(first + i + 1, _learning_rate(optimizer))
-            window, window_steps = tf.constant(0.0), 0
-      loss = float(total) / count
-      seconds = time.time() - epoch_start
-      val = evaluate()
-      logs = {unit: loss / math.log(2.0), "loss": loss, f"val_{unit}": val[unit],
-              "val_loss": val["loss"], "learning_rate": _learning_rate(optimizer)}
-      for name, value in logs.items():
-        history[name].append(value)
-
-      if manager:
-        manager.save(checkpoint_number=step)     # every worker (collective-safe)
-      if temporary:
-        shutil.rmtree(write_dir, ignore_errors=True)
-      if chief:
-        if config.backup_dir:
-          with open(os.path.join(config.backup_dir, METADATA), "w") as f:
-            json.dump({"epoch": epoch + 1, "step": int(step.numpy())}, f)
-        for name, writer in writers.items():
-          prefix = "val_" if name == "validation" else ""
-          with writer.as_default():
-            for key in ("loss", unit) + (("learning_rate",) if name == "train" else ()):
-              tf.summary.scalar(f"epoch_{key}", logs[prefix + key], step=epoch)
-          writer.flush()
-        if config.verbose:
-          print_fn(f"Epoch {epoch + 1}/{config.epochs}\n{count}/{count} - {seconds:.0f}s - "
-                   f"{_per_step(seconds / count)} - {_format_logs(logs)}")
-      epochs_run += 1
-      if config.stop_after_epochs and epochs_run >= config.stop_after_epochs:
-        break
-    train_seconds = time.time() - start
-    final = evaluate()
+    try:
+      while int(step.numpy()) < config.steps:
+        first = int(step.numpy())
+        epoch = first // config.steps_per_epoch
+        # To the end of this epoch (a run resumed mid-epoch finishes it first).
+        count = min(config.steps_per_epoch * (epoch + 1), config.steps) - first
+        epoch_start = time.time()
+        total = tf.constant(0.0)
+        for i in range(count):
+          loss = preemption.run(train_step, iterator)   # after a SIGTERM: save, Preempted
+          total += loss
+          step.assign_add(1)
+          done = first + i + 1
+          if config.save_every_steps and done % config.save_every_steps == 0:
+            save()
+          if scalars is not None:
+            window, window_steps = window + loss, window_steps + 1
+            if done % config.log_every_steps == 0:
+              nats = float(window)
+              scalars.add(nats, nats / math.log(2.0), window_steps)
+              scalars.write(done, _learning_rate(optimizer))
+              window, window_steps = tf.constant(0.0), 0
+        loss = float(total) / count
+        seconds = time.time() - epoch_start
+        val = evaluate()
+        logs = {unit: loss / math.log(2.0), "loss": loss, f"val_{unit}": val[unit],
+                "val_loss": val["loss"], "learning_rate": _learning_rate(optimizer)}
+        for name, value in logs.items():
+          history[name].append(value)
+        if write_dir and (not config.save_every_steps or
+                          int(step.numpy()) % config.save_every_steps):
+          save()
+        if chief:
+          for name, writer in writers.items():
+            prefix = "val_" if name == "validation" else ""
+            with writer.as_default():
+              for key in ("loss", unit) + (("learning_rate",) if name == "train" else ()):
+                tf.summary.scalar(f"epoch_{key}", logs[prefix + key], step=epoch)
+            writer.flush()
+          if config.verbose:
+            print_fn(f"Epoch {epoch + 1}/{config.epochs}\n{count}/{count} - {seconds:.0f}s - "
+                     f"{_per_step(seconds / count)} - {_format_logs(logs)}")
+        epochs_run += 1
+        if config.stop_after_epochs and epochs_run >= config.stop_after_epochs:
+          break
+      train_seconds = time.time() - start
+      final = evaluate()
+    except checkpointing.PEER_ERRORS as e:
+      raise PeerLost(e, int(step.numpy())) from None
     return {"history": {k: v for k, v in history.items() if v}, "validation": final,
             "steps_done": int(step.numpy()), "train_seconds": train_seconds}
   finally:
+    if preemption is not None:
+      preemption.close()
     if temporary:
       shutil.rmtree(write_dir, ignore_errors=True)
     for writer in writers.values():
