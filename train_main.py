@@ -15,8 +15,9 @@ This script turns the flags into a `sparse_attention_tf.training.TrainConfig`
 (the training flags take its defaults), loads the data, builds and compiles
 the model, trains it with `training.fit` (default, mirrored) or
 `training.distributed_fit` (multi_worker), and writes into --output_dir:
-`backup/` (the last checkpoint: weights, optimizer state and position, every
---steps_per_epoch steps, and `run_config.json`, the flags it belongs to),
+`backup/` (the last two checkpoints: weights, optimizer state, step and
+dropout RNG state, every --steps_per_epoch steps (and --save_every_steps),
+and `run_config.json`, the flags they belong to),
 `logs/` (TensorBoard: loss, bits per token and learning rate, per epoch and
 every --log_every_steps steps), `model.keras` (the trained model),
 `sample.txt` / `sample.png` / `sample.wav` (generated), `metrics.json`; with
@@ -29,15 +30,22 @@ replicas of all workers) gets batch_size / R examples per step (it must
 divide evenly), so a step sees the same examples whatever the strategy.
 
 --resume continues from output_dir/backup with the same weights, optimizer
-state, step and data position. The flags the checkpoint belongs to
+state, step, data position and dropout masks (a damaged newest checkpoint is
+reported and the previous one used). The flags the checkpoint belongs to
 (`checkpoint_flags`: the data, vocabulary and sequence, the model's sizes,
-pattern and its parameters, position embedding, mixed precision,
---steps_per_epoch and the checkpoint format of --strategy) must keep their
-values: a --resume with others stops and names them. The rest may change,
-e.g. --steps (the schedule follows the new total), --learning_rate,
---dropout, --block_size, --implementation. Without a checkpoint, --resume
-says so and starts fresh; without --resume, a run starts over and replaces
-backup/ and logs/.
+pattern and its parameters, position embedding, mixed precision and
+--steps_per_epoch) must keep their values: a --resume with others stops and
+names them. The rest may change, e.g. --steps (the schedule follows the new
+total), --learning_rate, --dropout, --block_size, --implementation,
+--strategy (all strategies write one checkpoint format). Without a
+checkpoint, --resume says so and starts fresh; without --resume, a run
+starts over and replaces backup/ and logs/.
+
+Exit status: 0 done; 2 a bad flag or input (one line on stderr); 42
+interrupted, restart with --resume: a SIGTERM (preemption: a checkpoint is
+saved first; under multi_worker all workers save at the same step and exit
+42) or a lost peer worker (the survivors exit 42; restart every worker with
+--resume). scripts/supervise_workers.py restarts workers that way.
 
 --strategy=multi_worker trains with `sparse_attention_tf.training.distributed_fit`
 (Keras 3.15's `fit` fails under MultiWorkerMirroredStrategy, keras-team/keras#20585):
@@ -103,6 +111,8 @@ flags.DEFINE_integer("batch_size", DEFAULTS.batch_size, "global batch size")
 flags.DEFINE_integer("steps", DEFAULTS.steps, "training steps in total")
 flags.DEFINE_integer("steps_per_epoch", DEFAULTS.steps_per_epoch,
                      "steps between checkpoints and validations")
+flags.DEFINE_integer("save_every_steps", 0, "also save a checkpoint every this many steps "
+                     "(0: only after each epoch)")
 flags.DEFINE_integer("validation_steps", DEFAULTS.validation_steps,
                      "validation batches per evaluation")
 flags.DEFINE_float("learning_rate", DEFAULTS.learning_rate, "peak learning rate")
@@ -136,9 +146,6 @@ RUN_CONFIG = "run_config.json"   # beside the checkpoint: the flags it belongs t
 PATTERN_FLAGS = {"fixed": ("stride", "summary", "head_groups", "head_mode"),
                  "strided": ("stride", "head_mode"), "local": ("window",),
                  "bigbird": ("window",), "dense": ()}
-# How a checkpoint flag is compared on --resume, where not by its value: the
-# default and mirrored strategies share fit's checkpoint format.
-CHECKPOINT_FORMAT = {"strategy": lambda s: "distributed_fit" if s == "multi_worker" else "fit"}
 
 
 class UsageError(ValueError):
@@ -236,6 +243,7 @@ def train_config() -> training_lib.TrainConfig:
       warmup_steps=FLAGS.warmup_steps, weight_decay=FLAGS.weight_decay,
       clipnorm=FLAGS.clipnorm, steps_per_epoch=FLAGS.steps_per_epoch,
       validation_steps=FLAGS.validation_steps, stop_after_epochs=FLAGS.stop_after_epochs,
+      save_every_steps=FLAGS.save_every_steps or None,
       verbose=FLAGS.verbose, backup_dir=os.path.join(out_dir, "backup"),
       resume=FLAGS.resume, log_dir=os.path.join(out_dir, "logs"),
       log_every_steps=FLAGS.log_every_steps)
@@ -252,11 +260,10 @@ def checkpoint_flags(data: data_lib.TokenData, embedding: str) -> dict:
   tokens), the sequence length, the sizes, the pattern and the parameters it
   reads, the position embedding (and its row width, --stride, when strided),
   the mixed precision (mixed_float16 adds loss-scale state to the optimizer);
-  and the checkpoint itself: --steps_per_epoch (fit's checkpoint counts
-  epochs, and the data position is epochs x steps_per_epoch batches) and the
-  format --strategy writes (see `CHECKPOINT_FORMAT`). Every other flag may
-  change: --block_size, --implementation and --recompute compute the same
-  function another way; --steps, --learning_rate, --warmup_steps,
+  and --steps_per_epoch (the epochs of the logs and metadata count in it).
+  Every other flag may change: --block_size, --implementation, --recompute
+  and --strategy compute the same function another way (one checkpoint
+  format for all strategies); --steps, --learning_rate, --warmup_steps,
   --dropout, ... change how training goes on; --batch_size and --seed change
   which examples come next (training continues, but no longer exactly as an
   uninterrupted run would).
@@ -269,8 +276,7 @@ def checkpoint_flags(data: data_lib.TokenData, embedding: str) -> dict:
   values["embedding"] = embedding
   if embedding == "strided":
     values["stride"] = FLAGS.stride
-  values.update(mixed_precision=FLAGS.mixed_precision, steps_per_epoch=FLAGS.steps_per_epoch,
-                strategy=FLAGS.strategy)
+  values.update(mixed_precision=FLAGS.mixed_precision, steps_per_epoch=FLAGS.steps_per_epoch)
   return values
 
 
@@ -278,8 +284,7 @@ def changed_flags(old: dict, new: dict) -> list:
   """`--name old -> new` for each checkpoint flag both runs have and that differs."""
   changes = []
   for name, value in new.items():
-    same = CHECKPOINT_FORMAT.get(name, lambda v: v)
-    if name in old and same(old[name]) != same(value):
+    if name in old and old[name] != value:
       label = f"--{name}" if name in FLAGS else f"{name} (of --dataset)"
       changes.append(f"{label} {old[name]} -> {value}")
   return changes
@@ -422,7 +427,6 @@ def train(state: Optional[RunState] = None):
   out_dir = FLAGS.output_dir
   if chief:
     make_output_dir(out_dir, state)
-  prepare_backup(config.backup_dir, config.log_dir, checkpoint_flags(data, embedding), chief)
 
   # Data: an endless, deterministic stream of batches (a resumed run skips the
   # batches already trained on, so it continues at the same position).
@@ -440,6 +444,9 @@ def train(state: Optional[RunState] = None):
         block_size=FLAGS.block_size, implementation=FLAGS.implementation)
     training_lib.compile_model(model, config)
     model(np.zeros((1, seq_len), np.int32))                            # build before restoring
+  # Only now, with every flag checked and the model built: a bad flag must not cost the
+  # previous run its checkpoint.
+  prepare_backup(config.backup_dir, config.log_dir, checkpoint_flags(data, embedding), chief)
 
   state.training = True
   print(f"training {FLAGS.dataset} ({data.kind}, {data.num_train_examples} train / "
@@ -450,7 +457,8 @@ def train(state: Optional[RunState] = None):
     run = training_lib.distributed_fit(strategy, model, train_ds, val_ds, config,
                                        print_fn=lambda line: print(line, flush=True))
   else:
-    run = training_lib.fit(model, train_ds, val_ds, config)
+    run = training_lib.fit(model, train_ds, val_ds, config,
+                           print_fn=lambda line: print(line, flush=True))
   save_model(model, out_dir, chief)
 
   history, final, steps_done = run["history"], run["validation"], run["steps_done"]
@@ -492,6 +500,11 @@ def main(argv):
   except BaseException as e:
     if state.created and not state.training:   # no half-made output folder
       shutil.rmtree(state.created, ignore_errors=True)
+    if isinstance(e, training_lib.Interrupted):   # SIGTERM or a lost peer: restart me
+      print(f"train_main.py: {e}", file=sys.stderr, flush=True)
+      sys.stdout.flush()
+      # Not sys.exit: after a lost peer, TF's shutdown would wait for it.
+      os._exit(e.exit_code)
     # UsageError, the data module's DataError, pattern/model checks; OSError before training
     if isinstance(e, ValueError) or (isinstance(e, OSError) and not state.training):
       print(f"train_main.py: error: {e}", file=sys.stderr)
