@@ -21,6 +21,7 @@
 #include <string>
 #include <vector>
 
+#include "custom_ops/cc/kernels/fused_attention.h"
 #include "custom_ops/cc/kernels/op_util.h"  // the CPU kernels' checks and messages
 #include "custom_ops/cuda/blocksparse_gpu.h"
 #include "xla/stream_executor/stream.h"
@@ -331,6 +332,8 @@ class AttentionGpuOp : public OpKernel {
   explicit AttentionGpuOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
     OP_REQUIRES_OK(ctx, ctx->GetAttr("scale", &scale_));
     OP_REQUIRES_OK(ctx, ctx->GetAttr("block_size", &block_));
+    const std::string err = ValidateBlockSize(block_);  // as the CPU kernels
+    OP_REQUIRES(ctx, err.empty(), Invalid(err));
   }
 
   // Inputs: q, k, v, blocks, row_offsets, col_offsets, col_blocks, mask_index,
@@ -378,6 +381,8 @@ class AttentionGradGpuOp : public OpKernel {
   explicit AttentionGradGpuOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
     OP_REQUIRES_OK(ctx, ctx->GetAttr("scale", &scale_));
     OP_REQUIRES_OK(ctx, ctx->GetAttr("block_size", &block_));
+    const std::string err = ValidateBlockSize(block_);  // as the CPU kernels
+    OP_REQUIRES(ctx, err.empty(), Invalid(err));
   }
 
   // Inputs: q, k, v, out, lse, dout, blocks, row_offsets, col_offsets,

@@ -8,14 +8,75 @@
 
 namespace sparse_attention {
 
+ForwardScratch::ForwardScratch(const AttentionProblem& a, Scratch* s) {
+  const int64_t bs = a.p.block, D = a.p.head_dim, Dv = a.value_dim;
+  qt = s->Take<float>(D * bs);
+  st = s->Take<float>(bs * bs);
+  o = s->Take<float>(bs * Dv);
+  m = s->Take<float>(bs);
+  l = s->Take<float>(bs);
+  alpha = s->Take<float>(bs);
+}
+
+BackwardScratch::BackwardScratch(const AttentionProblem& a, Scratch* s) {
+  const int64_t bs = a.p.block, D = a.p.head_dim, Dv = a.value_dim, N = a.p.seq;
+  qt = s->Take<float>(D * bs);
+  qs = s->Take<float>(bs * D);
+  dot = s->Take<float>(Dv * bs);
+  dor = s->Take<float>(bs * Dv);
+  pt = s->Take<float>(bs * bs);
+  dst = s->Take<float>(bs * bs);
+  dqa = s->Take<float>(bs * D);
+  lse = s->Take<float>(bs);
+  delta = s->Take<float>(bs);
+  pk = s->Take<float>(N * D);
+  pv = s->Take<float>(N * Dv);
+  hk = s->Take<float>(N * D);
+  hv = s->Take<float>(N * Dv);
+  k_bad = s->Take<uint8_t>(a.p.t.num_blocks);
+}
+
+ForwardBf16Scratch::ForwardBf16Scratch(const AttentionProblem& a, Scratch* s) {
+  const int64_t bs = a.p.block, D = a.p.head_dim, Dv = a.value_dim;
+  st = s->Take<float>(bs * bs);
+  o = s->Take<float>(bs * Dv);
+  m = s->Take<float>(bs);
+  l = s->Take<float>(bs);
+  alpha = s->Take<float>(bs);
+  qp = s->Take<uint16_t>(D * bs);
+  pp = s->Take<uint16_t>(bs * bs);
+}
+
+BackwardBf16Scratch::BackwardBf16Scratch(const AttentionProblem& a, Scratch* s) {
+  const int64_t bs = a.p.block, D = a.p.head_dim, Dv = a.value_dim, N = a.p.seq;
+  pt = s->Take<float>(bs * bs);
+  dst = s->Take<float>(bs * bs);
+  dqa = s->Take<float>(bs * D);
+  lse = s->Take<float>(bs);
+  delta = s->Take<float>(bs);
+  hk = s->Take<float>(N * D);
+  hv = s->Take<float>(N * Dv);
+  qp = s->Take<uint16_t>(D * bs);
+  qr = s->Take<uint16_t>(bs * D);
+  dop = s->Take<uint16_t>(Dv * bs);
+  dor = s->Take<uint16_t>(bs * Dv);
+  ptb = s->Take<uint16_t>(bs * bs);
+  dsb = s->Take<uint16_t>(bs * bs);
+  dsp = s->Take<uint16_t>(bs * bs);
+  kn = s->Take<uint16_t>(N * D);
+  kp = s->Take<uint16_t>(N * D);
+  vn = s->Take<uint16_t>(N * Dv);
+  k_bad = s->Take<uint8_t>(a.p.t.num_blocks);
+}
+
 void AttentionForward(const AttentionProblem& a, const AttentionForwardArgs<float>& x,
-                      int64_t begin, int64_t end) {
-  Simd().attention_forward(a, x, begin, end);
+                      void* scratch, int64_t begin, int64_t end) {
+  Simd().attention_forward(a, x, scratch, begin, end);
 }
 
 void AttentionBackward(const AttentionProblem& a, const AttentionBackwardArgs<float>& x,
-                       int64_t begin, int64_t end) {
-  Simd().attention_backward(a, x, begin, end);
+                       void* scratch, int64_t begin, int64_t end) {
+  Simd().attention_backward(a, x, scratch, begin, end);
 }
 
 void ReduceSegments(const AttentionProblem& a, const AttentionBackwardArgs<float>& x,
@@ -55,11 +116,10 @@ void PackHeadsBf16(const uint16_t* x, int64_t batch, int64_t seq, int64_t heads,
   }
 }
 
-std::vector<int32_t> SegmentRows(const Tables& t, int64_t segments) {
+void SegmentRows(const Tables& t, int64_t segments, int32_t* rows) {
   const int64_t nb = t.num_blocks;
-  std::vector<int32_t> rows(t.layout_heads * (segments + 1));
   for (int64_t h = 0; h < t.layout_heads; ++h) {
-    int32_t* r = rows.data() + h * (segments + 1);
+    int32_t* r = rows + h * (segments + 1);
     const int64_t first = t.row_offsets[h * nb], total = t.row_offsets[(h + 1) * nb] - first;
     r[0] = 0;
     int64_t row = 0;
@@ -70,17 +130,14 @@ std::vector<int32_t> SegmentRows(const Tables& t, int64_t segments) {
     }
     r[segments] = static_cast<int32_t>(nb);
   }
-  return rows;
 }
 
-MaskTables BuildMaskTables(const bool* masks, int64_t num_masks, int64_t block) {
+void BuildMaskTables(const bool* masks, int64_t num_masks, int64_t block, const MaskTables& t) {
   const float kNegInf = -std::numeric_limits<float>::infinity();
   const int64_t groups = block / 16;
-  MaskTables t;
-  t.bias_t.resize(num_masks * block * block);
-  t.key_range.assign(2 * num_masks, 0);
-  t.query_range.assign(2 * num_masks * groups, 0);
-  t.split_tile.assign(num_masks, 0);
+  std::fill(t.key_range, t.key_range + 2 * num_masks, 0);
+  std::fill(t.query_range, t.query_range + 2 * num_masks * groups, 0);
+  std::fill(t.split_tile, t.split_tile + num_masks, 0);
   for (int64_t m = 0; m < num_masks; ++m) {
     const bool* tile = masks + m * block * block;  // [query i][key j]
     for (int64_t i = 0; i < block; ++i)
@@ -104,21 +161,22 @@ MaskTables BuildMaskTables(const bool* masks, int64_t num_masks, int64_t block) 
       t.key_range[2 * m + 1] = static_cast<int32_t>(16 * (last + 1));
     }
   }
-  return t;
 }
 
 void MaskTables::Attach(AttentionProblem* a) const {
-  a->bias_t = bias_t.data();
-  a->key_range = key_range.data();
-  a->query_range = query_range.data();
-  a->split_tile = split_tile.data();
+  a->bias_t = bias_t;
+  a->key_range = key_range;
+  a->query_range = query_range;
+  a->split_tile = split_tile;
 }
 
-std::string ValidateAttention(const AttentionProblem& a) {
-  if (a.p.block % 16 != 0)
-    return "the fused kernel needs a block size that is a multiple of 16, got " +
-           std::to_string(a.p.block);
-  return "";
+std::string ValidateBlockSize(int64_t block) {
+  for (int64_t b : kSupportedBlockSizes)
+    if (block == b) return "";
+  std::string values;
+  for (int64_t b : kSupportedBlockSizes) values += (values.empty() ? "" : ", ") + std::to_string(b);
+  return "block_size must be one of " + values + " for the fused attention kernels, got " +
+         std::to_string(block);
 }
 
 }  // namespace sparse_attention

@@ -96,14 +96,116 @@ struct AttentionBackwardArgs {
   float* partial_v;     // [segments - 1, B, N, H, Dv]
 };
 
-// Forward over the query block-row units [begin, end) (see Problem::num_units).
-void AttentionForward(const AttentionProblem& a, const AttentionForwardArgs<float>& x,
-                      int64_t begin, int64_t end);
+// A worker's scratch memory, cut into 64-byte aligned slices in the order a
+// kernel takes them. Over null memory it only counts, so that each kernel's
+// scratch layout (the *Scratch structs below) is written once, in its
+// constructor, and ScratchBytes<Layout>() is exactly what the op allocates
+// per worker, through TF's allocator (an impossible size is a
+// ResourceExhaustedError there, never a std::bad_alloc in a kernel). Slices
+// are not zeroed: every one is written before it is read.
+class Scratch {
+ public:
+  explicit Scratch(void* base) : base_(static_cast<char*>(base)) {}
+  template <typename T>
+  T* Take(int64_t n) {
+    used_ = (used_ + 63) / 64 * 64;
+    T* p = base_ == nullptr ? nullptr : reinterpret_cast<T*>(base_ + used_);
+    used_ += n * static_cast<int64_t>(sizeof(T));
+    return p;
+  }
+  int64_t bytes() const { return (used_ + 63) / 64 * 64; }
 
-// Backward over the units [begin, end) of num_backward_units(). Each call
-// holds N * (D + Dv) * 4 floats of buffers (the packed head and its dK, dV).
+ private:
+  char* base_;
+  int64_t used_ = 0;
+};
+
+// Bytes of one worker's scratch of a kernel (a multiple of 64). With a
+// supported block size (b <= 128, ValidateBlockSize) every slice is at most
+// 128 rows of D or Dv floats, a b x b tile, or one head of k and v [N, D + Dv]
+// (the backward), so the total is bounded by a few heads of the inputs.
+template <typename Layout>
+int64_t ScratchBytes(const AttentionProblem& a) {
+  Scratch s(nullptr);
+  Layout layout(a, &s);
+  return s.bytes();
+}
+
+// The float32 forward's scratch.
+struct ForwardScratch {
+  float* qt;     // [D, b]  scale * Q_I^T
+  float* st;     // [b, b]  S^T, then P^T
+  float* o;      // [b, Dv] unnormalised output rows
+  float* m;      // [b] running max per query
+  float* l;      // [b] running sum per query
+  float* alpha;  // [b] rescale factor of this step
+  ForwardScratch(const AttentionProblem& a, Scratch* s);
+};
+
+// The float32 backward's scratch.
+struct BackwardScratch {
+  float* qt;        // [D, b]  scale * Q_I^T
+  float* qs;        // [b, D]  scale * Q_I
+  float* dot;       // [Dv, b] dO_I^T
+  float* dor;       // [b, Dv] dO_I
+  float* pt;        // [b, b]  P^T
+  float* dst;       // [b, b]  dP^T, then dS^T
+  float* dqa;       // [b, D]  dQ_I / scale
+  float* lse;       // [b] lse per query, +inf for rows with no visible key
+  float* delta;     // [b] sum_d dO * O per query
+  float* pk;        // [N, D]  this head's keys
+  float* pv;        // [N, Dv] this head's values
+  float* hk;        // [N, D]  this head's dK
+  float* hv;        // [N, Dv] this head's dV
+  uint8_t* k_bad;   // [N / b] 1 if key block J of this head holds a NaN or inf
+  BackwardScratch(const AttentionProblem& a, Scratch* s);
+};
+
+// The bf16 forward's scratch (pair layouts: fused_attention_bf16.cc).
+struct ForwardBf16Scratch {
+  float* st;      // [b, b]  S^T, then P^T
+  float* o;       // [b, Dv]
+  float* m;       // [b]
+  float* l;       // [b]
+  float* alpha;   // [b]
+  uint16_t* qp;   // Q_I^T as pairs along D: [D/2, b, 2]
+  uint16_t* pp;   // P as pairs along keys: [b/2, b, 2]
+  ForwardBf16Scratch(const AttentionProblem& a, Scratch* s);
+};
+
+// The bf16 backward's scratch.
+struct BackwardBf16Scratch {
+  float* pt;       // [b, b]  P^T
+  float* dst;      // [b, b]  dP^T, then scale * dS^T
+  float* dqa;      // [b, D]  dQ_I
+  float* lse;      // [b]
+  float* delta;    // [b]
+  float* hk;       // [N, D]  this head's dK
+  float* hv;       // [N, Dv] this head's dV
+  uint16_t* qp;    // Q_I^T pairs along D   [D/2, b, 2]
+  uint16_t* qr;    // Q_I pairs along rows  [b/2, D, 2]
+  uint16_t* dop;   // dO_I^T pairs along Dv [Dv/2, b, 2]
+  uint16_t* dor;   // dO_I pairs along rows [b/2, Dv, 2]
+  uint16_t* ptb;   // P^T bf16              [b, b]
+  uint16_t* dsb;   // dS^T bf16             [b, b]
+  uint16_t* dsp;   // dS pairs along keys   [b/2, b, 2]
+  uint16_t* kn;    // this head's keys      [N, D]
+  uint16_t* kp;    // ... pairs along rows  [N/2, D, 2]
+  uint16_t* vn;    // this head's values    [N, Dv]
+  uint8_t* k_bad;  // [N / b] 1 if key block J of this head holds a NaN or inf
+  BackwardBf16Scratch(const AttentionProblem& a, Scratch* s);
+};
+
+// Forward over the query block-row units [begin, end) (see Problem::num_units),
+// in a worker's scratch of ScratchBytes<ForwardScratch>(a) bytes (64-byte aligned).
+void AttentionForward(const AttentionProblem& a, const AttentionForwardArgs<float>& x,
+                      void* scratch, int64_t begin, int64_t end);
+
+// Backward over the units [begin, end) of num_backward_units(), in
+// ScratchBytes<BackwardScratch>(a) bytes (N * (D + Dv) * 4 floats: the packed
+// head and its dK, dV).
 void AttentionBackward(const AttentionProblem& a, const AttentionBackwardArgs<float>& x,
-                       int64_t begin, int64_t end);
+                       void* scratch, int64_t begin, int64_t end);
 
 // bfloat16 operands (raw bits) on the CPU's bf16 dot-product instructions,
 // when HasBf16Kernels(); accumulation and softmax in float32. The forward
@@ -111,10 +213,11 @@ void AttentionBackward(const AttentionProblem& a, const AttentionBackwardArgs<fl
 // PackHeadsBf16); the backward packs its heads itself. D and Dv must be even
 // (and so N, as a multiple of the block size).
 bool HasBf16Kernels();
+// Scratch: ScratchBytes<ForwardBf16Scratch> and ScratchBytes<BackwardBf16Scratch>.
 void AttentionForwardBf16(const AttentionProblem& a, const AttentionForwardArgs<uint16_t>& x,
-                          const uint16_t* v_pairs, int64_t begin, int64_t end);
+                          const uint16_t* v_pairs, void* scratch, int64_t begin, int64_t end);
 void AttentionBackwardBf16(const AttentionProblem& a, const AttentionBackwardArgs<uint16_t>& x,
-                           int64_t begin, int64_t end);
+                           void* scratch, int64_t begin, int64_t end);
 
 // float32 -> bf16 bits, rounded to nearest even (as Eigen::bfloat16), on the
 // bf16 instructions: only when HasBf16Kernels().
@@ -151,30 +254,37 @@ void PackHeads(const Src* x, int64_t batch, int64_t seq, int64_t heads, int64_t 
 }
 
 // Splits each layout head's block rows into `segments` contiguous ranges of
-// about equal kept-block count: [Hl, segments + 1].
-std::vector<int32_t> SegmentRows(const Tables& t, int64_t segments);
+// about equal kept-block count: rows [Hl, segments + 1] (memory of the caller).
+void SegmentRows(const Tables& t, int64_t segments, int32_t* rows);
 
 // What the fused kernels derive from the tile masks [M, b, b] (true:
-// visible at [query i][key j]), held for one call of an op.
+// visible at [query i][key j]), in memory of the caller (the op allocates
+// it through TF's allocator: 4 bytes per mask element at most).
 struct MaskTables {
-  std::vector<float> bias_t;         // [M, b, b] at [key j][query i]: 0 visible, -inf hidden
-  std::vector<int32_t> key_range;    // [M, 2] the keys [lo, hi) some query sees
-  std::vector<int32_t> query_range;  // [M, b/16, 2] per group of 16 keys, the queries that
-                                     // see any of them ((0, 0): none)
-  std::vector<uint8_t> split_tile;   // [M] 1 if a group is seen by fewer than all queries
+  float* bias_t;         // [M, b, b] at [key j][query i]: 0 visible, -inf hidden
+  int32_t* key_range;    // [M, 2] the keys [lo, hi) some query sees
+  int32_t* query_range;  // [M, b/16, 2] per group of 16 keys, the queries that
+                         // see any of them ((0, 0): none)
+  uint8_t* split_tile;   // [M] 1 if a group is seen by fewer than all queries
   // Points the problem's bias_t, key_range, query_range and split_tile here.
   void Attach(AttentionProblem* a) const;
 };
 
-// All ranges are widened to multiples of 16. Tiles compute only the keys of
-// key_range (a pattern's tile can be half empty, e.g. Fixed's summary columns
-// at b=64), and a split tile (a causal diagonal one: keys 16g.. are seen from
-// query 16g on) computes each key group's products on its queries only.
-MaskTables BuildMaskTables(const bool* masks, int64_t num_masks, int64_t block);
+// Fills t from the masks. All ranges are widened to multiples of 16. Tiles
+// compute only the keys of key_range (a pattern's tile can be half empty,
+// e.g. Fixed's summary columns at b=64), and a split tile (a causal diagonal
+// one: keys 16g.. are seen from query 16g on) computes each key group's
+// products on its queries only.
+void BuildMaskTables(const bool* masks, int64_t num_masks, int64_t block, const MaskTables& t);
 
-// What the fused kernels need beyond valid tables and masks (ValidateTables,
-// ValidateMasks): a block size that is a multiple of 16. "" if valid.
-std::string ValidateAttention(const AttentionProblem& a);
+// The block sizes the fused kernels take (those of patterns.py): multiples
+// of 16 (a tile row is whole vectors of 16 queries), at most 128 (which
+// bounds every scratch buffer, see ScratchBytes).
+constexpr int64_t kSupportedBlockSizes[] = {16, 32, 64, 128};
+
+// "" if the fused kernels take this block size, else a message naming it and
+// the supported values.
+std::string ValidateBlockSize(int64_t block);
 
 }  // namespace sparse_attention
 

@@ -49,17 +49,20 @@ namespace avx512bf16 {
 using fused::ApplyMasks;
 using fused::BackwardTarget;
 using fused::BackwardUnit;
-using fused::Buffers;
 using fused::FinishRows;
 using fused::KeyRange;
 using fused::KeyRow;
 using fused::LoadLse;
+using fused::MarkBadKeyBlocks;
+using fused::NeedsVisibleProducts;
 using fused::OnlineSoftmaxStep;
 using fused::PackHead;
 using fused::PrefetchNextRow;
 using fused::PrefetchRows;
 using fused::ProbsAndScoreGrad;
+using fused::RowsFinite;
 using fused::TileBias;
+using fused::VisibleProducts;
 using fused::ZeroRows;
 
 inline int32_t Word(const uint16_t* p) {  // one bf16 pair as a 32-bit word
@@ -216,32 +219,14 @@ void PairRowsBf16(const uint16_t* rows, int64_t ld, int64_t bs, int64_t w, uint1
   }
 }
 
-struct U16Buffers {
-  explicit U16Buffers(int64_t n) : data(n + 32) {}
-  uint16_t* take(int64_t n) {
-    uint16_t* base = data.data() + used;
-    const uintptr_t mis = (reinterpret_cast<uintptr_t>(base) / 2) % 32;
-    const int64_t pad = mis ? 32 - mis : 0;
-    used += pad + n;
-    return base + pad;
-  }
-  std::vector<uint16_t> data;
-  int64_t used = 0;
-};
-
 void Forward(const AttentionProblem& a, const AttentionForwardArgs<uint16_t>& x,
-             const uint16_t* v_pairs, int64_t begin, int64_t end) {
+             const uint16_t* v_pairs, void* scratch, int64_t begin, int64_t end) {
   const auto& p = a.p;
   const int64_t bs = p.block, D = p.head_dim, Dv = a.value_dim, nb = p.t.num_blocks;
-  Buffers buf(bs * bs + bs * Dv + 3 * bs);
-  float* st = buf.take(bs * bs);   // [b, b] S^T, then P^T
-  float* o = buf.take(bs * Dv);    // [b, Dv]
-  float* m = buf.take(bs);
-  float* l = buf.take(bs);
-  float* alpha = buf.take(bs);
-  U16Buffers hbuf(D * bs + bs * bs + 64);
-  uint16_t* qp = hbuf.take(D * bs);  // Q_I^T as pairs along D: [D/2, b, 2]
-  uint16_t* pp = hbuf.take(bs * bs); // P as pairs along keys: [b/2, b, 2]
+  Scratch sc(scratch);
+  const ForwardBf16Scratch buf(a, &sc);
+  float *st = buf.st, *o = buf.o, *m = buf.m, *l = buf.l, *alpha = buf.alpha;
+  uint16_t *qp = buf.qp, *pp = buf.pp;
   for (int64_t u = begin; u < end; ++u) {
     const Unit w = SplitUnit(p, u);
     const int64_t head = w.g * p.t.layout_heads + w.h, row = w.h * nb + w.i;
@@ -296,31 +281,18 @@ inline float DotBf16(const uint16_t* x, const uint16_t* y, int64_t n) {
   return s;
 }
 
-void Backward(const AttentionProblem& a, const AttentionBackwardArgs<uint16_t>& x, int64_t begin,
-              int64_t end) {
+void Backward(const AttentionProblem& a, const AttentionBackwardArgs<uint16_t>& x, void* scratch,
+              int64_t begin, int64_t end) {
   const auto& p = a.p;
   const int64_t bs = p.block, D = p.head_dim, Dv = a.value_dim, nb = p.t.num_blocks;
   const int64_t S = a.segments, N = p.seq;
   const int64_t lq = a.q_stride(), lo = a.o_stride();
-  Buffers buf(2 * bs * bs + bs * D + 2 * bs + N * (D + Dv));
-  float* pt = buf.take(bs * bs);   // P^T
-  float* dst = buf.take(bs * bs);  // dP^T, then scale * dS^T
-  float* dqa = buf.take(bs * D);   // dQ_I
-  float* lse = buf.take(bs);
-  float* delta = buf.take(bs);
-  float* hk = buf.take(N * D);     // [N, D]  this head's dK (see StoreHead)
-  float* hv = buf.take(N * Dv);    // [N, Dv] this head's dV
-  U16Buffers hbuf(D * bs * 2 + Dv * bs * 2 + 3 * bs * bs + N * (2 * D + Dv) + 64);
-  uint16_t* qp = hbuf.take(D * bs);     // Q_I^T pairs along D   [D/2, b, 2]
-  uint16_t* qr = hbuf.take(bs * D);     // Q_I pairs along rows  [b/2, D, 2]
-  uint16_t* dop = hbuf.take(Dv * bs);   // dO_I^T pairs along Dv [Dv/2, b, 2]
-  uint16_t* dor = hbuf.take(bs * Dv);   // dO_I pairs along rows [b/2, Dv, 2]
-  uint16_t* ptb = hbuf.take(bs * bs);   // P^T bf16              [b, b]
-  uint16_t* dsb = hbuf.take(bs * bs);   // dS^T bf16             [b, b]
-  uint16_t* dsp = hbuf.take(bs * bs);   // dS pairs along keys   [b/2, b, 2]
-  uint16_t* kn = hbuf.take(N * D);      // this head's keys      [N, D]
-  uint16_t* kp = hbuf.take(N * D);      // ... pairs along rows  [N/2, D, 2]
-  uint16_t* vn = hbuf.take(N * Dv);     // this head's values    [N, Dv]
+  Scratch sc(scratch);
+  const BackwardBf16Scratch buf(a, &sc);
+  float *pt = buf.pt, *dst = buf.dst, *dqa = buf.dqa, *lse = buf.lse, *delta = buf.delta;
+  float *hk = buf.hk, *hv = buf.hv;
+  uint16_t *qp = buf.qp, *qr = buf.qr, *dop = buf.dop, *dor = buf.dor, *ptb = buf.ptb;
+  uint16_t *dsb = buf.dsb, *dsp = buf.dsp, *kn = buf.kn, *kp = buf.kp, *vn = buf.vn;
   for (int64_t u = begin; u < end; ++u) {
     const BackwardTarget t = BackwardUnit(a, x, u);
     const Unit& w = t.w;
@@ -328,6 +300,7 @@ void Backward(const AttentionProblem& a, const AttentionBackwardArgs<uint16_t>& 
     PackHead(x.k + a.q_offset(w.b, 0, head), lq, N, D, kn);
     PairRowsBf16(x.k + a.q_offset(w.b, 0, head), lq, N, D, kp);
     PackHead(x.v + a.o_offset(w.b, 0, head), lo, N, Dv, vn);
+    MarkBadKeyBlocks(a, kn, buf.k_bad);
     std::memset(hk, 0, N * D * sizeof(float));
     std::memset(hv, 0, N * Dv * sizeof(float));
     const int32_t* seg_rows = a.segment_rows + w.h * (S + 1);
@@ -349,6 +322,7 @@ void Backward(const AttentionProblem& a, const AttentionBackwardArgs<uint16_t>& 
       PairRowsBf16(dout, lo, bs, Dv, dor);
       for (int64_t i = 0; i < bs; ++i) delta[i] = DotBf16(dout + i * lo, out + i * lo, Dv);
       LoadLse(a, x.lse, w.b, head, bi * bs, lse);
+      const bool rows_bad = !RowsFinite(q, lq, bs, D) || !RowsFinite(dout, lo, bs, Dv);
       std::memset(dqa, 0, bs * D * sizeof(float));
       for (int64_t z = z0; z < z1; ++z) {
         const int64_t j = p.t.blocks[3 * z + 2];
@@ -357,10 +331,17 @@ void Backward(const AttentionProblem& a, const AttentionBackwardArgs<uint16_t>& 
         if (j1 <= j0) continue;
         const int64_t rows = j1 - j0, n0 = j * bs + j0;
         float *pr = pt + j0 * bs, *dr = dst + j0 * bs;
+        const float* bias = TileBias(a, z, j0);
+        const bool* keys = KeyRow(a, w.b, j, j0);
         GemmBf16Scaled(rows, bs, D, kn + n0 * D, D, 2, qp, 2 * bs, pr, bs, a.scale);
-        ApplyMasks(pr, TileBias(a, z, j0), KeyRow(a, w.b, j, j0), rows, bs);
+        ApplyMasks(pr, bias, keys, rows, bs);
         GemmBf16Scaled(rows, bs, Dv, vn + n0 * Dv, Dv, 2, dop, 2 * bs, dr, bs, 1.f);
-        ProbsAndScoreGrad(pr, dr, lse, delta, a.scale, rows, bs);
+        ProbsAndScoreGrad(pr, dr, lse, delta, a.scale, rows, bs, bias, keys);
+        if (NeedsVisibleProducts(bias, keys, rows_bad || buf.k_bad[j])) {
+          VisibleProducts(a, pr, dr, bias, keys, rows, q, lq, 1.f, dout, lo, kn + n0 * D,
+                          hv + n0 * Dv, dqa, hk + n0 * D);
+          continue;
+        }
         ToBf16(pr, rows * bs, ptb);
         ToBf16(dr, rows * bs, dsb);
         PairRows(dr, rows, bs, dsp);
@@ -402,13 +383,13 @@ bool HasBf16Kernels() {
 void FloatToBf16(const float* x, int64_t n, uint16_t* y) { avx512bf16::FloatToBf16(x, n, y); }
 
 void AttentionForwardBf16(const AttentionProblem& a, const AttentionForwardArgs<uint16_t>& x,
-                          const uint16_t* v_pairs, int64_t begin, int64_t end) {
-  avx512bf16::Forward(a, x, v_pairs, begin, end);
+                          const uint16_t* v_pairs, void* scratch, int64_t begin, int64_t end) {
+  avx512bf16::Forward(a, x, v_pairs, scratch, begin, end);
 }
 
 void AttentionBackwardBf16(const AttentionProblem& a, const AttentionBackwardArgs<uint16_t>& x,
-                           int64_t begin, int64_t end) {
-  avx512bf16::Backward(a, x, begin, end);
+                           void* scratch, int64_t begin, int64_t end) {
+  avx512bf16::Backward(a, x, scratch, begin, end);
 }
 
 }  // namespace sparse_attention

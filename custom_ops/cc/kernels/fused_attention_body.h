@@ -15,21 +15,9 @@ using ::sparse_attention::Unit;
 
 constexpr float kPosInf = __builtin_inff();
 
-// Per-unit work buffers, allocated once per call of a kernel and not
-// zeroed: every buffer is written before it is read. `floats` is the sum of
-// the slices; room for the alignment of up to 32 slices is added.
-struct Buffers {
-  explicit Buffers(int64_t floats) : data(new float[floats + 16 * 33]) {}
-  float* take(int64_t n) {  // 64-byte aligned slices
-    float* base = data.get() + used;
-    const uintptr_t mis = (reinterpret_cast<uintptr_t>(base) / sizeof(float)) % 16;
-    const int64_t pad = mis ? 16 - mis : 0;
-    used += pad + n;
-    return base + pad;
-  }
-  std::unique_ptr<float[]> data;
-  int64_t used = 0;
-};
+using ::sparse_attention::BackwardScratch;
+using ::sparse_attention::ForwardScratch;
+using ::sparse_attention::Scratch;
 
 // One head's rows of a token-major [B, N, H, w] tensor (x points at the
 // head's row 0, row stride ld) -> dst [N, w], contiguous.
@@ -138,8 +126,10 @@ inline void FillOutside(float* rows, int64_t bs, int64_t q0, int64_t q1, float v
   }
 }
 
-// rows key rows of S^T (row stride bs): st[j][:] += bias[j][:], or -inf for
-// padded keys j.
+// rows key rows of S^T (row stride bs): hidden elements (bias -inf, or a
+// padded key j) <- -inf. Selected, not added (NaN + -inf is NaN): a NaN or
+// inf score of a hidden element, from a NaN or inf in q or k, reaches no
+// query that cannot see the key.
 inline void ApplyMasks(float* st, const float* bias, const bool* keys, int64_t rows, int64_t bs) {
   if (bias == nullptr && keys == nullptr) return;
   const v16 neg = (v16){} + kNegInf;
@@ -148,7 +138,83 @@ inline void ApplyMasks(float* st, const float* bias, const bool* keys, int64_t r
     if (keys != nullptr && !keys[j]) {
       for (int64_t c = 0; c < bs; c += 16) Store(row + c, neg);
     } else if (bias != nullptr) {
-      for (int64_t c = 0; c < bs; c += 16) Store(row + c, Load(row + c) + Load(bias + j * bs + c));
+      for (int64_t c = 0; c < bs; c += 16)
+        Store(row + c, Load(bias + j * bs + c) == 0.f ? Load(row + c) : neg);
+    }
+  }
+}
+
+// Whether n values are all finite (x * 0 is NaN for NaN and +-inf).
+inline bool AllFinite(const float* x, int64_t n) {
+  v16 acc = (v16){};
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) acc += Load(x + i) * 0.f;
+  float tail = 0.f;
+  for (; i < n; ++i) tail += x[i] * 0.f;
+  return HorizontalSum(acc) + tail == 0.f;
+}
+
+// The same for bfloat16 bits (exponent all ones: NaN or inf).
+inline bool AllFinite(const uint16_t* x, int64_t n) {
+  int bad = 0;
+  for (int64_t i = 0; i < n; ++i) bad |= (x[i] & 0x7f80) == 0x7f80;
+  return bad == 0;
+}
+
+// Whether rows rows of width w (row stride ld) are all finite.
+template <typename T>
+inline bool RowsFinite(const T* x, int64_t ld, int64_t rows, int64_t w) {
+  for (int64_t i = 0; i < rows; ++i)
+    if (!AllFinite(x + i * ld, w)) return false;
+  return true;
+}
+
+// bad[J] = 1 if block J of a head's packed keys [N, D] holds a NaN or inf.
+template <typename T>
+inline void MarkBadKeyBlocks(const AttentionProblem& a, const T* k, uint8_t* bad) {
+  const int64_t n = a.p.block * a.p.head_dim;
+  for (int64_t J = 0; J < a.p.t.num_blocks; ++J) bad[J] = AllFinite(k + J * n, n) ? 0 : 1;
+}
+
+// Whether a backward tile takes VisibleProducts: it has hidden elements
+// (a tile mask or padded keys) and its Q_I, dO_I or K_J rows hold a NaN or
+// inf (operands_bad).
+inline bool NeedsVisibleProducts(const float* bias, const bool* keys, bool operands_bad) {
+  return operands_bad && (bias != nullptr || keys != nullptr);
+}
+
+inline float ToFloat(float x) { return x; }
+inline float ToFloat(uint16_t bf16) {
+  const uint32_t bits = uint32_t{bf16} << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+
+// The backward's three products of one tile, over its visible pairs only:
+// dV_J += P^T dO_I, dQ_I += dS K_J, dK_J += qscale * dS^T Q_I, from P^T and
+// dS^T (rows key rows from j0, row stride bs, 0 where hidden: see
+// ProbsAndScoreGrad). For tiles with hidden elements whose Q_I, dO_I or K_J
+// rows hold a NaN or inf, where a GEMM would add 0 * inf = NaN to the rows
+// that cannot see it; rare, so plain loops. q, dout: token-major rows of
+// the query block (strides lq, lo); k: the tile's key rows [rows, D]; hv,
+// hk: their dV, dK rows; dqa: [b, D].
+template <typename T>
+void VisibleProducts(const AttentionProblem& a, const float* pt, const float* dst,
+                     const float* bias, const bool* keys, int64_t rows, const T* q, int64_t lq,
+                     float qscale, const T* dout, int64_t lo, const T* k, float* hv, float* dqa,
+                     float* hk) {
+  const int64_t bs = a.p.block, D = a.p.head_dim, Dv = a.value_dim;
+  for (int64_t j = 0; j < rows; ++j) {
+    if (keys != nullptr && !keys[j]) continue;
+    for (int64_t i = 0; i < bs; ++i) {
+      if (bias != nullptr && bias[j * bs + i] != 0.f) continue;
+      const float p = pt[j * bs + i], ds = dst[j * bs + i], dsq = ds * qscale;
+      for (int64_t d = 0; d < Dv; ++d) hv[j * Dv + d] += p * ToFloat(dout[i * lo + d]);
+      for (int64_t d = 0; d < D; ++d) {
+        dqa[i * D + d] += ds * ToFloat(k[j * D + d]);
+        hk[j * D + d] += dsq * ToFloat(q[i * lq + d]);
+      }
     }
   }
 }
@@ -216,41 +282,61 @@ inline bool OnlineSoftmaxStep(float* st, int64_t rows, int64_t bs, float* m, flo
 }
 
 // Backward tile step: pt holds the masked scores S^T, dst holds dP^T (rows
-// key rows, row stride bs). Makes pt = P^T = exp(S^T - lse) and
-// dst = dS^T = s * P^T * (dP^T - delta).
+// key rows, row stride bs; bias and keys as for ApplyMasks). Makes pt = P^T
+// = exp(S^T - lse) and dst = dS^T = s * P^T * (dP^T - delta), both selected
+// to 0 where hidden: a NaN lse or delta (a query row that sees a NaN) or a
+// NaN dP (a NaN in dout) stays in the elements the row sees.
 inline void ProbsAndScoreGrad(float* pt, float* dst, const float* lse, const float* delta,
-                              float s, int64_t rows, int64_t bs) {
-  for (int64_t jj = 0; jj < rows; ++jj)
-    for (int64_t c = 0; c < bs; c += 16) {
-      const v16 pr = ExpNonPositive(Load(pt + jj * bs + c) - Load(lse + c));
-      Store(pt + jj * bs + c, pr);
-      Store(dst + jj * bs + c, pr * (Load(dst + jj * bs + c) - Load(delta + c)) * s);
+                              float s, int64_t rows, int64_t bs, const float* bias,
+                              const bool* keys) {
+  const v16 zero = (v16){};
+  for (int64_t jj = 0; jj < rows; ++jj) {
+    float *pr = pt + jj * bs, *dr = dst + jj * bs;
+    if (keys != nullptr && !keys[jj]) {
+      for (int64_t c = 0; c < bs; c += 16) Store(pr + c, zero), Store(dr + c, zero);
+    } else if (bias != nullptr) {
+      for (int64_t c = 0; c < bs; c += 16) {
+        const v16i vis = Load(bias + jj * bs + c) == 0.f;
+        const v16 p = ExpNonPositive(Load(pr + c) - Load(lse + c));
+        Store(pr + c, vis ? p : zero);
+        Store(dr + c, vis ? p * (Load(dr + c) - Load(delta + c)) * s : zero);
+      }
+    } else {
+      for (int64_t c = 0; c < bs; c += 16) {
+        const v16 p = ExpNonPositive(Load(pr + c) - Load(lse + c));
+        Store(pr + c, p);
+        Store(dr + c, p * (Load(dr + c) - Load(delta + c)) * s);
+      }
     }
+  }
 }
 
 // out rows (stride ld) = o / l; lse = m + log(l), or 0 and -inf for rows
-// with no visible key.
+// with no visible key (l = 0), NaN for rows that see a NaN (l = NaN).
 inline void FinishRows(const float* o, const float* m, const float* l, int64_t bs, int64_t dv,
                        float* out, int64_t ld, float* lse) {
   for (int64_t i = 0; i < bs; ++i) {
-    const float inv = l[i] > 0.f ? 1.f / l[i] : 0.f;
+    const float inv = l[i] > 0.f ? 1.f / l[i] : 0.f;  // l = NaN: o is NaN too
     for (int64_t d = 0; d < dv; ++d) out[i * ld + d] = o[i * dv + d] * inv;
   }
   for (int64_t c = 0; c < bs; c += 16) {  // bs is a multiple of 16
     const v16 lv = Load(l + c);
     const v16i any = lv > 0.f;  // l >= 1 when a key is visible
-    Store(lse + c, any != 0 ? Load(m + c) + LogPositive(any != 0 ? lv : 1.f) : kNegInf);
+    const v16 none = lv == 0.f ? (v16){} + kNegInf : lv;
+    Store(lse + c, any != 0 ? Load(m + c) + LogPositive(any != 0 ? lv : 1.f) : none);
   }
 }
 
-// The key-padding flags of block j (null: all real), the tile's bias (null:
-// full tile), and its row of per-query lse (+inf where a row sees no key,
-// so that its probabilities come out 0).
+// The row of per-query lse of block row `row0`, +inf where a row sees no key
+// (-inf) or a NaN (NaN): exp(S - inf) is 0 for finite scores, so the
+// probabilities of such a row are 0 except where its score itself is NaN or
+// +inf, as in the reference, which divides by 1 where a row's sum is not
+// positive.
 inline void LoadLse(const AttentionProblem& a, const float* lse_in, int64_t b, int64_t head,
                     int64_t row0, float* lse) {
   for (int64_t i = 0; i < a.p.block; ++i) {
     const float v = lse_in[a.lse_offset(b, head, row0 + i)];
-    lse[i] = v == kNegInf ? kPosInf : v;  // exp(anything - inf) = 0
+    lse[i] = v == kNegInf || v != v ? kPosInf : v;
   }
 }
 
@@ -291,18 +377,14 @@ inline BackwardTarget BackwardUnit(const AttentionProblem& a, const AttentionBac
                         seg == 0 ? x.dv : x.partial_v + (seg - 1) * v_size};
 }
 
-void Forward(const AttentionProblem& a, const AttentionForwardArgs<float>& x, int64_t begin,
-             int64_t end) {
+void Forward(const AttentionProblem& a, const AttentionForwardArgs<float>& x, void* scratch,
+             int64_t begin, int64_t end) {
   const auto& p = a.p;
   const int64_t bs = p.block, D = p.head_dim, Dv = a.value_dim, nb = p.t.num_blocks;
   const int64_t ldk = D, ldv = Dv;
-  Buffers buf(D * bs + bs * bs + bs * Dv + 3 * bs);
-  float* qt = buf.take(D * bs);      // [D, b]  scale * Q_I^T
-  float* st = buf.take(bs * bs);     // [b, b]  S^T, then P^T
-  float* o = buf.take(bs * Dv);      // [b, Dv] unnormalised output rows
-  float* m = buf.take(bs);           // running max per query
-  float* l = buf.take(bs);           // running sum per query
-  float* alpha = buf.take(bs);       // rescale factor of this step
+  Scratch sc(scratch);
+  const ForwardScratch buf(a, &sc);
+  float *qt = buf.qt, *st = buf.st, *o = buf.o, *m = buf.m, *l = buf.l, *alpha = buf.alpha;
   for (int64_t u = begin; u < end; ++u) {
     const Unit w = SplitUnit(p, u);
     const int64_t head = w.g * p.t.layout_heads + w.h, row = w.h * nb + w.i;
@@ -359,32 +441,24 @@ void Forward(const AttentionProblem& a, const AttentionForwardArgs<float>& x, in
   }
 }
 
-void Backward(const AttentionProblem& a, const AttentionBackwardArgs<float>& x, int64_t begin,
-              int64_t end) {
+void Backward(const AttentionProblem& a, const AttentionBackwardArgs<float>& x, void* scratch,
+              int64_t begin, int64_t end) {
   const auto& p = a.p;
   const int64_t bs = p.block, D = p.head_dim, Dv = a.value_dim, nb = p.t.num_blocks;
   const int64_t S = a.segments, N = p.seq;
   const int64_t lq = a.q_stride(), lo = a.o_stride();
-  Buffers buf(2 * D * bs + 2 * bs * bs + 2 * Dv * bs + bs * D + 2 * bs + 2 * N * (D + Dv));
-  float* qt = buf.take(D * bs);    // [D, b]  scale * Q_I^T
-  float* qs = buf.take(bs * D);    // [b, D]  scale * Q_I
-  float* dot = buf.take(Dv * bs);  // [Dv, b] dO_I^T
-  float* dor = buf.take(bs * Dv);  // [b, Dv] dO_I
-  float* pt = buf.take(bs * bs);   // [b, b]  P^T
-  float* dst = buf.take(bs * bs);  // [b, b]  dP^T, then dS^T
-  float* dqa = buf.take(bs * D);   // [b, D]  dQ_I / scale
-  float* lse = buf.take(bs);       // lse per query, +inf for rows with no visible key
-  float* delta = buf.take(bs);     // sum_d dO * O per query
-  float* pk = buf.take(N * D);     // [N, D]  this head's keys
-  float* pv = buf.take(N * Dv);    // [N, Dv] this head's values
-  float* hk = buf.take(N * D);     // [N, D]  this head's dK
-  float* hv = buf.take(N * Dv);    // [N, Dv] this head's dV
+  Scratch sc(scratch);
+  const BackwardScratch buf(a, &sc);
+  float *qt = buf.qt, *qs = buf.qs, *dot = buf.dot, *dor = buf.dor, *pt = buf.pt, *dst = buf.dst;
+  float *dqa = buf.dqa, *lse = buf.lse, *delta = buf.delta, *pk = buf.pk, *pv = buf.pv;
+  float *hk = buf.hk, *hv = buf.hv;
   for (int64_t u = begin; u < end; ++u) {
     const BackwardTarget t = BackwardUnit(a, x, u);
     const Unit& w = t.w;
     const int64_t head = t.head, seg = t.seg;
     PackHead(x.k + a.q_offset(w.b, 0, head), lq, N, D, pk);
     PackHead(x.v + a.o_offset(w.b, 0, head), lo, N, Dv, pv);
+    MarkBadKeyBlocks(a, pk, buf.k_bad);
     std::memset(hk, 0, N * D * sizeof(float));
     std::memset(hv, 0, N * Dv * sizeof(float));
     const int32_t* seg_rows = a.segment_rows + w.h * (S + 1);
@@ -408,6 +482,7 @@ void Backward(const AttentionProblem& a, const AttentionBackwardArgs<float>& x, 
         delta[i] = Dot(dout + i * lo, out + i * lo, Dv);
       }
       LoadLse(a, x.lse, w.b, head, bi * bs, lse);
+      const bool rows_bad = !RowsFinite(qs, D, bs, D) || !RowsFinite(dor, Dv, bs, Dv);
       std::memset(dqa, 0, bs * D * sizeof(float));
       for (int64_t z = z0; z < z1; ++z) {
         const int64_t j = p.t.blocks[3 * z + 2];
@@ -417,6 +492,8 @@ void Backward(const AttentionProblem& a, const AttentionBackwardArgs<float>& x, 
         const int64_t rows = j1 - j0, n0 = j * bs + j0;
         float *pr = pt + j0 * bs, *dr = dst + j0 * bs;
         const float* kr = pk + n0 * D;
+        const float* bias = TileBias(a, z, j0);
+        const bool* keys = KeyRow(a, w.b, j, j0);
         const int32_t* qr = SplitRanges(a, z);
         if (qr == nullptr) {
           GemmOverwrite(rows, bs, D, kr, D, 1, qt, bs, pr, bs);                // S^T
@@ -434,9 +511,12 @@ void Backward(const AttentionProblem& a, const AttentionBackwardArgs<float>& x, 
             FillOutside(dst + 16 * g * bs, bs, q0, q1, 0.f);     // so dS = 0
           }
         }
-        ApplyMasks(pr, TileBias(a, z, j0), KeyRow(a, w.b, j, j0), rows, bs);
-        ProbsAndScoreGrad(pr, dr, lse, delta, 1.f, rows, bs);
-        if (qr == nullptr) {
+        ApplyMasks(pr, bias, keys, rows, bs);
+        ProbsAndScoreGrad(pr, dr, lse, delta, 1.f, rows, bs, bias, keys);
+        if (NeedsVisibleProducts(bias, keys, rows_bad || buf.k_bad[j])) {
+          VisibleProducts(a, pr, dr, bias, keys, rows, q, lq, a.scale, dout, lo, kr,
+                          hv + n0 * Dv, dqa, hk + n0 * D);
+        } else if (qr == nullptr) {
           Gemm(rows, Dv, bs, pr, bs, 1, dor, Dv, hv + n0 * Dv, Dv);  // dV_J += P^T dO_I
           Gemm(bs, D, rows, dr, 1, bs, kr, D, dqa, D);               // dQ_I += dS K_J
           Gemm(rows, D, bs, dr, bs, 1, qs, D, hk + n0 * D, D);       // dK_J += dS^T Q_I

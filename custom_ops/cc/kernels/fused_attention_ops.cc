@@ -11,23 +11,32 @@ namespace sparse_attention {
 namespace {
 
 // Checks q, k, v and the tables and fills the problem (masks and key padding
-// included); `tables` keeps what it derives from the tile masks alive for
-// the kernels.
+// included); `tables` keeps what it derives from the tile masks (allocated
+// through TF's allocator) alive for the kernels.
 Status MakeAttentionProblem(OpKernelContext* ctx, int first_table, int64_t block, float scale,
-                            AttentionProblem* a, MaskTables* tables) {
+                            AttentionProblem* a, Tensor tables[4]) {
   SoftmaxMasks m;
   TF_RETURN_IF_ERROR(CheckAttentionShapes(ctx, first_table, block, &a->p, &m));
   TF_RETURN_IF_ERROR(ValidateProblem(a->p, true));
   TF_RETURN_IF_ERROR(ValidateMaskIndex(a->p, m));
-  const std::string err = ValidateAttention(*a);
-  if (!err.empty()) return Invalid("invalid attention inputs: ", err);
   const Tensor& masks = ctx->input(first_table + 5);
   const Tensor& key_padding = ctx->input(first_table + 6);
   a->value_dim = ctx->input(2).dim_size(3);
   a->scale = scale;
   a->mask_index = m.mask_index;
-  *tables = BuildMaskTables(masks.flat<bool>().data(), masks.dim_size(0), block);
-  tables->Attach(a);
+  const int64_t num_masks = masks.dim_size(0);
+  TF_RETURN_IF_ERROR(ctx->allocate_temp(tensorflow::DT_FLOAT,
+                                        TensorShape({num_masks, block, block}), &tables[0]));
+  TF_RETURN_IF_ERROR(
+      ctx->allocate_temp(tensorflow::DT_INT32, TensorShape({num_masks, 2}), &tables[1]));
+  TF_RETURN_IF_ERROR(ctx->allocate_temp(tensorflow::DT_INT32,
+                                        TensorShape({num_masks, block / 16, 2}), &tables[2]));
+  TF_RETURN_IF_ERROR(
+      ctx->allocate_temp(tensorflow::DT_UINT8, TensorShape({num_masks}), &tables[3]));
+  const MaskTables mt{tables[0].flat<float>().data(), tables[1].flat<int32_t>().data(),
+                      tables[2].flat<int32_t>().data(), tables[3].flat<uint8_t>().data()};
+  BuildMaskTables(masks.flat<bool>().data(), num_masks, block, mt);
+  mt.Attach(a);
   // An all-true key padding mask hides nothing: skip reading it.
   const bool* kp = key_padding.flat<bool>().data();
   a->key_padding =
@@ -122,12 +131,15 @@ int64_t AttentionRowCost(const AttentionProblem& a) {
 
 }  // namespace
 
-// The attributes both fused ops share.
+// The attributes both fused ops share. A block size the kernels do not take
+// fails here, before any input is read or buffer sized from it.
 class AttentionKernel : public OpKernel {
  public:
   explicit AttentionKernel(OpKernelConstruction* ctx) : OpKernel(ctx) {
     OP_REQUIRES_OK(ctx, ctx->GetAttr("scale", &scale_));
     OP_REQUIRES_OK(ctx, ctx->GetAttr("block_size", &block_));
+    const std::string err = ValidateBlockSize(block_);
+    OP_REQUIRES(ctx, err.empty(), Invalid(err));
   }
 
  protected:
@@ -142,8 +154,8 @@ class AttentionOp : public AttentionKernel {
 
   void Compute(OpKernelContext* ctx) override {
     AttentionProblem a;
-    MaskTables tables;
-    OP_REQUIRES_OK(ctx, MakeAttentionProblem(ctx, 3, block_, scale_, &a, &tables));
+    Tensor tables[4];
+    OP_REQUIRES_OK(ctx, MakeAttentionProblem(ctx, 3, block_, scale_, &a, tables));
     const Problem& p = a.p;
     Tensor *out = nullptr, *lse = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, ctx->input(2).shape(), &out));
@@ -158,9 +170,12 @@ class AttentionOp : public AttentionKernel {
       OP_REQUIRES_OK(ctx, PackBf16Temps(ctx, ctx->input(1), ctx->input(2), &k, &v_pairs));
       const AttentionForwardArgs<uint16_t> x{Bits(ctx->input(0)), Bits(k), nullptr, fo.data(),
                                              lse->flat<float>().data()};
-      ParallelUnits(ctx, p.num_units(), AttentionRowCost(a) / 2, [&](int64_t s, int64_t e) {
-        AttentionForwardBf16(a, x, Bits(v_pairs), s, e);
-      });
+      OP_REQUIRES_OK(ctx, ParallelUnitsWithScratch(
+                              ctx, p.num_units(), AttentionRowCost(a) / 2,
+                              ScratchBytes<ForwardBf16Scratch>(a),
+                              [&](void* scratch, int64_t s, int64_t e) {
+                                AttentionForwardBf16(a, x, Bits(v_pairs), scratch, s, e);
+                              }));
     } else {
       FloatInput<T> q;
       OP_REQUIRES_OK(ctx, q.Init(ctx, ctx->input(0)));
@@ -169,8 +184,12 @@ class AttentionOp : public AttentionKernel {
       const AttentionForwardArgs<float> x{q.data(), k.flat<float>().data(),
                                           v.flat<float>().data(), fo.data(),
                                           lse->flat<float>().data()};
-      ParallelUnits(ctx, p.num_units(), AttentionRowCost(a),
-                    [&](int64_t s, int64_t e) { AttentionForward(a, x, s, e); });
+      OP_REQUIRES_OK(ctx, ParallelUnitsWithScratch(
+                              ctx, p.num_units(), AttentionRowCost(a),
+                              ScratchBytes<ForwardScratch>(a),
+                              [&](void* scratch, int64_t s, int64_t e) {
+                                AttentionForward(a, x, scratch, s, e);
+                              }));
     }
     FinishOutput<T>(ctx, &fo, out, UseBf16Kernels<T>(a));
   }
@@ -183,8 +202,8 @@ class AttentionGradOp : public AttentionKernel {
 
   void Compute(OpKernelContext* ctx) override {
     AttentionProblem a;
-    MaskTables tables;
-    OP_REQUIRES_OK(ctx, MakeAttentionProblem(ctx, 6, block_, scale_, &a, &tables));
+    Tensor tables[4];
+    OP_REQUIRES_OK(ctx, MakeAttentionProblem(ctx, 6, block_, scale_, &a, tables));
     const Problem& p = a.p;
     const Tensor& v = ctx->input(2);
     const Tensor& out = ctx->input(3);
@@ -209,8 +228,12 @@ class AttentionGradOp : public AttentionKernel {
     const int64_t threads = pool->NumThreads(), heads = p.batch * p.heads;
     a.segments = std::min<int64_t>({8, p.t.num_blocks,
                                     std::max<int64_t>(1, (2 * threads + heads - 1) / heads)});
-    const std::vector<int32_t> segment_rows = SegmentRows(p.t, a.segments);
-    a.segment_rows = segment_rows.data();
+    Tensor segment_rows;
+    OP_REQUIRES_OK(ctx, ctx->allocate_temp(tensorflow::DT_INT32,
+                                           TensorShape({p.t.layout_heads, a.segments + 1}),
+                                           &segment_rows));
+    SegmentRows(p.t, a.segments, segment_rows.flat<int32_t>().data());
+    a.segment_rows = segment_rows.flat<int32_t>().data();
     Tensor partial_k, partial_v;
     if (a.segments > 1) {
       const int64_t s = a.segments - 1;
@@ -233,8 +256,12 @@ class AttentionGradOp : public AttentionKernel {
           Bits(ctx->input(0)), Bits(ctx->input(1)), Bits(v),    Bits(out),
           lse.flat<float>().data(), Bits(dout), fdq.data(), fdk.data(),
           fdv.data(), partial_k_data, partial_v_data};
-      ParallelUnits(ctx, a.num_backward_units(), backward_cost / 2,
-                    [&](int64_t s, int64_t e) { AttentionBackwardBf16(a, x, s, e); });
+      OP_REQUIRES_OK(ctx, ParallelUnitsWithScratch(
+                              ctx, a.num_backward_units(), backward_cost / 2,
+                              ScratchBytes<BackwardBf16Scratch>(a),
+                              [&](void* scratch, int64_t s, int64_t e) {
+                                AttentionBackwardBf16(a, x, scratch, s, e);
+                              }));
     } else {
       FloatInput<T> fq, fk, fv, fo, fdo;
       OP_REQUIRES_OK(ctx, fq.Init(ctx, ctx->input(0)));
@@ -245,8 +272,12 @@ class AttentionGradOp : public AttentionKernel {
       const AttentionBackwardArgs<float> x{
           fq.data(), fk.data(), fv.data(), fo.data(), lse.flat<float>().data(), fdo.data(),
           fdq.data(), fdk.data(), fdv.data(), partial_k_data, partial_v_data};
-      ParallelUnits(ctx, a.num_backward_units(), backward_cost,
-                    [&](int64_t s, int64_t e) { AttentionBackward(a, x, s, e); });
+      OP_REQUIRES_OK(ctx, ParallelUnitsWithScratch(
+                              ctx, a.num_backward_units(), backward_cost,
+                              ScratchBytes<BackwardScratch>(a),
+                              [&](void* scratch, int64_t s, int64_t e) {
+                                AttentionBackward(a, x, scratch, s, e);
+                              }));
     }
     const AttentionBackwardArgs<float> sums{nullptr,    nullptr,    nullptr,        nullptr,
                                             nullptr,    nullptr,    nullptr,        fdk.data(),

@@ -6,6 +6,7 @@
 #define EIGEN_USE_THREADS
 
 #include <algorithm>
+#include <atomic>
 #include <functional>
 #include <string>
 
@@ -52,6 +53,44 @@ inline void ParallelUnits(OpKernelContext* ctx, int64_t units, int64_t cost_per_
   }
   const int64_t chunk = std::max<int64_t>(1, units / (16 * threads));
   pool->ParallelFor(units, tsl::thread::ThreadPool::SchedulingParams::Fixed(chunk), fn);
+}
+
+// ParallelUnits for kernels that need scratch memory per worker: allocates
+// `bytes_per_worker` (a multiple of 64) for each of up to NumThreads workers
+// in one temp through TF's allocator, so an impossible size is an error
+// status (ResourceExhausted, or InvalidArgument when the byte count
+// overflows), never a std::bad_alloc in a kernel. Each worker takes chunks
+// of units from a shared counter, as ParallelUnits' chunks, and runs
+// fn(its scratch, begin, end).
+inline Status ParallelUnitsWithScratch(
+    OpKernelContext* ctx, int64_t units, int64_t cost_per_unit, int64_t bytes_per_worker,
+    const std::function<void(void*, int64_t, int64_t)>& fn) {
+  if (units <= 0) return absl::OkStatus();
+  auto* pool = ctx->device()->tensorflow_cpu_worker_threads()->workers;
+  const int64_t threads = pool->NumThreads();
+  const bool inline_run = threads <= 1 || units * cost_per_unit < 20000;
+  const int64_t chunk = inline_run ? units : std::max<int64_t>(1, units / (16 * threads));
+  const int64_t workers = std::min(inline_run ? 1 : threads, (units + chunk - 1) / chunk);
+  const int64_t words = std::max<int64_t>(1, bytes_per_worker / 8);
+  TensorShape shape;
+  TF_RETURN_IF_ERROR(TensorShape::BuildTensorShape({workers, words}, &shape));
+  Tensor scratch;
+  TF_RETURN_IF_ERROR(ctx->allocate_temp(tensorflow::DT_INT64, shape, &scratch));
+  char* base = reinterpret_cast<char*>(scratch.flat<int64_t>().data());
+  const int64_t stride = words * 8;
+  if (workers == 1) {
+    fn(base, 0, units);
+    return absl::OkStatus();
+  }
+  std::atomic<int64_t> next{0};
+  pool->ParallelFor(workers, tsl::thread::ThreadPool::SchedulingParams::Fixed(1),
+                    [&](int64_t w0, int64_t w1) {
+                      for (int64_t w = w0; w < w1; ++w)
+                        for (int64_t u = next.fetch_add(chunk); u < units;
+                             u = next.fetch_add(chunk))
+                          fn(base + w * stride, u, std::min(units, u + chunk));
+                    });
+  return absl::OkStatus();
 }
 
 // A float32 view of an input: the tensor itself, or a converted copy.

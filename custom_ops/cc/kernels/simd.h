@@ -35,15 +35,15 @@ struct SimdKernels {
   // sum_j x[j] * y[j].
   float (*dot)(const float* x, const float* y, int64_t n);
 
-  // dx[j] = scale * y[j] * (dy[j] - dot).
+  // dx[j] = scale * y[j] * (dy[j] - dot), or 0 where y[j] = 0.
   void (*softmax_grad)(const float* y, const float* dy, float dot, float scale, float* dx,
                        int64_t n);
 
   // The fused attention kernels (fused_attention.h) built for this ISA.
   void (*attention_forward)(const AttentionProblem& a, const AttentionForwardArgs<float>& x,
-                            int64_t begin, int64_t end);
+                            void* scratch, int64_t begin, int64_t end);
   void (*attention_backward)(const AttentionProblem& a, const AttentionBackwardArgs<float>& x,
-                             int64_t begin, int64_t end);
+                             void* scratch, int64_t begin, int64_t end);
 };
 
 // The primitives for this CPU, chosen on first use.
