@@ -30,6 +30,36 @@ void ZeroRows(float* out, int64_t rows, int64_t row_stride, int64_t width) {
   for (int64_t r = 0; r < rows; ++r) std::memset(out + r * row_stride, 0, width * sizeof(float));
 }
 
+// Whether `rows` rows of `width` floats (row stride ld) are all finite: the
+// exponent bits of NaN and inf are all ones (an integer test, so it vectorises).
+bool RowsFinite(const float* x, int64_t rows, int64_t ld, int64_t width) {
+  for (int64_t r = 0; r < rows; ++r) {
+    uint32_t bad = 0;
+    for (int64_t d = 0; d < width; ++d) {
+      uint32_t bits;
+      std::memcpy(&bits, x + r * ld + d, sizeof(bits));
+      bad |= (bits & 0x7f800000u) == 0x7f800000u;
+    }
+    if (bad) return false;
+  }
+  return true;
+}
+
+// out[r] += sum_k P(r, k) * x[k] over the nonzero P(r, k) only (P(r, k) =
+// probs[r * prs + k * pks]): for X rows holding a NaN or inf, which a GEMM
+// would add (as 0 * inf = NaN) to every row, also those whose coefficient
+// is an exact 0 (a hidden element, see SoftmaxRows and SoftmaxGradRows).
+void SkipZerosProduct(const Problem& p, const float* probs, int64_t prs, int64_t pks,
+                      const float* x, float* out) {
+  const int64_t bs = p.block, ld = p.heads * p.head_dim;
+  for (int64_t r = 0; r < bs; ++r)
+    for (int64_t k = 0; k < bs; ++k) {
+      const float c = probs[r * prs + k * pks];
+      if (c == 0.f) continue;
+      for (int64_t d = 0; d < p.head_dim; ++d) out[r * ld + d] += c * x[k * ld + d];
+    }
+}
+
 }  // namespace
 
 std::string ValidateTables(const Tables& t, int64_t heads, bool need_columns) {
@@ -128,8 +158,13 @@ void DsdRows(const Problem& p, const float* probs, const float* x, float* out, i
     ZeroRows(out_rows, bs, row_stride, p.head_dim);
     for (int64_t z = p.t.row_offsets[row]; z < p.t.row_offsets[row + 1]; ++z) {
       const int64_t j = p.t.blocks[3 * z + 2];
-      Simd().gemm(bs, p.head_dim, bs, probs + p.sparse_offset(w.b, w.g, z), bs, 1,
-                         x + p.dense_offset(w.b, j * bs, head), row_stride, out_rows, row_stride);
+      const float* xj = x + p.dense_offset(w.b, j * bs, head);
+      if (!RowsFinite(xj, bs, row_stride, p.head_dim)) {
+        SkipZerosProduct(p, probs + p.sparse_offset(w.b, w.g, z), bs, 1, xj, out_rows);
+        continue;
+      }
+      Simd().gemm(bs, p.head_dim, bs, probs + p.sparse_offset(w.b, w.g, z), bs, 1, xj,
+                  row_stride, out_rows, row_stride);
     }
   }
 }
@@ -144,9 +179,14 @@ void DsdTColumns(const Problem& p, const float* probs, const float* x, float* ou
     ZeroRows(out_rows, bs, row_stride, p.head_dim);
     for (int64_t k = p.t.col_offsets[col]; k < p.t.col_offsets[col + 1]; ++k) {
       const int64_t z = p.t.col_blocks[k], i = p.t.blocks[3 * z + 1];
+      const float* xi = x + p.dense_offset(w.b, i * bs, head);
       // P^T: element (r, k) of the transposed tile is probs[k * bs + r].
-      Simd().gemm(bs, p.head_dim, bs, probs + p.sparse_offset(w.b, w.g, z), 1, bs,
-                         x + p.dense_offset(w.b, i * bs, head), row_stride, out_rows, row_stride);
+      if (!RowsFinite(xi, bs, row_stride, p.head_dim)) {
+        SkipZerosProduct(p, probs + p.sparse_offset(w.b, w.g, z), 1, bs, xi, out_rows);
+        continue;
+      }
+      Simd().gemm(bs, p.head_dim, bs, probs + p.sparse_offset(w.b, w.g, z), 1, bs, xi,
+                  row_stride, out_rows, row_stride);
     }
   }
 }
@@ -192,8 +232,11 @@ void SoftmaxRows(const Problem& p, const SoftmaxMasks& m, float scale, const flo
       for (int64_t i = 0; i < bs; ++i)
         sum[i] += simd.exp_sum(tile + i * bs, mx[i] == kNegInf ? 0.f : mx[i], bs);
     }
-    // Pass 3: normalise.
-    for (int64_t i = 0; i < bs; ++i) sum[i] = sum[i] > 0.f ? 1.f / sum[i] : 0.f;
+    // Pass 3: normalise. A row that sees a NaN (sum NaN) is divided by 1, as
+    // in the reference: its hidden elements stay 0 and its visible ones
+    // nonzero, so that the gradient (SoftmaxGradRows) keeps them apart.
+    for (int64_t i = 0; i < bs; ++i)
+      sum[i] = sum[i] > 0.f ? 1.f / sum[i] : (sum[i] == 0.f ? 0.f : 1.f);
     for (int64_t z = z0; z < z1; ++z) {
       float* tile = y + p.sparse_offset(w.b, w.g, z);
       for (int64_t i = 0; i < bs; ++i) simd.scale(tile + i * bs, sum[i], bs);

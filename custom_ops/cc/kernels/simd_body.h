@@ -242,8 +242,14 @@ float Dot(const float* x, const float* y, int64_t n) {
   return s;
 }
 
+// dx = 0 where y = 0 (hidden elements, and probabilities that underflowed),
+// selected: a NaN in dy or dot (a NaN in dout) stays in the elements the
+// row sees.
 void SoftmaxGrad(const float* y, const float* dy, float dot, float scale, float* dx, int64_t n) {
   int64_t j = 0;
-  for (; j + 16 <= n; j += 16) Store(dx + j, Load(y + j) * (Load(dy + j) - dot) * scale);
-  for (; j < n; ++j) dx[j] = scale * y[j] * (dy[j] - dot);
+  for (; j + 16 <= n; j += 16) {
+    const v16 yv = Load(y + j);
+    Store(dx + j, yv == 0.f ? (v16){} : yv * (Load(dy + j) - dot) * scale);
+  }
+  for (; j < n; ++j) dx[j] = y[j] == 0.f ? 0.f : scale * y[j] * (dy[j] - dot);
 }
