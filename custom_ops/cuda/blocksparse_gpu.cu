@@ -359,11 +359,14 @@ __global__ void __launch_bounds__(kThreads) AttentionForwardKernel(Args a, Tiles
   for (int idx = threadIdx.x; idx < t.rm * a.dv; idx += blockDim.x) {
     const int r = idx / a.dv, c = idx - r * a.dv;
     const float l = sm.l[r];
-    out[r * stride_v + c] = FromF<T>(l > 0.f ? sm.o[r * sm.ldo + c] / l : 0.f);
+    out[r * stride_v + c] = FromF<T>(l == 0.f ? 0.f : sm.o[r * sm.ldo + c] / l);  // l NaN: NaN
   }
+  // lse: -inf for rows that see no key, NaN for rows that see a NaN (as the CPU kernel).
   float* lse = a.lse_out + (b * a.heads + head) * a.seq + q0;
-  for (int r = threadIdx.x; r < t.rm; r += blockDim.x)
-    lse[r] = sm.l[r] > 0.f ? sm.m[r] + logf(sm.l[r]) : -INFINITY;
+  for (int r = threadIdx.x; r < t.rm; r += blockDim.x) {
+    const float l = sm.l[r];
+    lse[r] = l > 0.f ? sm.m[r] + logf(l) : (l == 0.f ? -INFINITY : l);
+  }
 }
 
 // ---- fused backward ----------------------------------------------------------
@@ -419,10 +422,14 @@ __device__ void ProbsAndGrads(const Args& a, const BwdSmem<T>& sm, const Tiles& 
   CtaGemm<T, false, true>(t.rm, t.kc, t.dp, sm.q, sm.ldq, sm.k, sm.ldq, sm.s, sm.lds, false);
   __syncthreads();
   const int bs = int(a.block);
+  // P and dS are selected to 0 where hidden (a NaN in dout or delta stays in
+  // the elements its row sees). A row with lse -inf (no visible key) or NaN
+  // (it sees a NaN) uses +inf: P = 0 except where its score is NaN or +inf,
+  // as in the CPU kernel (LoadLse) and the reference.
   for (int idx = threadIdx.x; idx < t.rm * t.kc; idx += blockDim.x) {
     const int r = idx / t.kc, c = idx - r * t.kc;
-    const float lse = sm.lse[r];
-    const bool vis = lse != -INFINITY && Visible(a.t.masks, mi, bs, r0 + r, c0 + c, keys);
+    const float lse = sm.lse[r] == -INFINITY || sm.lse[r] != sm.lse[r] ? INFINITY : sm.lse[r];
+    const bool vis = Visible(a.t.masks, mi, bs, r0 + r, c0 + c, keys);
     sm.p[r * sm.ldp + c] = FromF<T>(vis ? expf(sm.s[r * sm.lds + c] * a.scale - lse) : 0.f);
   }
   __syncthreads();
@@ -430,7 +437,9 @@ __device__ void ProbsAndGrads(const Args& a, const BwdSmem<T>& sm, const Tiles& 
   __syncthreads();
   for (int idx = threadIdx.x; idx < t.rm * t.kc; idx += blockDim.x) {
     const int r = idx / t.kc, c = idx - r * t.kc;
-    sm.ds[r * sm.ldp + c] = FromF<T>(ToF(sm.p[r * sm.ldp + c]) * (sm.s[r * sm.lds + c] - sm.delta[r]));
+    const bool vis = Visible(a.t.masks, mi, bs, r0 + r, c0 + c, keys);
+    sm.ds[r * sm.ldp + c] = FromF<T>(
+        vis ? ToF(sm.p[r * sm.ldp + c]) * (sm.s[r * sm.lds + c] - sm.delta[r]) : 0.f);
   }
   __syncthreads();
 }
