@@ -210,8 +210,18 @@ def attention(q, k, v, blocks, row_offsets, col_offsets, col_blocks, mask_index,
   """Fused block-sparse attention: (out [B,N,H,Dv], lse [B,H,N] float32).
 
   key_padding_mask: bool [B, N], True for real keys. `lse` (log-sum-exp of each
-  row's visible scaled scores, -inf for rows that see no key) is what the
-  gradient recomputes the probabilities from; it is not differentiable.
+  row's visible scaled scores, -inf for rows that see no key, NaN for rows
+  that see a NaN) is what the gradient recomputes the probabilities from; it
+  is not differentiable. `block_size` must be one of 16, 32, 64, 128 (else an
+  InvalidArgumentError).
+
+  NaN and inf: masked scores are selected, not added, so a NaN or +-inf in q
+  or k reaches exactly the rows that can see it (the rows of `reference` and
+  `dense`), in out and, through `attention_grad`, in dq, dk and dv; a NaN in
+  the output gradient reaches dq of its row and dk, dv of the keys its row
+  sees. A NaN in v is not contained: it reaches every row whose kept tiles
+  hold it (in the forward, the rows of its tile's query range, not only those
+  that see it), as in dense attention, where it reaches every row.
   """
   return _ops().sparse_attention_blocksparse_attention(
       q, k, v, blocks, row_offsets, col_offsets, col_blocks, mask_index, masks,
