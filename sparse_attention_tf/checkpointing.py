@@ -42,6 +42,7 @@ import re
 import shutil
 import signal
 import tempfile
+import threading
 from typing import Callable, List, Optional
 
 import keras
@@ -250,7 +251,8 @@ class PreemptionWatch:
   worker starts with the same run count, 0); its save is `save_fn` (the
   two-slot `RunCheckpoint`), and its exit raises `Preempted`. Call `run`
   for each step of a custom loop, or `check` after each step of `fit`;
-  `close` restores the previous SIGTERM handler.
+  `close` restores the previous SIGTERM handler. Outside the main thread
+  (where Python cannot set signal handlers) it watches nothing.
 
   Args:
     strategy: the loop's strategy (its cluster resolver, if multi-worker).
@@ -260,10 +262,13 @@ class PreemptionWatch:
 
   def __init__(self, strategy: Optional[tf.distribute.Strategy], save_fn: Callable[[], int],
                directory: Optional[str]):
-    self._previous = signal.getsignal(signal.SIGTERM)
     self._save_fn = save_fn
     self._saved_step = None
     self._directory = directory
+    self.handler = None
+    if threading.current_thread() is not threading.main_thread():
+      return   # signal handlers can only be set there: no preemption handling
+    self._previous = signal.getsignal(signal.SIGTERM)
     self._scratch = tempfile.mkdtemp(prefix="sparse_attention_tf_preemption_")
     resolver = getattr(strategy, "cluster_resolver", None)
     if resolver is not None and not resolver.cluster_spec().jobs:
@@ -281,14 +286,18 @@ class PreemptionWatch:
 
   def run(self, step_fn, *args):
     """Runs one training step (checking for a preemption first)."""
+    if self.handler is None:
+      return step_fn(*args)
     with deprecation.silence():   # the handler reads its own deprecated run count
       return self.handler.run(step_fn, *args)
 
   def check(self) -> None:
     """After a step of `fit`: saves and raises `Preempted` once a SIGTERM is due."""
-    with deprecation.silence():
-      self.handler.save_checkpoint_if_preempted()
+    if self.handler is not None:
+      with deprecation.silence():
+        self.handler.save_checkpoint_if_preempted()
 
   def close(self) -> None:
-    signal.signal(signal.SIGTERM, self._previous)
-    shutil.rmtree(self._scratch, ignore_errors=True)
+    if self.handler is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+      shutil.rmtree(self._scratch, ignore_errors=True)
