@@ -3,14 +3,16 @@ then that the run ends with the weights of an uninterrupted run.
 
     .venv/bin/python scripts/kill_campaign.py --kills=20 --workdir=/tmp/kills
 
-One run with a checkpoint after every step (--save_every_steps=1), so that
-many kills land inside a checkpoint write: it is started with --resume,
-killed after a random delay, and started again, --kills times; then it runs
-to the end. Every restart must find a loadable checkpoint (a line "cannot be
-loaded" would count as a fallback). It prints a Markdown table: kills, kills
-that left a write in progress (`ckpt-N_temp` or temporary files in
-backup/), resumes that worked, fallbacks, and the largest weight difference
-from an uninterrupted run of the same flags, for each --dropout given.
+One run with a checkpoint after every step (--save_every_steps=1): it is
+started with --resume, killed, and started again, --kills times; then it
+runs to the end. Every other kill is aimed: as soon as backup/ shows a write
+in progress (TensorFlow's `ckpt-N_temp/` or temporary files, newer than the
+process); the others come after a random delay (few of those land in a
+write, which takes a few ms of a step). Every restart must find a loadable
+checkpoint (a line "cannot be loaded" counts as a fallback). It prints a
+Markdown table: kills, kills that left a write in progress, resumes that
+worked, fallbacks, and the largest weight difference from an uninterrupted
+run of the same flags, for each --dropout given.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import time
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 FLAGS = ["--dataset=pydoc", "--num_layers=2", "--d_model=192", "--num_heads=2",
          "--batch_size=4", "--seq_len=64", "--block_size=16", "--stride=16", "--summary=4",
          "--validation_steps=1", "--verbose=0", "--sample_tokens=8", "--steps_per_epoch=10",
@@ -55,6 +58,18 @@ def weights(out_dir):
   return keras.saving.load_model(os.path.join(out_dir, "model.keras")).get_weights()
 
 
+def writing(backup, since=0.0):
+  """Whether backup/ shows a write in progress (temporary names) begun after `since`."""
+  found = False
+  for n in (os.listdir(backup) if os.path.isdir(backup) else []):
+    if n.endswith("_temp") or ".tempstate" in n or n.endswith(".tmp"):
+      try:
+        found |= os.stat(os.path.join(backup, n)).st_mtime >= since
+      except FileNotFoundError:   # renamed or removed meanwhile
+        pass
+  return found
+
+
 def campaign(dropout, kills, steps, workdir, rng):
   flags = FLAGS + [f"--dropout={dropout}", f"--steps={steps}"]
   ref, out = os.path.join(workdir, f"ref_{dropout}"), os.path.join(workdir, f"run_{dropout}")
@@ -71,23 +86,27 @@ def campaign(dropout, kills, steps, workdir, rng):
     proc = start(flags + ["--resume"], out, log)
     # The process needs ~5-10 s to import TensorFlow and build; then steps and saves.
     delay = rng.uniform(6.0, 16.0)
-    deadline = time.monotonic() + delay
+    aimed = k % 2 == 1
+    begin, started = time.monotonic(), time.time()
+    deadline = begin + (20.0 if aimed else delay)
     while time.monotonic() < deadline and proc.poll() is None:
-      time.sleep(0.01)
+      if aimed and writing(backup, started):
+        break
+      time.sleep(0.0005 if aimed else 0.01)
+    delay = time.monotonic() - begin
     if proc.poll() is not None:
       print(f"kill {k}: the run ended before the kill ({proc.returncode})", flush=True)
       break
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    names = os.listdir(backup) if os.path.isdir(backup) else []
-    writing = any(n.endswith("_temp") or ".tempstate" in n or n.endswith(".tmp") for n in names)
-    in_write += writing
+    in_write_now = writing(backup, started)
+    in_write += in_write_now
     with open(log + ".stdout") as f:
       text = f.read()
     fallbacks += "cannot be loaded" in text
     resumed += k > 0 and "--resume: no checkpoint" not in text
-    print(f"kill {k} after {delay:.1f} s: {'in a write' if writing else 'between writes'}",
-          flush=True)
+    print(f"kill {k} ({'aimed' if aimed else 'random'}) after {delay:.1f} s: "
+          f"{'in a write' if in_write_now else 'between writes'}", flush=True)
   final = os.path.join(logs, "final")
   code = start(flags + ["--resume"], out, final).wait()
   if code != 0:
@@ -111,7 +130,7 @@ def main():
   os.makedirs(args.workdir, exist_ok=True)
   rows = [campaign(d, args.kills, args.steps, args.workdir, rng) for d in args.dropout]
   print(f"\nSIGKILL campaign, default strategy, {cpu_model()}, checkpoint every step\n")
-  print("| dropout | kills | kills inside a write | resumes that worked | fallbacks to the "
+  print("| dropout | kills (half aimed at writes) | kills inside a write | resumes that worked | fallbacks to the "
         "previous checkpoint | max abs weight diff vs uninterrupted |")
   print("|---|---|---|---|---|---|")
   for r in rows:

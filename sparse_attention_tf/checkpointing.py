@@ -202,6 +202,9 @@ class RunCheckpoint:
     self.checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, step=self.step,
                                           rng=rng_state_variables(model))
     self.directory = directory
+    if directory and os.path.isdir(directory):   # what a write killed midway left
+      for stale in glob.glob(os.path.join(directory, "ckpt-*_temp")):
+        shutil.rmtree(stale, ignore_errors=True)
     self.manager = (tf.train.CheckpointManager(self.checkpoint, directory,
                                                max_to_keep=max_to_keep)
                     if directory else None)
