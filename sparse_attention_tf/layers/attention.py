@@ -151,6 +151,7 @@ class SparseMultiHeadAttention(keras.layers.Layer):
                        f"{implementation!r}.")
     self.implementation = implementation
     self._padded_lengths = {}                       # seq_len -> padded_length, computed once
+    self._decode_tables = {}                        # seq_len -> decode_table, computed once
     if self.num_heads < 1 or self.key_dim < 1 or self.value_dim < 1:
       raise ValueError(f"num_heads, key_dim and value_dim must be >= 1, got {num_heads}, "
                        f"{key_dim}, {value_dim}.")
@@ -321,6 +322,39 @@ class SparseMultiHeadAttention(keras.layers.Layer):
     out = tf.einsum("bhw,hwbv->bhv", probs, tf.cast(values, tf.float32))  # (B, H, V)
     out = tf.cast(out, self.compute_dtype)[:, None]                       # (B, 1, H, V)
     return self._output_dense(out)                                        # (B, 1, dim)
+
+  # --- prefill and compiled decoding (sparse_attention_tf.generation) ---------
+  def decode_table(self, seq_len: int) -> np.ndarray:
+    """The keys of every query position, per head: int32 `[N, H, W]`, -1 past a row's end.
+
+    Row `t` lists the positions `pattern.mask(seq_len)[h % H_p, t]` keeps, in
+    order; W is the longest row. Built once per seq_len (NumPy), so a
+    compiled decoding step looks up its keys with a gather on the position.
+    """
+    tables = self._decode_tables
+    if seq_len not in tables:
+      mask = self.pattern.mask(seq_len)                                   # (H_p, N, N)
+      width = max(1, int(mask.sum(axis=-1).max()))
+      table = np.full((seq_len, mask.shape[0], width), -1, np.int32)      # (N, H_p, W)
+      for h in range(mask.shape[0]):
+        rows, cols = np.nonzero(mask[h])
+        slot = np.arange(len(rows)) - np.searchsorted(rows, rows)         # rank within its row
+        table[rows, h, slot] = cols
+      heads = np.arange(self.num_heads) % mask.shape[0]
+      tables[seq_len] = np.ascontiguousarray(table[:, heads])             # (N, H, W)
+    return tables[seq_len]
+
+  def prefill(self, query):
+    """Self-attention over `query` `[B, T, dim]` (no dropout), and its projected keys.
+
+    Returns:
+      (output `[B, T, dim]`, keys `[B, T, H, K]`, values `[B, T, H, V]`):
+      the output of `call(query)`, and what a decoding cache holds.
+    """
+    q = self._query_dense(query)                                          # (B, T, H, K)
+    k = self._key_dense(query)                                            # (B, T, H, K)
+    v = self._value_dense(query)                                          # (B, T, H, V)
+    return self._output_dense(self.attend(q, k, v)), k, v
 
   def compute_output_shape(self, query_shape, value_shape=None, key_shape=None):
     return query_shape

@@ -195,6 +195,38 @@ class SparseTransformerBlock(keras.layers.Layer):
     b = self.ffn_output(self.ffn_inner(self.ffn_norm(x + a)))
     return x + a + b
 
+  def prefill(self, x):
+    """The block on `x` `[B, T, width]` without dropout, and its attention's keys and values.
+
+    Returns:
+      (output `[B, T, width]`, keys `[B, T, H, K]`, values `[B, T, H, V]`).
+    """
+    a, k, v = self.attention.prefill(self.attention_norm(x))              # (B, T, D), ...
+    b = self.ffn_output(self.ffn_inner(self.ffn_norm(x + a)))             # (B, T, D)
+    return x + a + b, k, v
+
+  def decode_step(self, x, cache, position, keys):
+    """One position through the block against a cache held as tensors (no variables).
+
+    Args:
+      x: `[B, 1, width]`, the block input at `position`.
+      cache: (keys, values) `[H, N, B, K|V]`; row `position` is replaced.
+      position: int32 scalar tensor.
+      keys: int32 `[H, W]`, the row `position` of `attention.decode_table`
+        (-1 past the row's end).
+
+    Returns:
+      (output `[B, 1, width]`, the updated cache).
+    """
+    q, k, v = self.attention.project_step(self.attention_norm(x))        # (H, B, K|V)
+    heads = tf.shape(k)[0]
+    where = tf.stack([tf.range(heads), tf.fill([heads], position)], axis=1)  # (H, 2)
+    key_cache = tf.tensor_scatter_nd_update(cache[0], where, k)          # (H, N, B, K)
+    value_cache = tf.tensor_scatter_nd_update(cache[1], where, v)        # (H, N, B, V)
+    a = self.attention.attend_step(q, key_cache, value_cache, tf.maximum(keys, 0), keys >= 0)
+    b = self.ffn_output(self.ffn_inner(self.ffn_norm(x + a)))             # (B, 1, D)
+    return x + a + b, (key_cache, value_cache)
+
   def compute_output_shape(self, input_shape):
     return input_shape
 

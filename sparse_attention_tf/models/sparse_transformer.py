@@ -305,73 +305,93 @@ class SparseTransformer(keras.Model):
     return config
 
   # --- sampling ---------------------------------------------------------------
-  def generate(self, prompt, num_tokens: int, temperature: float = 1.0,
-               top_k: Optional[int] = None, seed: Optional[int] = None,
-               use_cache: bool = True) -> np.ndarray:
-    """Continues `prompt` by `num_tokens` sampled tokens.
+  def generate(self, prompt, num_tokens: Optional[int] = None, temperature: Optional[float] = None,
+               top_k: Optional[int] = None, seed: Optional[int] = None, use_cache: bool = True,
+               *, max_length: Optional[int] = None, sampler=None, top_p: Optional[float] = None,
+               stop_token_ids=None, pad_token_id: int = 0, return_text: bool = False):
+    """Continues `prompt` with sampled tokens (`sparse_attention_tf.generation`).
 
-    With `use_cache` (default), each block keeps the keys and values of the
-    positions seen so far, and a new position attends only to the positions
-    its pattern row keeps: one step costs the kept keys of one row, not a
-    forward pass. `use_cache=False` runs the full model for every token (the
-    reference the cache is tested against).
+    The prompt runs through the model once (fused attention), filling each
+    block's key/value cache; then one compiled `tf.while_loop` adds the new
+    tokens, each block reading only the keys its pattern row keeps. The
+    function is traced on the first call and reused by later ones.
 
     Args:
-      prompt: integer tokens `[batch, P]` or `[P]`, `P >= 1`, values in
-        `[0, vocab_size)`; any integer dtype (floats raise a ValueError).
-      num_tokens: tokens to add; `P + num_tokens <= seq_len + 1` (the last one
-        is predicted from position `seq_len - 1`).
-      temperature: softmax temperature; 0 picks the most likely token (greedy).
-      top_k: sample among the k most likely tokens only.
-      seed: makes sampling reproducible.
-      use_cache: use the key/value cache.
+      prompt: integer tokens `[batch, P]` or `[P]`, values in `[0,
+        vocab_size)`, any integer dtype (floats raise a ValueError); rows of
+        different lengths as a list (or `tf.RaggedTensor`); for vocab_size
+        >= 256 also a str / bytes or a list of them (UTF-8 bytes).
+      num_tokens: tokens to add after the longest prompt; or give max_length.
+      temperature, top_k, top_p, seed: the sampler's settings (see
+        `generation.Sampler`; temperature 0 is greedy; default temperature 1).
+      use_cache: False runs the full model for every token (the reference).
+      max_length: the result's length, prompt included, `<= seq_len + 1`.
+      sampler: a `generation.Sampler` or `"greedy"`, `"random"`, `"top_k"`,
+        `"top_p"` (instead of temperature, top_k, top_p, seed).
+      stop_token_ids: ids that end a row (kept; pad_token_id follows).
+      pad_token_id: fills a row after its stop token.
+      return_text: return UTF-8 text (byte-level models).
 
     Returns:
-      int32 `[batch, P + num_tokens]` (or `[P + num_tokens]` for a 1-D prompt).
+      int32 `[batch, max_length]` (`[max_length]` for a 1-D prompt); a list
+      of rows for prompts of different lengths; str with return_text.
 
     Raises:
       ValueError: for a prompt that is not integer tokens of the right shape
         and range, or arguments out of range.
-    """
-    tokens = np.asarray(prompt)
-    squeeze = tokens.ndim == 1
-    tokens = np.atleast_2d(tokens)
-    if tokens.ndim != 2 or min(tokens.shape) < 1:
-      raise ValueError(f"prompt must be int tokens [batch >= 1, length >= 1], got shape "
-                       f"{np.shape(prompt)}.")
-    check_token_dtype(tokens, f"{type(self).__name__}.generate")
-    if num_tokens < 0 or tokens.shape[1] + num_tokens - 1 > self.seq_len:
-      raise ValueError(f"prompt length ({tokens.shape[1]}) + num_tokens ({num_tokens}) must be "
-                       f"<= seq_len + 1 ({self.seq_len + 1}): the last token is predicted "
-                       f"from position seq_len - 1.")
-    if tokens.min() < 0 or tokens.max() >= self.vocab_size:
-      raise ValueError(f"prompt tokens must be in [0, {self.vocab_size}), got values from "
-                       f"{tokens.min()} to {tokens.max()}.")
-    tokens = tokens.astype(np.int32)
-    if temperature < 0 or (top_k is not None and not 1 <= top_k <= self.vocab_size):
-      raise ValueError(f"temperature must be >= 0 and top_k in [1, {self.vocab_size}], got "
-                       f"{temperature}, {top_k}.")
-    rng_seed = np.random.default_rng(seed).integers(0, 2**31 - 1, size=2)
-    batch, prompt_len = tokens.shape
-    out = np.zeros((batch, prompt_len + num_tokens), np.int32)
-    out[:, :prompt_len] = tokens
-    next_logits = self.logits_stream(out, prompt_len, num_tokens, use_cache)
-    for step in range(num_tokens):
-      logits = next(next_logits)                                          # (B, V)
-      out[:, prompt_len + step] = self._sample(logits, temperature, top_k,
-                                               (int(rng_seed[0]), int(rng_seed[1]) + step))
-    next_logits.close()
-    return out[0] if squeeze else out
 
-  def _sample(self, logits, temperature, top_k, seed):
-    logits = tf.cast(logits, tf.float32)
-    if temperature == 0:
-      return tf.argmax(logits, axis=-1, output_type=tf.int32).numpy()
-    logits = logits / temperature
-    if top_k is not None:
-      kth = tf.math.top_k(logits, k=top_k).values[:, -1:]
-      logits = tf.where(logits < kth, tf.fill(tf.shape(logits), -np.inf), logits)
-    return tf.random.stateless_categorical(logits, 1, seed=seed, dtype=tf.int32)[:, 0].numpy()
+    Example:
+
+    >>> lm.generate(prompt, 64, temperature=0.8, top_k=40, seed=0)   # doctest: +SKIP
+    >>> lm.generate("Once upon", max_length=128, sampler="greedy",   # doctest: +SKIP
+    ...             stop_token_ids=[10], return_text=True)
+    """
+    from sparse_attention_tf import generation
+    settings = {k: v for k, v in (("temperature", temperature), ("top_k", top_k),
+                                  ("top_p", top_p), ("seed", seed)) if v is not None}
+    if sampler is not None and settings:
+      raise ValueError(f"{type(self).__name__}.generate: give a sampler or its settings "
+                       f"({', '.join(settings)}), not both.")
+    if sampler is None:
+      sampler = generation.Sampler(**settings)
+    return generation.generate(self, prompt, num_tokens, max_length=max_length, sampler=sampler,
+                               stop_token_ids=stop_token_ids, pad_token_id=pad_token_id,
+                               return_text=return_text, use_cache=use_cache)
+
+  # The decoding interface of sparse_attention_tf.generation.
+  def prefill(self, tokens, position):
+    """The prompt in one pass: int32 tokens `[B, seq_len]`, position an int32 scalar.
+
+    Returns:
+      (logits `[B, V]` at `position`, caches: per block (keys, values)
+      `[H, N, B, K|V]`, what `decode_step` reads).
+    """
+    x = self.token_embedding(tokens)                                      # (B, N, D)
+    x = self.position_embedding(x)                                        # (B, N, D)
+    caches = []
+    for block in self.blocks:
+      x, k, v = block.prefill(x)                                          # (B, N, D), (B, N, H, K|V)
+      caches.append((tf.transpose(k, [2, 1, 0, 3]), tf.transpose(v, [2, 1, 0, 3])))
+    x = tf.gather(x, position, axis=1)[:, None]                           # (B, 1, D)
+    return self.head(self.final_norm(x))[:, 0], caches                    # (B, V)
+
+  def decode_step(self, token, position, caches):
+    """One position with the caches: token int32 `[B]`, position int32 scalar.
+
+    Returns:
+      (logits `[B, V]` for the next token, the updated caches).
+    """
+    x = self.token_embedding(token[:, None])                              # (B, 1, D)
+    x = self.position_embedding(x, start_index=position)                  # (B, 1, D)
+    tables = {}
+    new_caches = []
+    for block, cache in zip(self.blocks, caches):
+      table = block.attention.decode_table(self.seq_len)                  # (N, H, W) NumPy
+      if id(table) not in tables:
+        tables[id(table)] = tf.gather(tf.constant(table), position)       # (H, W)
+      x, cache = block.decode_step(x, cache, position, tables[id(table)])  # (B, 1, D)
+      new_caches.append(cache)
+    return self.head(self.final_norm(x))[:, 0], new_caches                # (B, V)
 
   def logits_stream(self, out, prompt_len: int, num_tokens: int, use_cache: bool = True):
     """Yields the next-token logits `[B, V]` after positions `prompt_len - 1` onwards.

@@ -1,0 +1,368 @@
+"""Fast autoregressive sampling: the prompt in one pass, then a compiled decoding loop.
+
+`generate(model, prompt, ...)` runs one `tf.function`, traced once per model
+and reused by every later call (any batch, prompt length, sampler settings or
+seed: all are tensors):
+
+1. Prefill: the prompt, padded to `seq_len`, goes through the model once with
+   the fused attention op, which fills every block's key/value cache and gives
+   the logits at the last position of the shortest prompt.
+2. Decode: a `tf.while_loop` adds one position per iteration; each block
+   reads only the keys its pattern row keeps, looked up in a `[N, H, W]`
+   table built once in NumPy (`SparseMultiHeadAttention.decode_table`).
+   Rows whose prompt is longer copy their prompt tokens until it ends;
+   rows that sample a stop token are padded from then on, and the loop ends
+   when every row has stopped.
+3. Sampling, in the graph: greedy (temperature 0), temperature, top-k and
+   top-p (nucleus), from a stateless RNG folded with the position, so a seed
+   reproduces the tokens.
+
+The model is anything with the decoding interface (`SparseTransformer`, or a
+functional model wrapped in `SparseCausalLM`):
+
+    seq_len, vocab_size                     ints
+    prefill(tokens, position)               tokens int32 [B, N] -> (logits [B, V]
+                                            at `position`, caches)
+    decode_step(token, position, caches)    token int32 [B], position int32 scalar
+                                            -> (logits [B, V], caches)
+
+Dimension letters: B batch, N seq_len, V vocabulary, H heads, W keys per row.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import secrets
+from typing import Optional
+
+import numpy as np
+import tensorflow as tf
+
+SAMPLERS = ("greedy", "random", "top_k", "top_p")
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampler:
+  """How the next token is picked from the logits.
+
+  Args:
+    temperature: logits are divided by it; 0 picks the most likely token (greedy).
+    top_k: sample among the k most likely tokens only (None: all).
+    top_p: sample among the most likely tokens whose probabilities sum to at
+      least p (nucleus sampling, after top_k; None or 1: all).
+    seed: an int makes the samples reproducible (None: a fresh seed per call).
+
+  Tokens whose logit ties the k-th (or the nucleus' last) are kept too.
+  """
+  temperature: float = 1.0
+  top_k: Optional[int] = None
+  top_p: Optional[float] = None
+  seed: Optional[int] = None
+
+  @classmethod
+  def get(cls, sampler) -> "Sampler":
+    """A Sampler from a Sampler, None (plain sampling) or a name in `SAMPLERS`.
+
+    The names follow keras-hub: `"greedy"`, `"random"`, `"top_k"` (k=5),
+    `"top_p"` (p=0.1).
+    """
+    if sampler is None or isinstance(sampler, cls):
+      return sampler or cls()
+    named = {"greedy": cls(temperature=0.0), "random": cls(), "top_k": cls(top_k=5),
+             "top_p": cls(top_p=0.1)}
+    if isinstance(sampler, str) and sampler in named:
+      return named[sampler]
+    raise ValueError(f"sampler must be a Sampler or one of {SAMPLERS}, got {sampler!r}.")
+
+  def check(self, vocab_size: int) -> None:
+    """Raises a ValueError naming the argument that is out of range."""
+    if not self.temperature >= 0:
+      raise ValueError(f"temperature must be >= 0, got {self.temperature}.")
+    if self.top_k is not None and not 1 <= self.top_k <= vocab_size:
+      raise ValueError(f"top_k must be in [1, {vocab_size}] (the vocabulary), got {self.top_k}.")
+    if self.top_p is not None and not 0 < self.top_p <= 1:
+      raise ValueError(f"top_p must be in (0, 1], got {self.top_p}.")
+
+
+def sample_tokens(logits, temperature, top_k, top_p, seed):
+  """One token per row from `logits` `[B, V]`: int32 `[B]`. Graph-friendly.
+
+  Args:
+    logits: `[B, V]`.
+    temperature: float scalar; 0 gives the argmax.
+    top_k: int32 scalar, 0 for no limit.
+    top_p: float scalar, >= 1 for no limit.
+    seed: int32 `[2]`, the stateless RNG seed of this draw.
+  """
+  logits = tf.cast(logits, tf.float32)                                    # (B, V)
+  greedy = tf.argmax(logits, axis=-1, output_type=tf.int32)               # (B,)
+  scaled = logits / tf.maximum(tf.cast(temperature, tf.float32), 1e-30)  # (B, V)
+  ranked = tf.sort(scaled, axis=-1, direction="DESCENDING")               # (B, V)
+  vocab = tf.shape(ranked)[-1]
+  rank = tf.range(vocab)[None]                                            # (1, V)
+  k = tf.where(top_k > 0, tf.minimum(top_k, vocab), vocab)
+  in_k = rank < k                                                         # (1, V)
+  probs = tf.nn.softmax(tf.where(in_k, ranked, -np.inf), axis=-1)         # (B, V)
+  before = tf.cumsum(probs, axis=-1, exclusive=True)                      # mass ranked above
+  keep = tf.logical_and(in_k, tf.logical_or(before < top_p, top_p >= 1.0))  # (B, V)
+  kept = tf.maximum(tf.reduce_sum(tf.cast(keep, tf.int32), axis=-1), 1)   # (B,)
+  threshold = tf.gather(ranked, kept - 1, axis=1, batch_dims=1)[:, None]  # (B, 1)
+  masked = tf.where(scaled >= threshold, scaled, -np.inf)                 # (B, V)
+  sampled = tf.random.stateless_categorical(masked, 1, seed=seed, dtype=tf.int32)[:, 0]
+  return tf.where(temperature > 0, sampled, greedy)                       # (B,)
+
+
+class Generator:
+  """The compiled prefill + decoding loop of one model; see the module docstring.
+
+  `generate` builds one per model and keeps it, so later calls reuse the
+  trace. `traces` counts how often the function was traced.
+  """
+
+  def __init__(self, model):
+    for name in ("seq_len", "vocab_size", "prefill", "decode_step"):
+      if not hasattr(model, name):
+        raise TypeError(f"{type(model).__name__} has no {name!r}: generation needs seq_len, "
+                        f"vocab_size, prefill and decode_step (wrap a functional model in "
+                        f"sparse_attention_tf.generation.SparseCausalLM).")
+    self.model = model
+    self.traces = 0
+    n = int(model.seq_len)
+    self.function = tf.function(self._generate, input_signature=[
+        tf.TensorSpec([None, n + 1], tf.int32, name="tokens"),
+        tf.TensorSpec([None], tf.int32, name="lengths"),
+        tf.TensorSpec([], tf.int32, name="max_length"),
+        tf.TensorSpec([], tf.float32, name="temperature"),
+        tf.TensorSpec([], tf.int32, name="top_k"),
+        tf.TensorSpec([], tf.float32, name="top_p"),
+        tf.TensorSpec([2], tf.int32, name="seed"),
+        tf.TensorSpec([None], tf.int32, name="stop_token_ids"),
+        tf.TensorSpec([], tf.int32, name="pad_token_id"),
+    ])
+
+  def _generate(self, tokens, lengths, max_length, temperature, top_k, top_p, seed,
+                stop_token_ids, pad_token_id):
+    """tokens `[B, N + 1]` (prompts, then anything), lengths `[B]`, 1 <= lengths <= max_length.
+
+    Returns:
+      (tokens `[B, max_length]`, padded with pad_token_id after a stop token;
+      lengths `[B]`, each row's length up to and including its stop token).
+    """
+    self.traces += 1
+    n = int(self.model.seq_len)
+    batch = tf.shape(tokens)[0]
+    columns = tf.range(n + 1)[None]                                       # (1, N + 1)
+
+    def advance(pos, logits, tokens, done, ends):
+      """Writes the token at pos + 1: the prompt's, a sample, or padding after a stop."""
+      nxt = pos + 1
+      sampled = sample_tokens(logits, temperature, top_k, top_p,
+                              tf.random.experimental.stateless_fold_in(seed, pos))  # (B,)
+      in_prompt = nxt < lengths                                           # (B,)
+      new = tf.where(in_prompt, tokens[:, nxt], tf.where(done, pad_token_id, sampled))
+      stop = tf.reduce_any(sampled[:, None] == stop_token_ids[None], axis=-1)
+      stop = tf.logical_and(stop, tf.logical_not(tf.logical_or(in_prompt, done)))
+      tokens = tf.where(columns == nxt, new[:, None], tokens)             # (B, N + 1)
+      return tokens, tf.logical_or(done, stop), tf.where(stop, nxt + 1, ends)
+
+    start = tf.reduce_min(lengths)
+    logits, caches = self.model.prefill(tokens[:, :n], start - 1)         # (B, V)
+    done = tf.zeros([batch], tf.bool)
+    ends = tf.fill([batch], max_length)
+    tokens, done, ends = advance(start - 1, logits, tokens, done, ends)
+
+    def cond(pos, tokens, done, ends, caches):
+      return tf.logical_and(pos < max_length - 1, tf.logical_not(tf.reduce_all(done)))
+
+    def body(pos, tokens, done, ends, caches):
+      logits, caches = self.model.decode_step(tokens[:, pos], pos, caches)  # (B, V)
+      tokens, done, ends = advance(pos, logits, tokens, done, ends)
+      return pos + 1, tokens, done, ends, caches
+
+    _, tokens, done, ends, _ = tf.while_loop(cond, body, (start, tokens, done, ends, caches),
+                                             parallel_iterations=1)
+    tokens = tf.where(columns >= ends[:, None], pad_token_id, tokens)[:, :max_length]
+    return tokens, ends
+
+  def __call__(self, tokens, lengths, max_length, sampler, stop_token_ids=(), pad_token_id=0):
+    """Runs the compiled function on NumPy inputs; returns NumPy (tokens, lengths).
+
+    Args:
+      tokens: int32 `[B, L]`, `L <= seq_len + 1`, row b's prompt in `[:lengths[b]]`.
+      lengths: `[B]` prompt lengths, `1 <= lengths <= max_length`.
+      max_length: total length of the result, `<= seq_len + 1`.
+      sampler: a `Sampler`.
+      stop_token_ids: token ids that end a row (kept in the result).
+      pad_token_id: what follows a stop token.
+    """
+    n = int(self.model.seq_len)
+    buffer = np.zeros((tokens.shape[0], n + 1), np.int32)
+    buffer[:, :tokens.shape[1]] = tokens
+    seed = sampler.seed if sampler.seed is not None else secrets.randbits(31)
+    out, ends = self.function(
+        tf.constant(buffer), tf.constant(np.asarray(lengths, np.int32)),
+        tf.constant(max_length, tf.int32), tf.constant(sampler.temperature, tf.float32),
+        tf.constant(sampler.top_k or 0, tf.int32),
+        tf.constant(1.0 if sampler.top_p is None else sampler.top_p, tf.float32),
+        tf.constant([0, int(seed) % 2**31], tf.int32),
+        tf.constant(np.asarray(stop_token_ids, np.int32).reshape(-1)),
+        tf.constant(pad_token_id, tf.int32))
+    return out.numpy(), ends.numpy()
+
+
+def reference_generate(model, tokens, lengths, max_length, sampler, stop_token_ids=(),
+                       pad_token_id=0):
+  """What `Generator` computes, with one full forward pass per new token (slow; for tests).
+
+  Same arguments and results as `Generator.__call__`; the same sampling
+  function and seeds, so equal logits give equal tokens.
+  """
+  n = int(model.seq_len)
+  tokens = np.asarray(tokens, np.int32)
+  lengths = np.asarray(lengths, np.int32)
+  batch = tokens.shape[0]
+  out = np.zeros((batch, n + 1), np.int32)
+  out[:, :tokens.shape[1]] = tokens
+  seed = sampler.seed if sampler.seed is not None else secrets.randbits(31)
+  seed = tf.constant([0, int(seed) % 2**31], tf.int32)
+  forward = tf.function(lambda t: model(t, training=False))
+  done = np.zeros(batch, bool)
+  ends = np.full(batch, max_length, np.int32)
+  stops = np.asarray(stop_token_ids, np.int32).reshape(-1)
+  for pos in range(int(lengths.min()) - 1, max_length - 1):
+    if done.all():
+      break
+    padded = np.where(np.arange(n)[None] <= pos, out[:, :n], 0)
+    logits = forward(tf.constant(padded))[:, pos]                         # (B, V)
+    sampled = sample_tokens(logits, tf.constant(sampler.temperature, tf.float32),
+                            tf.constant(sampler.top_k or 0, tf.int32),
+                            tf.constant(1.0 if sampler.top_p is None else sampler.top_p,
+                                        tf.float32),
+                            tf.random.experimental.stateless_fold_in(seed, pos)).numpy()
+    in_prompt = pos + 1 < lengths
+    stop = np.isin(sampled, stops) & ~in_prompt & ~done
+    out[:, pos + 1] = np.where(in_prompt, out[:, pos + 1], np.where(done, pad_token_id, sampled))
+    ends = np.where(stop, pos + 2, ends)
+    done |= stop
+  out = np.where(np.arange(n + 1)[None] >= ends[:, None], pad_token_id, out)[:, :max_length]
+  return out, ends
+
+
+def generator(model) -> Generator:
+  """The model's Generator, built on first use and kept on the model."""
+  gen = model.__dict__.get("_sparse_attention_generator")
+  if gen is None:
+    gen = Generator(model)
+    object.__setattr__(model, "_sparse_attention_generator", gen)
+  return gen
+
+
+def _prompt_rows(prompt, vocab_size: int, where: str):
+  """(rows: list of int32 arrays, text: bool, batched: bool, ragged: bool) from any prompt form."""
+  from sparse_attention_tf.models.sparse_transformer import check_token_dtype
+  single = isinstance(prompt, (str, bytes))
+  items = [prompt] if single else prompt
+  if isinstance(items, (list, tuple)) and items and all(isinstance(p, (str, bytes))
+                                                       for p in items):
+    if vocab_size < 256:
+      raise ValueError(f"{where}: text prompts need a byte-level model (vocab_size >= 256), "
+                       f"got vocab_size={vocab_size}; pass token ids instead.")
+    rows = [np.frombuffer(p.encode("utf-8") if isinstance(p, str) else p, np.uint8)
+            .astype(np.int32) for p in items]
+    return rows, True, not single, len({len(r) for r in rows}) > 1
+  if isinstance(prompt, tf.RaggedTensor):
+    prompt = prompt.to_list()
+  if isinstance(prompt, (list, tuple)) and prompt and all(np.ndim(p) == 1 for p in prompt) \
+      and len({len(p) for p in prompt}) > 1:
+    rows = [np.asarray(p) for p in prompt]
+    for r in rows:
+      check_token_dtype(r, where)
+    return [r.astype(np.int64) for r in rows], False, True, True
+  tokens = np.asarray(prompt)
+  check_token_dtype(tokens, where)
+  if tokens.ndim not in (1, 2) or min(tokens.shape) < 1:
+    raise ValueError(f"{where}: prompt must be int tokens [batch >= 1, length >= 1] or "
+                     f"[length >= 1], got shape {np.shape(prompt)}.")
+  batched = tokens.ndim == 2
+  return list(np.atleast_2d(tokens).astype(np.int64)), False, batched, False
+
+
+def generate(model, prompt, num_tokens: Optional[int] = None, *, max_length: Optional[int] = None,
+             sampler=None, stop_token_ids=None, pad_token_id: int = 0,
+             return_text: bool = False, use_cache: bool = True):
+  """Continues `prompt` with tokens sampled from `model` (see the module docstring).
+
+  Args:
+    model: a model with the decoding interface (`SparseTransformer`, `SparseCausalLM`).
+    prompt: int tokens `[P]` or `[batch, P]`; a list of rows of different
+      lengths (or a `tf.RaggedTensor`); or, for byte-level models
+      (vocab_size >= 256), a str / bytes or a list of them (UTF-8 bytes).
+    num_tokens: tokens to add after the longest prompt (the result is `max_length
+      = P_max + num_tokens` long). Give this or max_length.
+    max_length: length of the result, prompt included, `<= seq_len + 1` (the
+      last token is predicted from position seq_len - 1). Shorter prompts get
+      more new tokens.
+    sampler: a `Sampler` or a name in `SAMPLERS` (default: `Sampler()`, plain sampling).
+    stop_token_ids: ids that end a row (the stop token is kept, then
+      `pad_token_id` follows); the loop ends when every row has stopped.
+    pad_token_id: fills rows after their stop token.
+    return_text: decode each row (cut after its stop token) as UTF-8 text
+      (byte-level models only; invalid bytes are replaced).
+    use_cache: False runs the full model for every new token (the reference).
+
+  Returns:
+    int32 `[batch, max_length]` (`[max_length]` for a 1-D prompt or one
+    string); for prompts of different lengths, a list of int32 rows, each
+    cut after its stop token; with return_text, a str (or a list of str).
+
+  Raises:
+    ValueError: for prompts that are not integer tokens in `[0, vocab_size)`,
+      lengths out of range, or sampler settings out of range.
+  """
+  where = f"{type(model).__name__}.generate"
+  seq_len, vocab_size = int(model.seq_len), int(model.vocab_size)
+  rows, text, batched, ragged = _prompt_rows(prompt, vocab_size, where)
+  lengths = np.array([len(r) for r in rows], np.int32)
+  longest = int(lengths.max())
+  if min(lengths) < 1:
+    raise ValueError(f"{where}: every prompt needs at least one token, got lengths "
+                     f"{lengths.tolist()}.")
+  if (num_tokens is None) == (max_length is None):
+    raise ValueError(f"{where}: give exactly one of num_tokens and max_length, got "
+                     f"{num_tokens} and {max_length}.")
+  if num_tokens is not None and num_tokens < 0:
+    raise ValueError(f"{where}: num_tokens must be >= 0, got {num_tokens}.")
+  max_length = longest + num_tokens if max_length is None else int(max_length)
+  if not longest <= max_length <= seq_len + 1:
+    raise ValueError(f"{where}: max_length ({max_length}, prompt length {longest} + new tokens) "
+                     f"must be >= the prompt length and <= seq_len + 1 ({seq_len + 1}): the last "
+                     f"token is predicted from position seq_len - 1.")
+  low, high = min(int(r.min()) for r in rows), max(int(r.max()) for r in rows)
+  if low < 0 or high >= vocab_size:
+    raise ValueError(f"{where}: prompt tokens must be in [0, {vocab_size}), got values from "
+                     f"{low} to {high}.")
+  if return_text and vocab_size < 256:
+    raise ValueError(f"{where}: return_text needs a byte-level model (vocab_size >= 256).")
+  sampler = Sampler.get(sampler)
+  sampler.check(vocab_size)
+  stops = np.asarray([] if stop_token_ids is None else stop_token_ids, np.int32).reshape(-1)
+
+  tokens = np.zeros((len(rows), longest), np.int32)
+  for b, r in enumerate(rows):
+    tokens[b, :len(r)] = r
+  if max_length == lengths.min():                         # nothing to add to any row
+    out = np.zeros((len(rows), max_length), np.int32) + pad_token_id
+    out[:, :longest] = tokens
+    ends = lengths
+  elif use_cache:
+    out, ends = generator(model)(tokens, lengths, max_length, sampler, stops, pad_token_id)
+  else:
+    out, ends = reference_generate(model, tokens, lengths, max_length, sampler, stops,
+                                   pad_token_id)
+  if return_text:
+    texts = [bytes(np.clip(row[:end], 0, 255).astype(np.uint8)).decode("utf-8", "replace")
+             for row, end in zip(out, ends)]
+    return texts if batched else texts[0]
+  if ragged:
+    return [row[:end] for row, end in zip(out, ends)]
+  return out if batched else out[0]

@@ -1,0 +1,200 @@
+"""Compiled generation (sparse_attention_tf.generation): prefill + cached decoding loop.
+
+The cached path is held equal to the full model (greedy tokens and the logits
+themselves) for every pattern family and head mode, with prompts shorter than
+one block, ending mid-block, ending on a block boundary, and rows of
+different lengths in one batch. Models are tiny (seq_len 64, d_model 32, 2
+layers, block_size 16); each builds its generate function once.
+"""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import sparse_attention_tf as sat
+from sparse_attention_tf import generation
+from sparse_attention_tf import patterns as P
+
+N, D, HEADS, BLOCK, VOCAB = 64, 32, 4, 16, 12
+
+PATTERNS = {
+    "fixed": lambda: P.Fixed(16, 4),
+    "strided": lambda: P.Strided(16),
+    "local": lambda: P.Local(20),
+    "dense": lambda: P.Dense(),
+    "bigbird": lambda: P.BigBird(block=16, window=3, num_global=1, num_random=1, seed=3,
+                                 causal=True),
+}
+# Head modes differ only for patterns with several components.
+CASES = [("fixed", m) for m in ("merged", "interleaved", "multihead")] + \
+        [("strided", m) for m in ("merged", "interleaved", "multihead")] + \
+        [("local", "merged"), ("dense", "merged"), ("bigbird", "merged")]
+
+
+def _model(rng, pattern="fixed", head_mode="merged", vocab=VOCAB):
+  model = sat.SparseTransformer(vocab_size=vocab, seq_len=N, num_layers=2, d_model=D,
+                                num_heads=HEADS, pattern=PATTERNS[pattern](),
+                                head_mode=head_mode, block_size=BLOCK, implementation="custom_op")
+  model(np.zeros((1, N), np.int32))
+  for w in model.weights:
+    w.assign(0.5 * rng.standard_normal(w.shape).astype("float32"))
+  # Large logit gaps, so float rounding between the paths cannot flip an argmax.
+  model.head.kernel.assign(2.0 * rng.standard_normal(model.head.kernel.shape).astype("float32"))
+  return model
+
+
+def _assert_greedy(model, rows, out):
+  """Each token after a row's prompt is the argmax of the full model at the position before."""
+  padded = np.zeros((len(out), N), np.int32)
+  for b, got in enumerate(out):
+    padded[b, :min(len(got), N)] = got[:N]
+  full = model(padded).numpy()                                            # (B, N, V)
+  for prompt, got, logits in zip(rows, out, full):
+    np.testing.assert_array_equal(got[:len(prompt)], prompt)
+    np.testing.assert_array_equal(got[len(prompt):], logits[len(prompt) - 1:len(got) - 1]
+                                  .argmax(-1), err_msg=f"prompt length {len(prompt)}")
+
+
+@pytest.mark.parametrize("pattern,head_mode", CASES, ids=[f"{p}-{m}" for p, m in CASES])
+def test_cached_greedy_matches_full_model(pattern, head_mode, rng, ops):
+  model = _model(rng, pattern, head_mode)
+  # Shorter than a block, mid-block, on a block boundary: one batch each, then all in one.
+  for length in (5, 23, 32):
+    prompt = rng.integers(0, VOCAB, (2, length)).astype(np.int32)
+    out = model.generate(prompt, max_length=48, sampler="greedy")
+    assert out.shape == (2, 48) and out.dtype == np.int32
+    _assert_greedy(model, prompt, out)
+  rows = [rng.integers(0, VOCAB, n).astype(np.int32) for n in (23, 5, 32)]
+  out = model.generate(rows, max_length=N + 1, sampler="greedy")       # to the very end
+  assert [len(r) for r in out] == [N + 1] * 3
+  _assert_greedy(model, rows, out)
+  assert generation.generator(model).traces == 1
+
+
+@pytest.mark.parametrize("pattern,head_mode", [("fixed", "multihead"), ("bigbird", "merged")])
+def test_prefill_and_decode_logits_match_forward(pattern, head_mode, rng, ops):
+  """Teacher-forced: the prefill's logits and every decoding step's equal the full pass."""
+  model = _model(rng, pattern, head_mode)
+  tokens = rng.integers(0, VOCAB, (2, N)).astype(np.int32)
+  full = model(tokens).numpy()                                            # (B, N, V)
+  start = 23
+  logits, caches = model.prefill(tf.constant(tokens), tf.constant(start - 1))
+  np.testing.assert_allclose(logits.numpy(), full[:, start - 1], atol=1e-4)
+  step = tf.function(model.decode_step)
+  for pos in range(start, N):
+    logits, caches = step(tf.constant(tokens[:, pos]), tf.constant(pos), caches)
+    np.testing.assert_allclose(logits.numpy(), full[:, pos], atol=1e-4, err_msg=f"{pos}")
+
+
+def test_seeded_sampling_is_reproducible(rng, ops):
+  model = _model(rng)
+  model.head.kernel.assign(0.05 * model.head.kernel)                     # a broad distribution
+  prompt = rng.integers(0, VOCAB, (3, 7)).astype(np.int32)
+  a = model.generate(prompt, 30, temperature=3.0, seed=1)
+  np.testing.assert_array_equal(a, model.generate(prompt, 30, temperature=3.0, seed=1))
+  assert not np.array_equal(a, model.generate(prompt, 30, temperature=3.0, seed=2))
+  # The uncached reference draws with the same seeds: same tokens.
+  np.testing.assert_array_equal(a, model.generate(prompt, 30, temperature=3.0, seed=1,
+                                                  use_cache=False))
+  sampler = generation.Sampler(temperature=2.0, top_k=4, top_p=0.9, seed=7)
+  np.testing.assert_array_equal(model.generate(prompt, 30, sampler=sampler),
+                                model.generate(prompt, 30, sampler=sampler))
+  # temperature 0 and top_k=1 are greedy.
+  greedy = model.generate(prompt, 30, sampler="greedy")
+  np.testing.assert_array_equal(model.generate(prompt, 30, top_k=1, seed=3), greedy)
+
+
+def test_top_k_and_top_p_never_pick_excluded_tokens():
+  """A crafted distribution, sampled 4000 times per setting."""
+  probs = np.array([0.05, 0.4, 0.02, 0.3, 0.2, 0.03], np.float32)        # ranks: 1, 3, 4, ...
+  logits = tf.constant(np.tile(np.log(probs), (4000, 1)))
+  cases = {(0, 1.0): {0, 1, 2, 3, 4, 5},     # neither: every token appears
+           (3, 1.0): {1, 3, 4},               # the 3 most likely
+           (0, 0.5): {1, 3},                  # 0.4 < 0.5, 0.4 + 0.3 >= 0.5
+           (0, 0.35): {1},                    # the first alone reaches 0.35
+           (0, 0.71): {1, 3, 4},
+           (2, 0.95): {1, 3}}                 # top-k first, then the nucleus of what is left
+  for (k, p), allowed in cases.items():
+    got = generation.sample_tokens(logits, tf.constant(1.0), tf.constant(k), tf.constant(p),
+                                   tf.constant([0, 11])).numpy()
+    assert set(got.tolist()) == allowed, (k, p, np.bincount(got, minlength=6))
+  got = generation.sample_tokens(logits, tf.constant(0.0), tf.constant(0), tf.constant(1.0),
+                                 tf.constant([0, 11])).numpy()
+  assert set(got.tolist()) == {1}                                         # greedy
+
+
+def test_generate_top_k_stays_in_the_k_most_likely(rng, ops):
+  model = _model(rng)
+  prompt = rng.integers(0, VOCAB, (2, 4)).astype(np.int32)
+  out = model.generate(prompt, 40, temperature=5.0, top_k=2, seed=9)
+  padded = np.zeros((2, N), np.int32)
+  padded[:, :44] = out
+  best2 = np.argsort(-model(padded).numpy()[:, 3:43], axis=-1)[..., :2]  # (B, 40, 2)
+  assert (out[:, 4:, None] == best2).any(-1).all()
+
+
+def test_stop_tokens_end_rows_independently(rng, ops):
+  model = _model(rng)
+  rows = [rng.integers(0, VOCAB, n).astype(np.int32) for n in (6, 11)]
+  free = model.generate(rows, max_length=50, sampler="greedy")            # no stop tokens
+  # A stop id that row 0 produces; each row must end at its own first occurrence of it.
+  stop = int(free[0][6 + 3])
+  out = model.generate(rows, max_length=50, sampler="greedy", stop_token_ids=[stop])
+  for prompt, full, got in zip(rows, free, out):
+    hits = np.nonzero(full[len(prompt):] == stop)[0]
+    end = len(prompt) + hits[0] + 1 if len(hits) else 50
+    np.testing.assert_array_equal(got, full[:end])
+  # Rectangular prompts: padded with pad_token_id after the stop token.
+  prompt = np.stack([rows[0][:6], rows[1][:6]])
+  free = model.generate(prompt, max_length=50, sampler="greedy")
+  out = model.generate(prompt, max_length=50, sampler="greedy", stop_token_ids=[stop, VOCAB + 3],
+                       pad_token_id=-1)
+  for full, got in zip(free, out):
+    hits = np.nonzero(full[6:] == stop)[0]
+    end = 6 + hits[0] + 1 if len(hits) else 50
+    np.testing.assert_array_equal(got[:end], full[:end])
+    assert (got[end:] == -1).all()
+
+
+def test_second_call_does_not_retrace(rng, ops):
+  model = _model(rng)
+  gen = generation.generator(model)
+  model.generate(rng.integers(0, VOCAB, (1, 3)), 5, seed=0)
+  model.generate(rng.integers(0, VOCAB, (4, 9)), 20, temperature=0.5, top_k=3, seed=1)
+  model.generate([[1, 2], [3, 4, 5, 6]], max_length=30, sampler="top_p", stop_token_ids=[1, 2])
+  model.generate(rng.integers(0, VOCAB, 7), 2, sampler="greedy")
+  assert gen.traces == 1
+  assert generation.generator(model) is gen
+
+
+def test_text_prompts_on_a_byte_model(rng, ops):
+  model = _model(rng, vocab=256)
+  text = model.generate("héllo", max_length=20, sampler="greedy", return_text=True)
+  assert isinstance(text, str) and text.startswith("héllo")
+  tokens = model.generate(b"ab", max_length=8, sampler="greedy")
+  assert tokens.shape == (8,) and tokens[:2].tolist() == [97, 98]
+  texts = model.generate(["a", "bcd"], max_length=10, sampler="greedy", return_text=True)
+  assert [t[:len(p)] for t, p in zip(texts, ("a", "bcd"))] == ["a", "bcd"]
+  with pytest.raises(ValueError, match="byte-level"):
+    _model(rng).generate("abc", 3)
+
+
+def test_generate_rejects_bad_arguments(rng):
+  model = _model(rng)
+  ok = np.array([1, 2, 3], np.int32)
+  with pytest.raises(ValueError, match="not both"):
+    model.generate(ok, 2, temperature=1.0, sampler="greedy")
+  with pytest.raises(ValueError, match="exactly one"):
+    model.generate(ok, 2, max_length=5)
+  with pytest.raises(ValueError, match="exactly one"):
+    model.generate(ok)
+  with pytest.raises(ValueError, match="seq_len"):
+    model.generate(ok, max_length=N + 2)
+  with pytest.raises(ValueError, match="top_p"):
+    model.generate(ok, 2, top_p=0.0)
+  with pytest.raises(ValueError, match="sampler"):
+    model.generate(ok, 2, sampler="beam")
+  with pytest.raises(ValueError, match="tokens"):
+    model.generate([[1, 2], [3, VOCAB, 1]], 2)
+  with pytest.raises(ValueError, match="integers"):
+    model.generate([[1, 2], [3.0, 4.0, 1.0]], 2)
