@@ -130,8 +130,9 @@ def main():
   os.makedirs(args.workdir, exist_ok=True)
   rows = [campaign(d, args.kills, args.steps, args.workdir, rng) for d in args.dropout]
   print(f"\nSIGKILL campaign, default strategy, {cpu_model()}, checkpoint every step\n")
-  print("| dropout | kills (half aimed at writes) | kills inside a write | restarts that found a checkpoint (the rest started fresh: killed before the first) | fallbacks to the "
-        "previous checkpoint | max abs weight diff vs uninterrupted |")
+  print("| dropout | kills (half aimed at writes) | kills inside a write | restarts that found "
+        "a checkpoint (the rest: killed before the first) | fallbacks to the previous "
+        "checkpoint | max abs weight diff vs uninterrupted |")
   print("|---|---|---|---|---|---|")
   for r in rows:
     print(f"| {r['dropout']} | {r['kills']} | {r['in_write']} | {r['resumed']} | "
