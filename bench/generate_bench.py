@@ -84,7 +84,8 @@ def main():
   args = parser.parse_args()
   model = build_model(args.seq_len)
   forward = tf.function(lambda t: model(t, training=False))
-  print(f"CPU: {cpu_model()} ({os.cpu_count()} cores), TF {tf.__version__}")
+  print(f"CPU: {cpu_model()} ({os.cpu_count()} cores), TF {tf.__version__}, load average "
+        f"{os.getloadavg()[0]:.1f} (other processes slow every column)")
   print(f"model: 2 layers, width 128, 4 heads, Fixed(64, 16), seq_len {args.seq_len}, vocab 256")
   header = (f"{'path':<5} {'prompt':>6} {'new':>5} {'batch':>5} {'seconds':>8} {'new tok/s':>10} "
             f"{'prefill ms':>10} {'ms/step':>8} {'forward ms':>10}")
@@ -115,6 +116,7 @@ def main():
       print(f"{'old':<5} {prompt_len:>6} {new:>5} {batch:>5} {old:>8.3f} "
             f"{batch * new / old:>10.0f} {'-':>10} {1e3 * old / (prompt_len + new - 1):>8.2f} "
             f"{forward_ms:>10.2f}", flush=True)
+  print(f"load average at the end: {os.getloadavg()[0]:.1f}")
 
 
 if __name__ == "__main__":

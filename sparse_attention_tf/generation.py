@@ -108,8 +108,52 @@ def sample_tokens(logits, temperature, top_k, top_p, seed):
   kept = tf.maximum(tf.reduce_sum(tf.cast(keep, tf.int32), axis=-1), 1)   # (B,)
   threshold = tf.gather(ranked, kept - 1, axis=1, batch_dims=1)[:, None]  # (B, 1)
   masked = tf.where(scaled >= threshold, scaled, -np.inf)                 # (B, V)
-  sampled = tf.random.stateless_categorical(masked, 1, seed=seed, dtype=tf.int32)[:, 0]
+  gumbel = -tf.math.log(-tf.math.log(_uniform(tf.shape(masked), seed)))   # (B, V)
+  sampled = tf.argmax(masked + gumbel, axis=-1, output_type=tf.int32)     # Gumbel-max
   return tf.where(temperature > 0, sampled, greedy)                       # (B,)
+
+
+def _hash(x):
+  """A 32-bit integer mix (after C. Wellons' hash32), in int64 so that no product overflows."""
+  mask = tf.constant(0xFFFFFFFF, tf.int64)
+  for shift, factor in ((16, 0x7FEB352D), (15, 0x297A2D39), (16, None)):
+    x = tf.bitwise.bitwise_xor(x, tf.bitwise.right_shift(x, shift))
+    if factor:
+      x = tf.bitwise.bitwise_and(x * factor, mask)
+  return x
+
+
+def _uniform(shape, seed):
+  """Uniform (0, 1) float32 of `shape` `[B, V]`, a pure function of seed int32 `[2]`.
+
+  A counter-based hash rather than `tf.random.stateless_*`, whose streams
+  differ under XLA: the compiled decoding loop and the uncached reference
+  must draw the same numbers.
+  """
+  seed = tf.cast(seed, tf.int64)
+  mask = tf.constant(0xFFFFFFFF, tf.int64)
+  key = _hash(tf.bitwise.bitwise_and(seed[1] + _hash(seed[0]), mask))
+  counter = tf.reshape(tf.range(tf.cast(shape[0] * shape[1], tf.int64)), shape)  # (B, V)
+  bits = _hash(tf.bitwise.bitwise_and(counter + key * 0x9E3779B, mask))
+  bits = _hash(tf.bitwise.bitwise_xor(bits, key))
+  return (tf.cast(tf.bitwise.right_shift(bits, 8), tf.float32) + 0.5) / 2.0**24
+
+
+def _advance(pos, logits, tokens, done, ends, rows):
+  """Writes the token at pos + 1: the prompt's, a sample, or padding after a stop.
+
+  Returns the new (tokens `[B, N + 1]`, done `[B]`, ends `[B]`).
+  """
+  lengths, _, temperature, top_k, top_p, seed, stop_token_ids, pad_token_id = rows
+  nxt = pos + 1
+  sampled = sample_tokens(logits, temperature, top_k, top_p,
+                          tf.random.experimental.stateless_fold_in(seed, pos))  # (B,)
+  in_prompt = nxt < lengths                                               # (B,)
+  new = tf.where(in_prompt, tokens[:, nxt], tf.where(done, pad_token_id, sampled))
+  stop = tf.reduce_any(sampled[:, None] == stop_token_ids[None], axis=-1)
+  stop = tf.logical_and(stop, tf.logical_not(tf.logical_or(in_prompt, done)))
+  tokens = tf.where(tf.range(tf.shape(tokens)[1])[None] == nxt, new[:, None], tokens)
+  return tokens, tf.logical_or(done, stop), tf.where(stop, nxt + 1, ends)
 
 
 class Generator:
@@ -119,7 +163,7 @@ class Generator:
   trace. `traces` counts how often the function was traced.
   """
 
-  def __init__(self, model):
+  def __init__(self, model, jit_compile: bool = True):
     for name in ("seq_len", "vocab_size", "prefill", "decode_step"):
       if not hasattr(model, name):
         raise TypeError(f"{type(model).__name__} has no {name!r}: generation needs seq_len, "
@@ -127,6 +171,8 @@ class Generator:
                         f"sparse_attention_tf.generation.SparseCausalLM).")
     self.model = model
     self.traces = 0
+    # The decoding loop through XLA: caches updated in place, the small per-step ops fused.
+    self._decode = tf.function(self._decode_loop, jit_compile=jit_compile)
     n = int(model.seq_len)
     self.function = tf.function(self._generate, input_signature=[
         tf.TensorSpec([None, n + 1], tf.int32, name="tokens"),
@@ -151,37 +197,31 @@ class Generator:
     self.traces += 1
     n = int(self.model.seq_len)
     batch = tf.shape(tokens)[0]
-    columns = tf.range(n + 1)[None]                                       # (1, N + 1)
-
-    def advance(pos, logits, tokens, done, ends):
-      """Writes the token at pos + 1: the prompt's, a sample, or padding after a stop."""
-      nxt = pos + 1
-      sampled = sample_tokens(logits, temperature, top_k, top_p,
-                              tf.random.experimental.stateless_fold_in(seed, pos))  # (B,)
-      in_prompt = nxt < lengths                                           # (B,)
-      new = tf.where(in_prompt, tokens[:, nxt], tf.where(done, pad_token_id, sampled))
-      stop = tf.reduce_any(sampled[:, None] == stop_token_ids[None], axis=-1)
-      stop = tf.logical_and(stop, tf.logical_not(tf.logical_or(in_prompt, done)))
-      tokens = tf.where(columns == nxt, new[:, None], tokens)             # (B, N + 1)
-      return tokens, tf.logical_or(done, stop), tf.where(stop, nxt + 1, ends)
-
+    rows = (lengths, max_length, temperature, top_k, top_p, seed, stop_token_ids, pad_token_id)
     start = tf.reduce_min(lengths)
     logits, caches = self.model.prefill(tokens[:, :n], start - 1)         # (B, V)
     done = tf.zeros([batch], tf.bool)
     ends = tf.fill([batch], max_length)
-    tokens, done, ends = advance(start - 1, logits, tokens, done, ends)
+    tokens, done, ends = _advance(start - 1, logits, tokens, done, ends, rows)
+    tokens, ends = self._decode(start, tokens, done, ends, caches, rows)
+    columns = tf.range(n + 1)[None]                                       # (1, N + 1)
+    tokens = tf.where(columns >= ends[:, None], pad_token_id, tokens)[:, :max_length]
+    return tokens, ends
+
+  def _decode_loop(self, start, tokens, done, ends, caches, rows):
+    """Decoding steps from position `start` until max_length or every row stopped."""
+    max_length = rows[1]
 
     def cond(pos, tokens, done, ends, caches):
       return tf.logical_and(pos < max_length - 1, tf.logical_not(tf.reduce_all(done)))
 
     def body(pos, tokens, done, ends, caches):
       logits, caches = self.model.decode_step(tokens[:, pos], pos, caches)  # (B, V)
-      tokens, done, ends = advance(pos, logits, tokens, done, ends)
+      tokens, done, ends = _advance(pos, logits, tokens, done, ends, rows)
       return pos + 1, tokens, done, ends, caches
 
-    _, tokens, done, ends, _ = tf.while_loop(cond, body, (start, tokens, done, ends, caches),
-                                             parallel_iterations=1)
-    tokens = tf.where(columns >= ends[:, None], pad_token_id, tokens)[:, :max_length]
+    _, tokens, _, ends, _ = tf.while_loop(cond, body, (start, tokens, done, ends, caches),
+                                          parallel_iterations=1)
     return tokens, ends
 
   def __call__(self, tokens, lengths, max_length, sampler, stop_token_ids=(), pad_token_id=0):
