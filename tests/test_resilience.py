@@ -184,7 +184,7 @@ def test_checkpoint_holds_the_dropout_state(runs):
 # ---------------------------------------------------------------------------
 # 2. train_main.py under real signals (default strategy)
 
-RUN = ["--dataset=pydoc", "--num_layers=2", "--d_model=192", "--num_heads=2", "--batch_size=4",
+RUN = ["--dataset=pydoc", "--num_layers=2", "--d_model=64", "--num_heads=2", "--batch_size=4",
        "--seq_len=64", "--block_size=16", "--stride=16", "--summary=4", "--validation_steps=1",
        "--verbose=0", "--dropout=0.1", "--sample_tokens=8", "--steps=20",
        "--steps_per_epoch=5", "--seed=0", "--learning_rate=3e-3", "--warmup_steps=2"]
