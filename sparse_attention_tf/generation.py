@@ -172,9 +172,9 @@ class Generator:
     self.model = model
     self.traces = 0
     # The decoding loop through XLA: caches updated in place, the small per-step ops fused.
-    self._decode = tf.function(self._decode_loop, jit_compile=jit_compile)
+    self._decode = tf.function(self._decode_loop, jit_compile=jit_compile, autograph=False)
     n = int(model.seq_len)
-    self.function = tf.function(self._generate, input_signature=[
+    self.function = tf.function(self._generate, autograph=False, input_signature=[
         tf.TensorSpec([None, n + 1], tf.int32, name="tokens"),
         tf.TensorSpec([None], tf.int32, name="lengths"),
         tf.TensorSpec([], tf.int32, name="max_length"),
@@ -406,3 +406,114 @@ def generate(model, prompt, num_tokens: Optional[int] = None, *, max_length: Opt
   if ragged:
     return [row[:end] for row, end in zip(out, ends)]
   return out if batched else out[0]
+
+
+# Layers that act on each position alone: the decoding step runs them on one position.
+_PER_POSITION = ("Embedding", "LayerNormalization", "Dense", "Dropout", "Activation",
+                 "Identity", "RMSNormalization")
+
+
+class SparseCausalLM:
+  """Generation for your own functional language model built from our layers.
+
+  The model must be a chain (each layer feeding the next) from
+  `keras.Input((seq_len,), dtype="int32")` to logits `[batch, seq_len,
+  vocab]`, of: `keras.layers.Embedding`, a position embedding
+  (`PositionEmbedding`, `ImagePositionEmbedding`, `StridedPositionEmbedding`),
+  `SparseTransformerBlock`s with causal patterns, and per-position layers
+  (`LayerNormalization`, `Dense`, `Dropout`, `Activation`). Anything else
+  raises a ValueError naming the layer. The wrapper shares the model's
+  weights; it provides the decoding interface (see the module docstring).
+
+  Args:
+    model: the functional `keras.Model`.
+
+  Example:
+
+  >>> tokens = keras.Input((64,), dtype="int32")              # doctest: +SKIP
+  >>> x = keras.layers.Embedding(256, 32)(tokens)
+  >>> x = sat.layers.PositionEmbedding(64)(x)
+  >>> x = sat.SparseTransformerBlock(4, sat.Fixed(16, 4), block_size=16)(x)
+  >>> logits = keras.layers.Dense(256)(keras.layers.LayerNormalization()(x))
+  >>> lm = SparseCausalLM(keras.Model(tokens, logits))
+  >>> lm.generate("Hello", max_length=40, sampler="greedy", return_text=True)
+  """
+
+  def __init__(self, model):
+    from sparse_attention_tf.layers.block import SparseTransformerBlock
+    from sparse_attention_tf.layers.embeddings import _PositionEmbeddingBase
+    name = type(model).__name__
+    inputs, outputs = getattr(model, "inputs", None), getattr(model, "outputs", None)
+    if not inputs or len(inputs) != 1 or len(outputs) != 1 or len(inputs[0].shape) != 2 or \
+        inputs[0].shape[1] is None or len(outputs[0].shape) != 3:
+      raise ValueError(f"SparseCausalLM needs a functional model from keras.Input((seq_len,)) "
+                       f"to logits [batch, seq_len, vocab], got {name} with inputs "
+                       f"{[tuple(i.shape) for i in inputs or []]}.")
+    self.model = model
+    self.seq_len = int(inputs[0].shape[1])
+    self.vocab_size = int(outputs[0].shape[-1])
+    self.layers = [l for l in model.layers if type(l).__name__ != "InputLayer"]
+    previous = inputs[0]
+    for layer in self.layers:
+      if layer.input is not previous:
+        raise ValueError(f"SparseCausalLM needs a chain of layers, each fed by the one before; "
+                         f"{layer.name} is not fed by the layer before it.")
+      previous = layer.output
+      is_block = isinstance(layer, SparseTransformerBlock)
+      if is_block and not layer.pattern.causal:
+        raise ValueError(f"{layer.name}: generation needs causal patterns, got "
+                         f"{layer.pattern!r}.")
+      if not (is_block or isinstance(layer, _PositionEmbeddingBase)
+              or type(layer).__name__ in _PER_POSITION):
+        raise ValueError(f"SparseCausalLM cannot decode through {layer.name} "
+                         f"({type(layer).__name__}): use SparseTransformerBlock, a position "
+                         f"embedding, or per-position layers ({', '.join(_PER_POSITION)}).")
+    if previous is not outputs[0]:
+      raise ValueError("SparseCausalLM: the model's output is not the last layer's output.")
+    self._blocks = [l for l in self.layers if isinstance(l, SparseTransformerBlock)]
+    self._position_layers = tuple(l for l in self.layers if isinstance(l, _PositionEmbeddingBase))
+
+  def __call__(self, tokens, training=False):
+    return self.model(tokens, training=training)
+
+  def prefill(self, tokens, position):
+    """See the module docstring: (logits `[B, V]` at position, caches)."""
+    x, caches = tokens, []
+    last = self.layers.index(self._blocks[-1]) if self._blocks else -1
+    for i, layer in enumerate(self.layers):
+      if layer in self._blocks:
+        x, k, v = layer.prefill(x)                                        # (B, N, D), (B, N, H, K)
+        caches.append((tf.transpose(k, [2, 1, 0, 3]), tf.transpose(v, [2, 1, 0, 3])))
+      else:
+        x = layer(x)
+      if i == last:
+        x = tf.gather(x, position, axis=1)[:, None]                       # (B, 1, D)
+    if last < 0:
+      x = tf.gather(x, position, axis=1)[:, None]
+    return x[:, 0], caches                                                # (B, V)
+
+  def decode_step(self, token, position, caches):
+    """See the module docstring: (logits `[B, V]`, caches)."""
+    x, new_caches, tables = token[:, None], [], {}
+    blocks = iter(zip(self._blocks, caches))
+    for layer in self.layers:
+      if layer in self._blocks:
+        block, cache = next(blocks)
+        table = block.attention.decode_table(self.seq_len)                # (N, H, W) NumPy
+        if id(table) not in tables:
+          tables[id(table)] = tf.gather(tf.constant(table), position)     # (H, W)
+        x, cache = block.decode_step(x, cache, position, tables[id(table)])
+        new_caches.append(cache)
+      elif layer in self._position_layers:
+        x = layer(x, start_index=position)                                # (B, 1, D)
+      else:
+        x = layer(x)
+    return x[:, 0], new_caches                                            # (B, V)
+
+  def generate(self, prompt, num_tokens: Optional[int] = None, *, max_length=None, sampler=None,
+               stop_token_ids=None, pad_token_id: int = 0, return_text: bool = False,
+               use_cache: bool = True):
+    """Continues prompt: `generation.generate(self, ...)` (same arguments)."""
+    return generate(self, prompt, num_tokens, max_length=max_length, sampler=sampler,
+                    stop_token_ids=stop_token_ids, pad_token_id=pad_token_id,
+                    return_text=return_text, use_cache=use_cache)

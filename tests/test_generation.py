@@ -7,6 +7,7 @@ different lengths in one batch. Models are tiny (seq_len 64, d_model 32, 2
 layers, block_size 16); each builds its generate function once.
 """
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -198,3 +199,26 @@ def test_generate_rejects_bad_arguments(rng):
     model.generate([[1, 2], [3, VOCAB, 1]], 2)
   with pytest.raises(ValueError, match="integers"):
     model.generate([[1, 2], [3.0, 4.0, 1.0]], 2)
+
+
+def test_functional_model_through_sparse_causal_lm(rng, ops):
+  tokens = keras.Input((N,), dtype="int32")
+  x = keras.layers.Embedding(VOCAB, D)(tokens)
+  x = sat.layers.PositionEmbedding(N)(x)
+  x = sat.SparseTransformerBlock(HEADS, P.Fixed(16, 4), num_layers=2, block_size=BLOCK)(x)
+  x = sat.SparseTransformerBlock(HEADS, P.Local(20), num_layers=2, block_size=BLOCK,
+                                 dropout=0.1)(x)
+  x = keras.layers.Dense(VOCAB)(keras.layers.LayerNormalization()(x))
+  model = keras.Model(tokens, x)
+  for w in model.weights:
+    w.assign(0.5 * rng.standard_normal(w.shape).astype("float32"))
+  lm = generation.SparseCausalLM(model)
+  rows = [rng.integers(0, VOCAB, n).astype(np.int32) for n in (5, 16)]
+  out = lm.generate(rows, max_length=N + 1, sampler="greedy")
+  _assert_greedy(model, rows, out)
+  sampler = generation.Sampler(temperature=2.0, seed=4)
+  np.testing.assert_array_equal(lm.generate(rows[0], 20, sampler=sampler),
+                                lm.generate(rows[0], 20, sampler=sampler, use_cache=False))
+  conv = keras.layers.Conv1D(D, 3, padding="causal")(keras.layers.Embedding(VOCAB, D)(tokens))
+  with pytest.raises(ValueError, match="Conv1D"):
+    generation.SparseCausalLM(keras.Model(tokens, keras.layers.Dense(VOCAB)(conv)))
