@@ -41,7 +41,7 @@ def main(argv=None):
                            log=lambda line: print(line, flush=True))
   print()
   print(fuzz.markdown(summary))
-  details = fuzz.describe(summary, limit=5)
+  details = fuzz.describe(summary, limit=5, save_dir=out)
   if details:
     print("\n" + details)
   c = summary["counts"]

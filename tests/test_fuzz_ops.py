@@ -7,7 +7,7 @@ holds the float64 references): a segfault, an abort or a hang ends the worker
 and fails this test with the last input, instead of killing pytest.
 
 Longer campaigns: `python scripts/fuzz_ops.py --seconds 600`.
-Knobs: FUZZ_SECONDS (wall time of the worker, default 50), FUZZ_SEED (default 0).
+Knobs: FUZZ_SECONDS (wall time of the worker, default 45: about 52 s in all), FUZZ_SEED (default 0).
 """
 
 from __future__ import annotations
@@ -26,11 +26,11 @@ from tests import fuzz_ops_worker as fuzz  # noqa: E402
 
 def test_fuzz_raw_ops(tmp_path):
   """No crash, hang, silent wrong result or unclean exception; and the counts are sane."""
-  seconds = float(os.environ.get("FUZZ_SECONDS", "50"))
+  seconds = float(os.environ.get("FUZZ_SECONDS", "45"))
   summary = fuzz.supervise(seconds, int(os.environ.get("FUZZ_SEED", "0")), tmp_path,
                            restart=False, case_timeout=20)
   c = summary["counts"]
-  report = fuzz.markdown(summary) + "\n" + fuzz.describe(summary)
+  report = fuzz.markdown(summary) + "\n" + fuzz.describe(summary, save_dir=tmp_path)
   print(report)
   assert not summary["crashes"], f"a case crashed the worker:\n{report}"
   assert not summary["hangs"], f"a case hung:\n{report}"
@@ -55,6 +55,7 @@ def _case(op, dtype="float32", mode="eager", scale=0.5):
   floats = {"sdd": {"a": (2, 64, 4, 5), "b": (2, 64, 4, 5)},
             "dsd": {"p": (2, 2, t.nnz, 16, 16), "x": (2, 64, 4, 5)},
             "softmax": {"x": (2, 2, t.nnz, 16, 16)},
+            "softmax_grad": {"y": (2, 2, t.nnz, 16, 16), "dy": (2, 2, t.nnz, 16, 16)},
             "attention": {"q": (2, 64, 4, 5), "k": (2, 64, 4, 5), "v": (2, 64, 4, 3)}}[op]
   tabs = {"blocks": t.blocks, "row_offsets": t.row_offsets, "col_offsets": t.col_offsets,
           "col_blocks": t.col_blocks, "mask_index": t.mask_index}
@@ -85,8 +86,8 @@ def test_wrong_result_is_caught(ops, monkeypatch, op):
   makes a valid case 'wrong': the fuzz test can fail on a wrong kernel."""
   real = fuzz.reference
 
-  def off(op_name, x, upstream=None):
-    refs = real(op_name, x, upstream)
+  def off(op_name, x, *args, **kwargs):
+    refs = real(op_name, x, *args, **kwargs)
     refs[0] = refs[0] * (1 + 1e-3)
     return refs
 
@@ -130,3 +131,79 @@ def test_rejected_call_is_a_clean_error(ops):
   case["attrs"]["block_size"] = 24    # 64 tokens are not 24-token blocks
   verdict, detail = fuzz.run_case(case)
   assert verdict == "error" and "InvalidArgumentError" in detail, (verdict, detail)
+
+
+# --- the non-finite semantics (module doc of tests/fuzz_ops_worker.py) ------------------------
+def _poison(case, name, flat_index, value="nan", mult=None):
+  spec = dict(case["inputs"])[name]
+  spec["poison"] = [[flat_index, value]]
+  if mult is not None:
+    spec["mult"] = mult
+  return case
+
+
+def _with_output(monkeypatch, edit):
+  """fuzz.call with `edit(outs)` applied to the kernel's outputs."""
+  real = fuzz.call
+
+  def edited(case_, x_):
+    outs = [o.copy() for o in real(case_, x_)]
+    edit(outs)
+    return outs
+
+  monkeypatch.setattr(fuzz, "call", edited)
+
+
+def test_nan_in_v_may_fill_its_tile_only(ops, monkeypatch):
+  """A NaN in v (batch 0, key 40, head 1) may reach every query row of a kept tile
+  holding key 40 (query 32 shares the causal tile (2, 2) but cannot see key 40),
+  not a row of a block row without such a tile (query 0)."""
+  case = _poison(_case("attention"), "v", (0 * 64 + 40) * 4 * 3 + 1 * 3 + 1)
+  assert fuzz.run_case(case) == ("equal", "")
+  x = fuzz.realize(case)
+  assert not np.isnan(fuzz.reference("attention", x)[0][0, 32, 1]).any()
+  _with_output(monkeypatch, lambda outs: outs[0].__setitem__((0, 32, 1), np.nan))
+  assert fuzz.run_case(case) == ("equal", "")
+  _with_output(monkeypatch, lambda outs: outs[0].__setitem__((0, 0, 1, 0), np.nan))
+  verdict, detail = fuzz.run_case(case)
+  assert verdict == "wrong" and "(0, 0, 1, 0)" in detail, (verdict, detail)
+
+
+@pytest.mark.parametrize("name", ["q", "k"])
+def test_dropped_nan_is_caught(ops, monkeypatch, name):
+  """A NaN in q or k that the reference puts in a row (out and lse) must show there."""
+  case = _poison(_case("attention"), name, (0 * 64 + 40) * 4 * 5 + 1 * 5 + 2)
+  assert fuzz.run_case(case) == ("equal", "")
+  _with_output(monkeypatch, lambda outs: outs.__setitem__(0, np.nan_to_num(outs[0], nan=0.0)))
+  verdict, detail = fuzz.run_case(case)
+  assert verdict == "wrong" and "reference np.float64(nan)" in detail, (verdict, detail)
+
+
+def test_exact_zero_coefficients_are_skipped(ops):
+  """dsd with P = 0 and NaN / inf in x gives 0 (not 0 * NaN); softmax_grad gives 0
+  where y = 0, whatever dy holds."""
+  for value in ("nan", "inf"):
+    dsd = _poison(_case("dsd"), "x", 7, value)
+    dict(dsd["inputs"])["p"]["mult"] = 0.0
+    assert fuzz.run_case(dsd) == ("equal", ""), value
+    grad = _poison(_case("softmax_grad"), "dy", 7, value)
+    dict(grad["inputs"])["y"]["mult"] = 0.0
+    assert fuzz.run_case(grad) == ("equal", ""), value
+    x = fuzz.realize(grad)
+    with np.errstate(invalid="ignore"):
+      assert not fuzz.reference("softmax_grad", x)[0].any()
+
+
+@pytest.mark.parametrize("scale", [float("inf"), float("-inf"), float("nan")])
+@pytest.mark.parametrize("mode", ["eager", "tape"])
+def test_nonfinite_scale_either_placement(ops, scale, mode):
+  """A non-finite scale is accepted; the fused op's result is the reference of one
+  of the two placements of the scale (module doc), and the two differ."""
+  case = _case("attention", mode=mode, scale=scale)
+  assert fuzz.run_case(case) == ("equal", "")
+  if np.isinf(scale):
+    x = fuzz.realize(case)
+    with np.errstate(all="ignore"):
+      a, b = (fuzz.reference("attention", x, placement=p)[0] for p in fuzz.SCALE_PLACEMENTS)
+    assert not np.array_equal(np.isnan(a), np.isnan(b))
+
