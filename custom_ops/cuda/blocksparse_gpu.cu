@@ -26,6 +26,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <string>
 #include <type_traits>
 
@@ -165,26 +166,70 @@ struct alignas(16) Bytes16 {
   uint32_t w[4];
 };
 
+// Exponent field of T (all ones: NaN or +-inf), in the low bits of a word.
+template <typename T>
+struct Exponent;
+template <>
+struct Exponent<float> {
+  static constexpr uint32_t kMask = 0x7f800000u;
+};
+template <>
+struct Exponent<__half> {
+  static constexpr uint32_t kMask = 0x7c00u;
+};
+template <>
+struct Exponent<__nv_bfloat16> {
+  static constexpr uint32_t kMask = 0x7f80u;
+};
+
+// Whether x is neither NaN nor +-inf (from its bits: no float conversion).
+template <typename T>
+__device__ __forceinline__ bool Finite(T x) {
+  uint32_t u = 0;
+  memcpy(&u, &x, sizeof(T));
+  return (u & Exponent<T>::kMask) != Exponent<T>::kMask;
+}
+
+// The same for the 16 / sizeof(T) elements of a 16-byte copy.
+template <typename T>
+__device__ __forceinline__ bool Finite(const Bytes16& x) {
+  constexpr uint32_t m = Exponent<T>::kMask;
+  bool ok = true;
+  for (int i = 0; i < 4; ++i) {
+    ok &= (x.w[i] & m) != m;
+    if (sizeof(T) == 2) ok &= ((x.w[i] >> 16) & m) != m;
+  }
+  return ok;
+}
+
 // dst[r, c] = src[r * stride + c] for c < width, 0 for width <= c < padded.
 // 16-byte copies when the rows allow it (16-bit tiles with D % 8 == 0).
+// Returns whether the elements this thread copied are all finite (the
+// backward's per-chunk flag, see VisibleProducts; unused results cost
+// nothing once inlined).
 template <typename T>
-__device__ void LoadRows(const T* __restrict__ src, int64_t stride, int rows, int width,
-                         int padded, T* dst, int ld) {
+__device__ __forceinline__ bool LoadRows(const T* __restrict__ src, int64_t stride, int rows,
+                                         int width, int padded, T* dst, int ld) {
   constexpr int kVec = 16 / sizeof(T);
+  bool finite = true;
   if (width == padded && width % kVec == 0 && stride % kVec == 0 && ld % kVec == 0 &&
       reinterpret_cast<uintptr_t>(src) % 16 == 0 && reinterpret_cast<uintptr_t>(dst) % 16 == 0) {
     const int per_row = width / kVec;
     for (int idx = threadIdx.x; idx < rows * per_row; idx += blockDim.x) {
       const int r = idx / per_row, c = (idx - r * per_row) * kVec;
-      *reinterpret_cast<Bytes16*>(dst + r * ld + c) =
-          *reinterpret_cast<const Bytes16*>(src + r * stride + c);
+      const Bytes16 x = *reinterpret_cast<const Bytes16*>(src + r * stride + c);
+      *reinterpret_cast<Bytes16*>(dst + r * ld + c) = x;
+      finite &= Finite<T>(x);
     }
-    return;
+    return finite;
   }
   for (int idx = threadIdx.x; idx < rows * padded; idx += blockDim.x) {
     const int r = idx / padded, c = idx - r * padded;
-    dst[r * ld + c] = c < width ? src[r * stride + c] : FromF<T>(0.f);
+    const T x = c < width ? src[r * stride + c] : FromF<T>(0.f);
+    dst[r * ld + c] = x;
+    finite &= Finite(x);
   }
+  return finite;
 }
 
 template <typename T>
@@ -331,9 +376,13 @@ __global__ void __launch_bounds__(kThreads) AttentionForwardKernel(Args a, Tiles
           mx = fmaxf(mx, x);
         }
         const float m_old = sm.m[r], m_new = fmaxf(m_old, WarpMax(mx));
+        // No visible score above -inf yet: shift by 0, so that hidden and -inf
+        // scores give 0 but a NaN score (fmaxf skipped it) gives NaN, as in
+        // the CPU kernel (a row whose scores are all NaN has out and lse NaN).
+        const float shift = m_new == -INFINITY ? 0.f : m_new;
         float sum = 0.f;
         for (int c = lane; c < t.kc; c += 32) {
-          const T p = FromF<T>(m_new == -INFINITY ? 0.f : expf(s[c] - m_new));
+          const T p = FromF<T>(expf(s[c] - shift));
           sm.p[r * sm.ldp + c] = p;
           sum += ToF(p);  // the rounded P, as the PV product sees it
         }
@@ -388,29 +437,41 @@ __global__ void __launch_bounds__(kThreads) DeltaKernel(Args a) {
   }
 }
 
-// Loads a query chunk's Q, dO, lse and delta.
+// Loads a query chunk's Q, dO, lse and delta. Returns whether the Q and dO
+// elements this thread loaded are all finite.
 template <typename T>
-__device__ void LoadQueryChunk(const Args& a, const BwdSmem<T>& sm, const Tiles& t, int64_t b,
+__device__ bool LoadQueryChunk(const Args& a, const BwdSmem<T>& sm, const Tiles& t, int64_t b,
                                int64_t head, int64_t q0) {
-  LoadRows(static_cast<const T*>(a.q) + DenseOffset(a, b, q0, head, a.d), a.heads * a.d, t.rm,
-           a.d, t.dp, sm.q, sm.ldq);
-  LoadRows(static_cast<const T*>(a.dout) + DenseOffset(a, b, q0, head, a.dv), a.heads * a.dv,
-           t.rm, a.dv, t.dvp, sm.dout, sm.ldv);
+  bool finite = LoadRows(static_cast<const T*>(a.q) + DenseOffset(a, b, q0, head, a.d),
+                         a.heads * a.d, t.rm, a.d, t.dp, sm.q, sm.ldq);
+  finite &= LoadRows(static_cast<const T*>(a.dout) + DenseOffset(a, b, q0, head, a.dv),
+                     a.heads * a.dv, t.rm, a.dv, t.dvp, sm.dout, sm.ldv);
   const int64_t off = (b * a.heads + head) * a.seq + q0;
   for (int r = threadIdx.x; r < t.rm; r += blockDim.x) {
     sm.lse[r] = a.lse[off + r];
     sm.delta[r] = a.delta[off + r];
   }
+  return finite;
 }
 
-// Loads a key chunk's K and V.
+// Loads a key chunk's K and V. Returns whether the K elements this thread
+// loaded are all finite.
 template <typename T>
-__device__ void LoadKeyChunk(const Args& a, const BwdSmem<T>& sm, const Tiles& t, int64_t b,
+__device__ bool LoadKeyChunk(const Args& a, const BwdSmem<T>& sm, const Tiles& t, int64_t b,
                              int64_t head, int64_t k0) {
-  LoadRows(static_cast<const T*>(a.k) + DenseOffset(a, b, k0, head, a.d), a.heads * a.d, t.kc,
-           a.d, t.dp, sm.k, sm.ldq);
+  const bool finite = LoadRows(static_cast<const T*>(a.k) + DenseOffset(a, b, k0, head, a.d),
+                               a.heads * a.d, t.kc, a.d, t.dp, sm.k, sm.ldq);
   LoadRows(static_cast<const T*>(a.v) + DenseOffset(a, b, k0, head, a.dv), a.heads * a.dv, t.kc,
            a.dv, t.dvp, sm.v, sm.ldv);
+  return finite;
+}
+
+// Whether a chunk's backward products must skip its hidden pairs (see
+// VisibleProducts): its tile has hidden elements (a tile mask or padded keys)
+// and some thread loaded a NaN or inf operand (bad). Also the barrier after
+// the chunk's loads: every thread calls it.
+__device__ __forceinline__ bool NeedsVisibleProducts(int mi, const bool* keys, bool bad) {
+  return __syncthreads_or((mi >= 0 || keys != nullptr) && bad) != 0;
 }
 
 // With Q, dO, K, V of one (query chunk, key chunk) in shared memory: S = QK^T,
@@ -444,6 +505,51 @@ __device__ void ProbsAndGrads(const Args& a, const BwdSmem<T>& sm, const Tiles& 
   __syncthreads();
 }
 
+// The backward products of one (query chunk, key chunk) over its visible
+// pairs only, after ProbsAndGrads (P and dS in shared memory, 0 where
+// hidden): with kDkDv, dV += P^T dO and dK += dS^T Q (acc1, acc0 [kc, .]),
+// else dQ += dS K (acc0 [rm, .]). For chunks with hidden pairs whose Q or dO
+// rows (kDkDv) or K rows (dq) hold a NaN or inf, where a block product adds
+// 0 * inf = NaN to the keys (queries) that cannot see it; as the CPU kernel's
+// VisibleProducts. Rare, so plain loops: sm.s (dP, no longer needed) first
+// gets the chunk's visibility (1 / 0), since a visible P or dS may be 0 too
+// (0 * inf is NaN there, as in float64). Each thread owns its accumulator
+// elements and sums in a fixed order: deterministic.
+template <typename T, bool kDkDv>
+__device__ void VisibleProducts(const Args& a, const BwdSmem<T>& sm, const Tiles& t, int mi,
+                                int r0, int c0, const bool* keys) {
+  const int bs = int(a.block);
+  for (int idx = threadIdx.x; idx < t.rm * t.kc; idx += blockDim.x) {
+    const int r = idx / t.kc, c = idx - r * t.kc;
+    sm.s[r * sm.lds + c] = Visible(a.t.masks, mi, bs, r0 + r, c0 + c, keys) ? 1.f : 0.f;
+  }
+  __syncthreads();
+  if (kDkDv) {  // key column c: dV[c, :dvp], then dK[c, :dp]
+    const int w = t.dvp + t.dp;
+    for (int idx = threadIdx.x; idx < t.kc * w; idx += blockDim.x) {
+      const int c = idx / w, e = idx - c * w;
+      const bool value = e < t.dvp;
+      const T* coef = value ? sm.p : sm.ds;                    // P or dS, [rm, kc]
+      const T* x = value ? sm.dout + e : sm.q + (e - t.dvp);   // dO or Q column
+      const int ldx = value ? sm.ldv : sm.ldq;
+      float* acc = value ? sm.acc1 + c * sm.lda1 + e : sm.acc0 + c * sm.lda0 + (e - t.dvp);
+      float sum = *acc;
+      for (int r = 0; r < t.rm; ++r)
+        if (sm.s[r * sm.lds + c] != 0.f) sum = fmaf(ToF(coef[r * sm.ldp + c]), ToF(x[r * ldx]), sum);
+      *acc = sum;
+    }
+  } else {  // query row r: dQ[r, :dp]
+    for (int idx = threadIdx.x; idx < t.rm * t.dp; idx += blockDim.x) {
+      const int r = idx / t.dp, d = idx - r * t.dp;
+      float sum = sm.acc0[r * sm.lda0 + d];
+      for (int c = 0; c < t.kc; ++c)
+        if (sm.s[r * sm.lds + c] != 0.f)
+          sum = fmaf(ToF(sm.ds[r * sm.ldp + c]), ToF(sm.k[c * sm.ldq + d]), sum);
+      sm.acc0[r * sm.lda0 + d] = sum;
+    }
+  }
+}
+
 // dk, dv: grid (Nb * key chunks, H, B). Walks column (h, J)'s blocks in
 // col_blocks order, every query chunk of each: dV += P^T dO, dK += dS^T Q.
 template <typename T>
@@ -466,9 +572,13 @@ __global__ void __launch_bounds__(kThreads) AttentionBackwardDkDvKernel(Args a, 
     const int mi = a.t.mask_index[z];
     for (int r0 = 0; r0 < bs; r0 += t.rm) {
       __syncthreads();  // the previous chunk's products are done with q, dout, p, ds
-      LoadQueryChunk(a, sm, t, b, head, I * bs + r0);
-      __syncthreads();
+      const bool finite = LoadQueryChunk(a, sm, t, b, head, I * bs + r0);
+      const bool visible_only = NeedsVisibleProducts(mi, keys, !finite);
       ProbsAndGrads(a, sm, t, mi, r0, c0, keys);
+      if (visible_only) {
+        VisibleProducts<T, true>(a, sm, t, mi, r0, c0, keys);
+        continue;
+      }
       CtaGemm<T, true, false>(t.kc, t.dvp, t.rm, sm.p, sm.ldp, sm.dout, sm.ldv, sm.acc1, sm.lda1,
                               true);
       CtaGemm<T, true, false>(t.kc, t.dp, t.rm, sm.ds, sm.ldp, sm.q, sm.ldq, sm.acc0, sm.lda0, true);
@@ -505,9 +615,14 @@ __global__ void __launch_bounds__(kThreads) AttentionBackwardDqKernel(Args a, Ti
     const int mi = a.t.mask_index[z];
     for (int c0 = 0; c0 < bs; c0 += t.kc) {
       __syncthreads();
-      LoadKeyChunk(a, sm, t, b, head, J * bs + c0);
-      __syncthreads();
-      ProbsAndGrads(a, sm, t, mi, r0, c0, KeyRow(a, b, J * bs));
+      const bool finite = LoadKeyChunk(a, sm, t, b, head, J * bs + c0);
+      const bool* keys = KeyRow(a, b, J * bs);
+      const bool visible_only = NeedsVisibleProducts(mi, keys, !finite);
+      ProbsAndGrads(a, sm, t, mi, r0, c0, keys);
+      if (visible_only) {
+        VisibleProducts<T, false>(a, sm, t, mi, r0, c0, keys);
+        continue;
+      }
       CtaGemm<T, false, false>(t.rm, t.dp, t.kc, sm.ds, sm.ldp, sm.k, sm.ldq, sm.acc0, sm.lda0, true);
     }
   }

@@ -4,8 +4,9 @@
 // defined and compares every kernel with the float64 reference.
 //
 // Thread blocks run one at a time on blockDim.x std::threads: __syncthreads is a
-// barrier of the block, __shfl_xor_sync an exchange through a per-warp slot
-// array between two barriers of the warp. WMMA fragments follow the
+// barrier of the block (__syncthreads_or one that also ORs a vote),
+// __shfl_xor_sync an exchange through a per-warp slot array between two
+// barriers of the warp. WMMA fragments follow the
 // documented semantics (row/col-major loads with a leading dimension, one
 // 16x16x16 product); lane 0 of a warp does a fragment's whole work (the
 // other lanes' fragments are unused), which keeps loads, products and stores
@@ -109,13 +110,16 @@ struct Block {
   std::barrier<> all;
   std::vector<std::unique_ptr<std::barrier<>>> warp_bar;
   std::vector<float> slots;
+  std::vector<int> votes[2];  // __syncthreads_or, alternate calls
   Block(unsigned threads, size_t bytes)
-      : smem(bytes + 128), all(threads), slots(threads) {
+      : smem(bytes + 128), all(threads), slots(threads), votes{std::vector<int>(threads),
+                                                              std::vector<int>(threads)} {
     for (unsigned w = 0; w < (threads + 31) / 32; ++w)
       warp_bar.push_back(std::make_unique<std::barrier<>>(32));
   }
 };
 inline thread_local Block* current = nullptr;
+inline thread_local unsigned vote_round = 0;  // calls of __syncthreads_or by this thread
 
 inline unsigned char* DynamicShared() {
   const uintptr_t p = reinterpret_cast<uintptr_t>(current->smem.data());
@@ -148,6 +152,20 @@ void Launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, Args..
 }  // namespace emu
 
 inline void __syncthreads() { emu::current->all.arrive_and_wait(); }
+
+// A barrier that returns non-zero to every thread if any thread's pred is.
+// One barrier: alternate calls vote in alternate arrays, and no thread can
+// vote again in this call's array before every thread has passed the next
+// call's barrier, i.e. has read this call's votes.
+inline int __syncthreads_or(int pred) {
+  emu::Block& b = *emu::current;
+  std::vector<int>& votes = b.votes[emu::vote_round++ & 1];
+  votes[threadIdx.x] = pred != 0;
+  b.all.arrive_and_wait();
+  int any = 0;
+  for (unsigned t = 0; t < blockDim.x; ++t) any |= votes[t];
+  return any;
+}
 
 inline float __shfl_xor_sync(unsigned, float v, int lane_mask) {
   emu::Block& b = *emu::current;
