@@ -2,7 +2,9 @@
 
 Always (CPU only):
   * the CUDA kernels, compiled for a CPU emulation of CUDA
-    (custom_ops/gpu_harness/cuda_emulation.h), match the float64 reference;
+    (custom_ops/gpu_harness/cuda_emulation.h), match the float64 reference,
+    and with NaN / +-inf in q, k or dout the fused kernels' non-finite out,
+    lse, dq, dk, dv are exactly the reference's (visible pairs only);
   * the C++ table generator of the GPU harness (custom_ops/gpu_harness/
     tables.h) gives the same tables as `patterns` plans;
   * the CUDA sources and the harness compile with nvcc for sm_80 and sm_90,
@@ -115,7 +117,12 @@ def test_gpu_registrations_compile():
 
 
 def test_emulated_kernels_match_float64_reference(tmp_path):
-  """The CUDA kernels themselves, run on the CPU (gpu_harness/cuda_emulation.h)."""
+  """The CUDA kernels themselves, run on the CPU (gpu_harness/cuda_emulation.h).
+
+  Also NaN and +-inf in q, k, dout: the non-finite elements of out, lse, dq,
+  dk, dv must be exactly the float64 visible-pairs reference's (RunNonFinite
+  in emulate_check.cc), the containment the ops.attention docstring promises.
+  """
   if shutil.which("g++") is None:
     pytest.skip("g++ not found: cannot build the CUDA emulation check")
   exe = tmp_path / "emulate_check"

@@ -105,57 +105,100 @@ struct Case {
   std::function<HostTables()> make;
   int64_t batch, heads, d, dv;
   bool padding;
+  int checks;  // kValues | kNonFinite (RunNonFinite costs seconds: small cases only)
 };
+constexpr int kValues = 1, kNonFinite = 2;
+
+// One case's tables and sizes, as the kernels and the reference take them.
+struct Problem {
+  const HostTables& t;
+  int64_t B, N, H, D, Dv, bs, G, Z;
+  std::vector<uint8_t> padding;  // [B, N], 1: real key
+  const bool* kp;                // padding.data(), or null without padding
+  double scale;
+  gpu::DeviceTables dtab;
+  gpu::Dims dims;
+  RefProblem rp;
+
+  Problem(const Case& c, const HostTables& tables)
+      : t(tables), B(c.batch), N(t.seq_len), H(c.heads), D(c.d), Dv(c.dv), bs(t.block),
+        G(H / t.layout_heads), Z(t.nnz()), padding(B * N, 1),
+        kp(c.padding ? reinterpret_cast<const bool*>(padding.data()) : nullptr),
+        scale(1.0 / std::sqrt(double(D))),
+        rp{B, N, H, D, Dv, &t, c.padding ? &padding : nullptr, scale} {
+    for (int64_t b = 0; b < B && c.padding; ++b)
+      for (int64_t n = 0; n < N; ++n)
+        padding[b * N + n] = (n >= N - (b + 1) * N / 8 || n % 13 == 5) ? 0 : 1;
+    dtab.blocks = t.blocks.data();
+    dtab.row_offsets = t.row_offsets.data();
+    dtab.col_offsets = t.col_offsets.data();
+    dtab.col_blocks = t.col_blocks.data();
+    dtab.mask_index = t.mask_index.data();
+    dtab.masks = reinterpret_cast<const bool*>(t.masks.data());
+    dtab.nnz = Z;
+    dtab.layout_heads = t.layout_heads;
+    dtab.num_blocks = t.num_blocks();
+    dims.batch = B;
+    dims.seq = N;
+    dims.heads = H;
+    dims.head_dim = D;
+    dims.value_dim = Dv;
+    dims.block = bs;
+  }
+};
+
+// The fused forward and backward (kernels and float64 reference): out, lse,
+// dq, dk, dv.
+struct AttentionResults {
+  Vec out, lse, dq, dk, dv;
+};
+
+template <typename T>
+AttentionResults RunAttention(const Problem& pr, const Operand<T>& q, const Operand<T>& k,
+                              const Operand<T>& v, const Operand<T>& dout) {
+  const int64_t B = pr.B, N = pr.N, H = pr.H, D = pr.D, Dv = pr.Dv;
+  const gpu::DType dt = Elem<T>::kType;
+  std::vector<T> out(B * N * H * Dv), dq(B * N * H * D), dk(B * N * H * D), dv(B * N * H * Dv);
+  std::vector<float> lse(B * H * N), work(gpu::AttentionBackwardWorkspaceBytes(pr.dims) / 4);
+  Must(gpu::AttentionForward(dt, pr.dims, pr.dtab, pr.kp, float(pr.scale), q.v.data(), k.v.data(),
+                             v.v.data(), out.data(), lse.data(), nullptr));
+  Must(gpu::AttentionBackward(dt, pr.dims, pr.dtab, pr.kp, float(pr.scale), q.v.data(),
+                              k.v.data(), v.v.data(), out.data(), lse.data(), dout.v.data(),
+                              dq.data(), dk.data(), dv.data(), work.data(), nullptr));
+  return {ToDouble(out), Vec(lse.begin(), lse.end()), ToDouble(dq), ToDouble(dk), ToDouble(dv)};
+}
+
+AttentionResults RefResults(const Problem& pr, const Vec& q, const Vec& k, const Vec& v,
+                            const Vec& dout) {
+  AttentionResults r;
+  sparse_attention::harness::RefAttention(pr.rp, q, k, v, &r.out, &r.lse, &dout, &r.dq, &r.dk,
+                                          &r.dv);
+  return r;
+}
 
 template <typename T>
 void Run(const Case& c, const HostTables& t) {
   std::mt19937_64 rng(42);
+  const Problem pr(c, t);
   const gpu::DType dt = Elem<T>::kType;
   const double tol = Elem<T>::kTol;
-  const int64_t B = c.batch, N = t.seq_len, H = c.heads, D = c.d, Dv = c.dv, bs = t.block;
-  const int64_t G = H / t.layout_heads, Z = t.nnz();
+  const int64_t B = pr.B, N = pr.N, H = pr.H, D = pr.D, Dv = pr.Dv, bs = pr.bs, G = pr.G, Z = pr.Z;
   const std::string tag = c.name + " " + Elem<T>::kName + " ";
-  gpu::DeviceTables dtab;
-  dtab.blocks = t.blocks.data();
-  dtab.row_offsets = t.row_offsets.data();
-  dtab.col_offsets = t.col_offsets.data();
-  dtab.col_blocks = t.col_blocks.data();
-  dtab.mask_index = t.mask_index.data();
-  dtab.masks = reinterpret_cast<const bool*>(t.masks.data());
-  dtab.nnz = Z;
-  dtab.layout_heads = t.layout_heads;
-  dtab.num_blocks = t.num_blocks();
-  std::vector<uint8_t> padding(B * N, 1);
-  for (int64_t b = 0; b < B && c.padding; ++b)
-    for (int64_t n = 0; n < N; ++n) padding[b * N + n] = (n >= N - (b + 1) * N / 8 || n % 13 == 5) ? 0 : 1;
-  const bool* kp = c.padding ? reinterpret_cast<const bool*>(padding.data()) : nullptr;
-  const double scale = 1.0 / std::sqrt(double(D));
-  RefProblem rp{B, N, H, D, Dv, &t, c.padding ? &padding : nullptr, scale};
-  gpu::Dims dims;
-  dims.batch = B;
-  dims.seq = N;
-  dims.heads = H;
-  dims.head_dim = D;
-  dims.value_dim = Dv;
-  dims.block = bs;
+  const RefProblem& rp = pr.rp;
+  const gpu::DeviceTables& dtab = pr.dtab;
+  const gpu::Dims& dims = pr.dims;
+  const bool* kp = pr.kp;
+  const double scale = pr.scale;
 
   Operand<T> q(B * N * H * D, -1, 1, rng), k(B * N * H * D, -1, 1, rng);
   Operand<T> v(B * N * H * Dv, -1, 1, rng), dout(B * N * H * Dv, -1, 1, rng);
-  std::vector<T> out(B * N * H * Dv), dq(B * N * H * D), dk(B * N * H * D), dv(B * N * H * Dv);
-  std::vector<float> lse(B * H * N), work(gpu::AttentionBackwardWorkspaceBytes(dims) / 4);
-  Must(gpu::AttentionForward(dt, dims, dtab, kp, float(scale), q.v.data(), k.v.data(), v.v.data(),
-                             out.data(), lse.data(), nullptr));
-  Must(gpu::AttentionBackward(dt, dims, dtab, kp, float(scale), q.v.data(), k.v.data(), v.v.data(),
-                              out.data(), lse.data(), dout.v.data(), dq.data(), dk.data(), dv.data(),
-                              work.data(), nullptr));
-  Vec r_out, r_lse, r_dq, r_dk, r_dv;
-  sparse_attention::harness::RefAttention(rp, q.exact, k.exact, v.exact, &r_out, &r_lse,
-                                          &dout.exact, &r_dq, &r_dk, &r_dv);
-  Check(tag + "attention out", RelErr(ToDouble(out), r_out), tol);
-  Check(tag + "attention lse", RelErr(Vec(lse.begin(), lse.end()), r_lse), tol);
-  Check(tag + "attention dq", RelErr(ToDouble(dq), r_dq), tol);
-  Check(tag + "attention dk", RelErr(ToDouble(dk), r_dk), tol);
-  Check(tag + "attention dv", RelErr(ToDouble(dv), r_dv), tol);
+  const AttentionResults got = RunAttention(pr, q, k, v, dout);
+  const AttentionResults ref = RefResults(pr, q.exact, k.exact, v.exact, dout.exact);
+  Check(tag + "attention out", RelErr(got.out, ref.out), tol);
+  Check(tag + "attention lse", RelErr(got.lse, ref.lse), tol);
+  Check(tag + "attention dq", RelErr(got.dq, ref.dq), tol);
+  Check(tag + "attention dk", RelErr(got.dk, ref.dk), tol);
+  Check(tag + "attention dv", RelErr(got.dv, ref.dv), tol);
   if (Z == 0) return;
 
   const size_t sn = size_t(B * G * Z * bs * bs);
@@ -178,6 +221,63 @@ void Run(const Case& c, const HostTables& t) {
         tol);
 }
 
+// NaN and +-inf: the elements that are not finite must be exactly the
+// reference's (see RefAttention); the finite ones within tol of it. With
+// neg_inf (lse), -inf (a row with no visible finite score) must match too.
+void CheckNonFinite(const std::string& what, const Vec& got, const Vec& ref, double tol,
+                    bool neg_inf = false) {
+  int64_t bad = 0, differ = 0;
+  double num = 0.0, den = 1e-30;
+  for (size_t i = 0; i < ref.size(); ++i) {
+    const bool g = std::isfinite(got[i]), r = std::isfinite(ref[i]);
+    bad += !r;
+    differ += g != r || (neg_inf && (got[i] == -INFINITY) != (ref[i] == -INFINITY));
+    if (!g || !r) continue;
+    num = std::max(num, std::fabs(got[i] - ref[i]));
+    den = std::max(den, std::fabs(ref[i]));
+  }
+  const bool ok = differ == 0 && num / den <= tol;
+  failures += !ok;
+  std::printf("%s %-58s non-finite %lld/%zu, %lld differ; rel_err %.3e (tol %.0e)\n",
+              ok ? "PASS" : "FAIL", what.c_str(), (long long)bad, ref.size(), (long long)differ,
+              num / den, tol);
+  std::fflush(stdout);
+}
+
+// NaN, +inf and -inf (two of each, at random elements) in q, k or dout, one
+// tensor per run: the fused kernels' non-finite out, lse, dq, dk, dv must be
+// exactly the float64 visible-pairs reference's (ops.attention's docstring).
+// The partial tiles (causal diagonals, random masks) and padded keys are
+// where a block product over hidden pairs would add 0 * inf = NaN.
+template <typename T>
+void RunNonFinite(const Case& c, const HostTables& t) {
+  const Problem pr(c, t);
+  const double tol = Elem<T>::kTol;
+  const int64_t B = pr.B, N = pr.N, H = pr.H, D = pr.D, Dv = pr.Dv;
+  const double values[] = {NAN, INFINITY, -INFINITY};
+  for (const char* target : {"q", "k", "dout"}) {
+    std::mt19937_64 rng(7);
+    Operand<T> q(B * N * H * D, -1, 1, rng), k(B * N * H * D, -1, 1, rng);
+    Operand<T> v(B * N * H * Dv, -1, 1, rng), dout(B * N * H * Dv, -1, 1, rng);
+    Operand<T>& x = target[0] == 'q' ? q : target[0] == 'k' ? k : dout;
+    std::uniform_int_distribution<size_t> at(0, x.v.size() - 1);
+    for (int round = 0; round < 2; ++round)
+      for (const double value : values) {
+        const size_t i = at(rng);
+        x.v[i] = Elem<T>::From(float(value));
+        x.exact[i] = Elem<T>::To(x.v[i]);
+      }
+    const AttentionResults got = RunAttention(pr, q, k, v, dout);
+    const AttentionResults ref = RefResults(pr, q.exact, k.exact, v.exact, dout.exact);
+    const std::string tag = c.name + " " + Elem<T>::kName + " nan/inf in " + target + ": ";
+    CheckNonFinite(tag + "out", got.out, ref.out, tol);
+    CheckNonFinite(tag + "lse", got.lse, ref.lse, tol, true);
+    CheckNonFinite(tag + "dq", got.dq, ref.dq, tol);
+    CheckNonFinite(tag + "dk", got.dk, ref.dk, tol);
+    CheckNonFinite(tag + "dv", got.dv, ref.dv, tol);
+  }
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -186,21 +286,35 @@ int main(int argc, char** argv) {
   const std::string only = argc > 1 ? argv[1] : "";
   const std::vector<Case> cases = {
       {"fixed(64,16) N=256 b=32", [] { return FixedTables(64, 16, 1, true, 256, 32); }, 1, 2, 32, 32,
-       false},
+       false, kValues},
       {"fixed(64,16,groups=2) N=256 b=64 pad", [] { return FixedTables(64, 16, 2, true, 256, 64); },
-       1, 2, 16, 32, true},
-      {"strided(16) N=128 b=16", [] { return StridedTables(16, true, 128, 16); }, 1, 1, 16, 16, false},
+       1, 2, 16, 32, true, kValues},
+      {"strided(16) N=128 b=16", [] { return StridedTables(16, true, 128, 16); }, 1, 1, 16, 16, false,
+       kValues},
       {"random N=256 b=128 D=48 Dv=80 pad", [] { return RandomTables(1, 256, 128, 0.7, 5); }, 1, 1,
-       48, 80, true},
+       48, 80, true, kValues},
       {"random(Hl=2) N=128 b=16 pad", [] { return RandomTables(2, 128, 16, 0.4, 9); }, 1, 2, 16, 16,
-       true},
+       true, kValues},
+      {"random(Hl=2) N=64 b=16 pad", [] { return RandomTables(2, 64, 16, 0.6, 3); }, 1, 2, 16, 16,
+       true, kNonFinite},
+      // Block 128 in 64 x 64 chunks: causal diagonals whose chunks are all,
+      // partly or not visible, and a summary tile.
+      {"fixed(128,32) N=256 b=128 D=16 pad", [] { return FixedTables(128, 32, 1, true, 256, 128); },
+       1, 1, 16, 16, true, kNonFinite},
   };
   for (const Case& c : cases) {
     if (c.name.find(only) == std::string::npos) continue;
     const HostTables t = c.make();
-    Run<float>(c, t);
-    Run<__half>(c, t);
-    Run<__nv_bfloat16>(c, t);
+    if (c.checks & kValues) {
+      Run<float>(c, t);
+      Run<__half>(c, t);
+      Run<__nv_bfloat16>(c, t);
+    }
+    if (c.checks & kNonFinite) {
+      RunNonFinite<float>(c, t);
+      RunNonFinite<__half>(c, t);
+      RunNonFinite<__nv_bfloat16>(c, t);
+    }
   }
   std::printf("# emulated kernels: %s\n", failures == 0 ? "all passed" : "FAILURES");
   return failures == 0 ? 0 : 1;

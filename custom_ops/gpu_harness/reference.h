@@ -53,6 +53,13 @@ inline void VisibleKeys(const RefProblem& p, int64_t b, int64_t head, int64_t n,
 
 // out [B, N, H, Dv] and lse [B, H, N] of the fused forward; with dout also
 // dq, dk, dv of the fused backward (pass null to skip it).
+//
+// Every sum runs over visible (query, key) pairs only, so a NaN or inf in
+// q, k or dout reaches exactly the outputs of the ops.attention docstring
+// (the non-finite sets of tests/test_nonfinite.py's float64 prediction). A
+// row whose lse is not finite (NaN: it sees a NaN score; +inf: a +inf score;
+// -inf: every visible score is -inf, or it sees no key) takes the kernels'
+// probabilities exp(s - inf): 0, except NaN where its score is NaN or +inf.
 inline void RefAttention(const RefProblem& p, const Vec& q, const Vec& k, const Vec& v, Vec* out,
                          Vec* lse, const Vec* dout, Vec* dq, Vec* dk, Vec* dv) {
   const int64_t D = p.head_dim, Dv = p.value_dim;
@@ -73,21 +80,25 @@ inline void RefAttention(const RefProblem& p, const Vec& q, const Vec& k, const 
         const double* qi = &q[p.dense(b, n, head, D)];
         s.assign(keys.size(), 0.0);
         double mx = -std::numeric_limits<double>::infinity();
+        bool nan = false;
         for (size_t e = 0; e < keys.size(); ++e) {
           const double* kj = &k[p.dense(b, keys[e], head, D)];
           double dot = 0.0;
           for (int64_t d = 0; d < D; ++d) dot += qi[d] * kj[d];
           s[e] = p.scale * dot;
+          nan |= std::isnan(s[e]);
           mx = std::max(mx, s[e]);
         }
+        const double shift = nan || !std::isfinite(mx) ? 0.0 : mx;
         double sum = 0.0;
-        for (double x : s) sum += std::exp(x - mx);
-        const double l = mx + std::log(sum);
+        for (double x : s) sum += std::exp(x - shift);
+        const double l = shift + std::log(sum);  // NaN, +inf or -inf as above
         (*lse)[(b * p.heads + head) * p.seq + n] = l;
+        const double use = std::isfinite(l) ? l : std::numeric_limits<double>::infinity();
         prob.resize(keys.size());
         double* o = &(*out)[p.dense(b, n, head, Dv)];
         for (size_t e = 0; e < keys.size(); ++e) {
-          prob[e] = std::exp(s[e] - l);
+          prob[e] = std::exp(s[e] - use);
           const double* vj = &v[p.dense(b, keys[e], head, Dv)];
           for (int64_t d = 0; d < Dv; ++d) o[d] += prob[e] * vj[d];
         }
