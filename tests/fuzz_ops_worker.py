@@ -42,13 +42,12 @@ docstring, tests/test_nonfinite.py, the kernels' comments):
              1 (exp(s - max) with the max of its non-NaN scores), rows with no
              visible key are 0.
   softmax_grad  dx = 0 where y == 0, else y * (dy - sum_row(y * dy)) * scale.
-  scale      a non-finite scale is accepted by every op and no doc defines it.
-             softmax and softmax_grad apply it elementwise (IEEE). For the fused
-             ops the docs write `scale * q . k` without saying where the scale
-             goes, and the kernels differ: the float body computes (scale * q) . k,
-             dq = scale * (dS . k), dk = dS^T . (scale * q); the AVX-512 BF16 body
-             scale * (q . k) and dS scaled. With a non-finite scale an element is
-             equal if it matches the reference of either placement.
+  scale      the fused ops refuse a non-finite scale (InvalidArgumentError: where
+             the scale is applied, to q or to q . k, decides what inf * 0 gives);
+             softmax and softmax_grad apply it elementwise (IEEE). A finite scale
+             is placed as each kernel does: the float body (scale * q) . k, the
+             AVX-512 BF16 body scale * (q . k); an element is equal if it matches
+             the reference of either placement.
 In tape mode the gradient's reference is computed from the forward outputs
 the kernel gave (the registered gradient uses those), which are compared
 with the forward reference on their own.
@@ -233,6 +232,8 @@ def contract_problem(op, x: dict, attrs: dict) -> Optional[str]:
     return "q, k, v shapes"
   if block not in FUSED_BLOCKS:
     return f"the fused ops take block sizes {FUSED_BLOCKS}"
+  if not np.isfinite(attrs["scale"]):
+    return "the fused ops take a finite scale"
   problem = _masks_problem(x["mask_index"], x["masks"], z, block)
   if problem:
     return problem

@@ -209,3 +209,22 @@ def test_fused_ops_reject_unsupported_block_size(ops):
     else:  # the attribute's own `>= 1`
       assert (" InvalidArgumentError " in line or " ValueError " in line) and (
           "'block_size' of " in line), line
+
+
+@pytest.mark.parametrize("scale", [np.inf, -np.inf, np.nan])
+def test_fused_ops_reject_nonfinite_scale(ops, scale):
+  """Where the kernels apply the scale (to q, or to q . k) decides what inf * 0 gives,
+  so a non-finite scale has no one meaning: both fused ops refuse it, naming it."""
+  n = 16
+  q = tf.zeros([1, n, 1, 2])
+  i32 = lambda x: tf.constant(x, tf.int32)
+  tables = (i32([[0, 0, 0]]), i32([0, 1]), i32([0, 1]), i32([0]), i32([-1]),
+            tf.zeros([0, n, n], tf.bool), tf.ones([1, n], tf.bool))
+  pattern = f"scale must be finite for the fused attention kernels, got {str(scale).lower()}"
+  with pytest.raises(tf.errors.InvalidArgumentError, match=pattern.replace("-", r"\-")):
+    ops.attention(q, q, q, *tables, scale=float(scale), block_size=n)
+  with pytest.raises(tf.errors.InvalidArgumentError, match=pattern.replace("-", r"\-")):
+    ops.attention_grad(q, q, q, q, tf.zeros([1, 1, n]), q, *tables, scale=float(scale),
+                       block_size=n)
+  out, _ = ops.attention(q, q, q, *tables, scale=1.0, block_size=n)   # a finite one runs
+  assert np.all(np.isfinite(out.numpy()))

@@ -334,6 +334,8 @@ class AttentionGpuOp : public OpKernel {
     OP_REQUIRES_OK(ctx, ctx->GetAttr("block_size", &block_));
     const std::string err = ValidateBlockSize(block_);  // as the CPU kernels
     OP_REQUIRES(ctx, err.empty(), Invalid(err));
+    const std::string scale_err = ValidateScale(scale_);
+    OP_REQUIRES(ctx, scale_err.empty(), Invalid(scale_err));
   }
 
   // Inputs: q, k, v, blocks, row_offsets, col_offsets, col_blocks, mask_index,
@@ -383,6 +385,8 @@ class AttentionGradGpuOp : public OpKernel {
     OP_REQUIRES_OK(ctx, ctx->GetAttr("block_size", &block_));
     const std::string err = ValidateBlockSize(block_);  // as the CPU kernels
     OP_REQUIRES(ctx, err.empty(), Invalid(err));
+    const std::string scale_err = ValidateScale(scale_);
+    OP_REQUIRES(ctx, scale_err.empty(), Invalid(scale_err));
   }
 
   // Inputs: q, k, v, out, lse, dout, blocks, row_offsets, col_offsets,

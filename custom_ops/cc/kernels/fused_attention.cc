@@ -1,6 +1,7 @@
 #include "custom_ops/cc/kernels/fused_attention.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <limits>
 
@@ -177,6 +178,11 @@ std::string ValidateBlockSize(int64_t block) {
   for (int64_t b : kSupportedBlockSizes) values += (values.empty() ? "" : ", ") + std::to_string(b);
   return "block_size must be one of " + values + " for the fused attention kernels, got " +
          std::to_string(block);
+}
+
+std::string ValidateScale(float scale) {
+  if (std::isfinite(scale)) return "";
+  return "scale must be finite for the fused attention kernels, got " + std::to_string(scale);
 }
 
 }  // namespace sparse_attention

@@ -286,6 +286,11 @@ constexpr int64_t kSupportedBlockSizes[] = {16, 32, 64, 128};
 // the supported values.
 std::string ValidateBlockSize(int64_t block);
 
+// The fused kernels' scale must be finite: where the scale is applied (to q,
+// or to the product q . k) decides what inf * 0 gives, so an infinite or NaN
+// scale has no one meaning. "" if finite.
+std::string ValidateScale(float scale);
+
 }  // namespace sparse_attention
 
 #endif  // SPARSE_ATTENTION_TF_KERNELS_FUSED_ATTENTION_H_

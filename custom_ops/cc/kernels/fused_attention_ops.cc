@@ -140,6 +140,8 @@ class AttentionKernel : public OpKernel {
     OP_REQUIRES_OK(ctx, ctx->GetAttr("block_size", &block_));
     const std::string err = ValidateBlockSize(block_);
     OP_REQUIRES(ctx, err.empty(), Invalid(err));
+    const std::string scale_err = ValidateScale(scale_);
+    OP_REQUIRES(ctx, scale_err.empty(), Invalid(scale_err));
   }
 
  protected:
