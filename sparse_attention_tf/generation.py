@@ -4,9 +4,11 @@
 and reused by every later call (any batch, prompt length, sampler settings or
 seed: all are tensors):
 
-1. Prefill: the prompt, padded to `seq_len`, goes through the model once with
-   the fused attention op, which fills every block's key/value cache and gives
-   the logits at the last position of the shortest prompt.
+1. Prefill: the prompt goes through the model once with the fused attention
+   op, which fills every block's key/value cache and gives the logits at the
+   last position of the shortest prompt. It runs on the shortest of seq_len,
+   seq_len / 2, ... (down to seq_len / 64) that holds that prompt, one branch
+   each in the one trace, where the patterns allow (`exact_prefill_lengths`).
 2. Decode: a `tf.while_loop` adds one position per iteration; each block
    reads only the keys its pattern row keeps, looked up in a `[N, H, W]`
    table built once in NumPy (`SparseMultiHeadAttention.decode_table`).
@@ -21,8 +23,10 @@ The model is anything with the decoding interface (`SparseTransformer`, or a
 functional model wrapped in `SparseCausalLM`):
 
     seq_len, vocab_size                     ints
-    prefill(tokens, position)               tokens int32 [B, N] -> (logits [B, V]
-                                            at `position`, caches)
+    prefill(tokens, position)               tokens int32 [B, L] -> (logits [B, V]
+                                            at `position`, caches [H, L, B, K|V])
+    prefill_lengths()                       optional: prefix lengths L < N on
+                                            which prefill is exact
     decode_step(token, position, caches)    token int32 [B], position int32 scalar
                                             -> (logits [B, V], caches)
 
@@ -199,7 +203,7 @@ class Generator:
     batch = tf.shape(tokens)[0]
     rows = (lengths, max_length, temperature, top_k, top_p, seed, stop_token_ids, pad_token_id)
     start = tf.reduce_min(lengths)
-    logits, caches = self.model.prefill(tokens[:, :n], start - 1)         # (B, V)
+    logits, caches = self._prefill(tokens[:, :n], start)                  # (B, V)
     done = tf.zeros([batch], tf.bool)
     ends = tf.fill([batch], max_length)
     tokens, done, ends = _advance(start - 1, logits, tokens, done, ends, rows)
@@ -207,6 +211,27 @@ class Generator:
     columns = tf.range(n + 1)[None]                                       # (1, N + 1)
     tokens = tf.where(columns >= ends[:, None], pad_token_id, tokens)[:, :max_length]
     return tokens, ends
+
+  def _prefill(self, tokens, start):
+    """model.prefill on the shortest prefix length that holds positions < start.
+
+    One branch per length of `model.prefill_lengths()` (when the model has
+    it); each pads its caches to seq_len, so the branches agree.
+    """
+    n = int(self.model.seq_len)
+    lengths = sorted(set(getattr(self.model, "prefill_lengths", lambda: [n])()) | {n})
+
+    def prefill_at(length):
+      def run():
+        logits, caches = self.model.prefill(tokens[:, :length], start - 1)
+        pad = [[0, 0], [0, n - length], [0, 0], [0, 0]]
+        return logits, [(tf.pad(k, pad), tf.pad(v, pad)) for k, v in caches]
+      return run
+
+    if len(lengths) == 1:
+      return prefill_at(n)()
+    branch = tf.reduce_sum(tf.cast(tf.constant(lengths[:-1]) < start, tf.int32))
+    return tf.switch_case(branch, [prefill_at(length) for length in lengths])
 
   def _decode_loop(self, start, tokens, done, ends, caches, rows):
     """Decoding steps from position `start` until max_length or every row stopped."""
@@ -408,6 +433,36 @@ def generate(model, prompt, num_tokens: Optional[int] = None, *, max_length: Opt
   return out if batched else out[0]
 
 
+def exact_prefill_lengths(blocks, seq_len: int) -> list:
+  """Prefix lengths L (seq_len / 2, / 4, ..., down to max(16, seq_len / 64)) on which
+  every block's attention gives the rows `< L` of its seq_len mask (its padded
+  mask agrees there).
+
+  Patterns whose keys do not depend on the sequence length (fixed, strided,
+  local, dense) qualify; a layout drawn per length (BigBird's random blocks)
+  may not, and then only seq_len is used.
+  """
+  lengths, length = [], seq_len // 2
+  while length >= max(16, seq_len // 64) and 2 * length <= seq_len:
+    lengths.append(length)
+    length //= 2
+  good = []
+  for length in lengths:
+    ok = True
+    for block in blocks:
+      attention = block.attention
+      try:
+        padded = attention.padded_length(length)
+      except ValueError:
+        ok = False
+        break
+      full = attention.pattern.mask(seq_len)[:, :length, :length]
+      ok = ok and np.array_equal(attention.pattern.mask(padded)[:, :length, :length], full)
+    if ok:
+      good.append(length)
+  return good
+
+
 # Layers that act on each position alone: the decoding step runs them on one position.
 _PER_POSITION = ("Embedding", "LayerNormalization", "Dense", "Dropout", "Activation",
                  "Identity", "RMSNormalization")
@@ -475,6 +530,12 @@ class SparseCausalLM:
 
   def __call__(self, tokens, training=False):
     return self.model(tokens, training=training)
+
+  def prefill_lengths(self) -> list:
+    """Prefix lengths on which prefill is exact (see `exact_prefill_lengths`)."""
+    if "_prefill_lengths" not in self.__dict__:
+      self._prefill_lengths = exact_prefill_lengths(self._blocks, self.seq_len)
+    return self._prefill_lengths
 
   def prefill(self, tokens, position):
     """See the module docstring: (logits `[B, V]` at position, caches)."""

@@ -360,11 +360,11 @@ class SparseTransformer(keras.Model):
 
   # The decoding interface of sparse_attention_tf.generation.
   def prefill(self, tokens, position):
-    """The prompt in one pass: int32 tokens `[B, seq_len]`, position an int32 scalar.
+    """The prompt in one pass: int32 tokens `[B, L]` (L <= seq_len), position an int32 scalar.
 
     Returns:
       (logits `[B, V]` at `position`, caches: per block (keys, values)
-      `[H, N, B, K|V]`, what `decode_step` reads).
+      `[H, L, B, K|V]`, what `decode_step` reads once padded to seq_len).
     """
     x = self.token_embedding(tokens)                                      # (B, N, D)
     x = self.position_embedding(x)                                        # (B, N, D)
@@ -374,6 +374,14 @@ class SparseTransformer(keras.Model):
       caches.append((tf.transpose(k, [2, 1, 0, 3]), tf.transpose(v, [2, 1, 0, 3])))
     x = tf.gather(x, position, axis=1)[:, None]                           # (B, 1, D)
     return self.head(self.final_norm(x))[:, 0], caches                    # (B, V)
+
+  def prefill_lengths(self) -> list:
+    """Prefix lengths on which `prefill` is exact (`generation.exact_prefill_lengths`)."""
+    if "_prefill_lengths" not in self.__dict__:
+      from sparse_attention_tf import generation
+      object.__setattr__(self, "_prefill_lengths",
+                         generation.exact_prefill_lengths(self.blocks, self.seq_len))
+    return self._prefill_lengths
 
   def decode_step(self, token, position, caches):
     """One position with the caches: token int32 `[B]`, position int32 scalar.
