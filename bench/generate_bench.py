@@ -9,7 +9,9 @@ length, new tokens, batch) it reports the median of --repeats calls of
 `generate` (after one warm-up call, which traces): seconds, new tokens/s
 (all rows), prefill ms (a call that adds one token: prefill + one sample),
 ms per decoding step ((seconds - prefill) / (new - 1)), and one full forward
-pass at seq_len (tf.function, batch of the case) as the yardstick. `old` is
+pass at seq_len (tf.function, batch of the case) as the yardstick, and the
+process CPU seconds of the timed call (a guide when other processes load the
+machine: with 2 cores, unloaded wall time is about cpu s / 1..2). `old` is
 the previous path (one tf.function call per position, prompt fed token by
 token, sampling in eager TF), timed once.
 """
@@ -19,7 +21,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -68,12 +69,13 @@ def old_generate(model, prompt, num_tokens, seed=0):
 
 
 def timed(fn, repeats):
+  """Median wall seconds of `repeats` calls (and the process CPU seconds of that call)."""
   times = []
   for _ in range(repeats):
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     fn()
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
+    times.append((time.perf_counter() - start, time.process_time() - cpu))
+  return sorted(times)[len(times) // 2]
 
 
 def main():
@@ -88,7 +90,7 @@ def main():
         f"{os.getloadavg()[0]:.1f} (other processes slow every column)")
   print(f"model: 2 layers, width 128, 4 heads, Fixed(64, 16), seq_len {args.seq_len}, vocab 256")
   header = (f"{'path':<5} {'prompt':>6} {'new':>5} {'batch':>5} {'seconds':>8} {'new tok/s':>10} "
-            f"{'prefill ms':>10} {'ms/step':>8} {'forward ms':>10}")
+            f"{'prefill ms':>10} {'ms/step':>8} {'forward ms':>10} {'cpu s':>7}")
   print(header)
   print("-" * len(header))
   rng = np.random.default_rng(1)
@@ -96,26 +98,26 @@ def main():
     prompt = rng.integers(0, 256, (batch, prompt_len)).astype(np.int32)
     zeros = tf.zeros((batch, args.seq_len), tf.int32)
     forward(zeros)
-    forward_ms = 1e3 * timed(lambda: forward(zeros).numpy(), max(args.repeats, 5))
+    forward_ms = 1e3 * timed(lambda: forward(zeros).numpy(), max(args.repeats, 5))[0]
 
     def run(n):
       return model.generate(prompt, n, temperature=1.0, seed=0)
 
     run(new)                                                       # warm-up (traces once)
-    seconds = timed(lambda: run(new), args.repeats)
-    prefill = timed(lambda: run(1), max(args.repeats, 5))
+    seconds, cpu = timed(lambda: run(new), args.repeats)
+    prefill = timed(lambda: run(1), max(args.repeats, 5))[0]
     step_ms = 1e3 * (seconds - prefill) / max(new - 1, 1)
     print(f"{'new':<5} {prompt_len:>6} {new:>5} {batch:>5} {seconds:>8.3f} "
           f"{batch * new / seconds:>10.0f} {1e3 * prefill:>10.2f} {step_ms:>8.2f} "
-          f"{forward_ms:>10.2f}", flush=True)
+          f"{forward_ms:>10.2f} {cpu:>7.3f}", flush=True)
     if not args.skip_old:
       old_generate(model, prompt[:, :2], 2)                        # warm-up of its step
-      start = time.perf_counter()
+      start, cpu = time.perf_counter(), time.process_time()
       old_generate(model, prompt, new)
-      old = time.perf_counter() - start
+      old, cpu = time.perf_counter() - start, time.process_time() - cpu
       print(f"{'old':<5} {prompt_len:>6} {new:>5} {batch:>5} {old:>8.3f} "
             f"{batch * new / old:>10.0f} {'-':>10} {1e3 * old / (prompt_len + new - 1):>8.2f} "
-            f"{forward_ms:>10.2f}", flush=True)
+            f"{forward_ms:>10.2f} {cpu:>7.3f}", flush=True)
   print(f"load average at the end: {os.getloadavg()[0]:.1f}")
 
 

@@ -81,6 +81,13 @@ def test_prefill_and_decode_logits_match_forward(pattern, head_mode, rng, ops):
   start = 23
   logits, caches = model.prefill(tf.constant(tokens), tf.constant(start - 1))
   np.testing.assert_allclose(logits.numpy(), full[:, start - 1], atol=1e-4)
+  # On a prefix (what generate runs for short prompts): the same logits and cache rows.
+  assert model.prefill_lengths() == [32, 16]
+  short, short_caches = model.prefill(tf.constant(tokens[:, :32]), tf.constant(start - 1))
+  np.testing.assert_allclose(short.numpy(), full[:, start - 1], atol=1e-4)
+  for (k, v), (k32, v32) in zip(caches, short_caches):
+    np.testing.assert_allclose(k32.numpy(), k.numpy()[:, :32], atol=1e-5)
+    np.testing.assert_allclose(v32.numpy(), v.numpy()[:, :32], atol=1e-5)
   step = tf.function(model.decode_step)
   for pos in range(start, N):
     logits, caches = step(tf.constant(tokens[:, pos]), tf.constant(pos), caches)
