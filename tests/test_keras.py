@@ -550,7 +550,8 @@ def test_recompute_gives_the_same_gradients_with_dropout(rng, ops):
   dout = tf.constant(rng.standard_normal((2, N, D)).astype("float32"))
   plain, recomputed = (
       SparseTransformerBlock(HEADS, P.Fixed(16, 4), num_layers=2, dropout=0.3,
-                             block_size=BLOCK, recompute=r) for r in (False, True))
+                             block_size=BLOCK, recompute=r, seed=7)   # the same masks
+      for r in (False, True))
   plain.build(x.shape)
   recomputed.build(x.shape)
   _randomize(plain, rng)
@@ -799,10 +800,13 @@ def test_generate_sampling(rng, ops):
   prompt = rng.integers(0, VOCAB, 4).astype("int32")
   a = model.generate(prompt, 30, temperature=3.0, seed=1)
   b = model.generate(prompt, 30, temperature=3.0, seed=1)
-  c = model.generate(prompt, 30, temperature=3.0, seed=2)
   assert a.shape == (34,)                                   # 1-D prompt, 1-D result
   np.testing.assert_array_equal(a, b)
-  assert not np.array_equal(a, c)
+  # Another seed draws other tokens (at a temperature that makes the distribution
+  # near uniform: a random model's logits can be peaked enough for two seeds to agree
+  # at 3.0).
+  hot = [model.generate(prompt, 30, temperature=1e3, seed=s) for s in (1, 2)]
+  assert not np.array_equal(*hot)
   assert a.min() >= 0 and a.max() < VOCAB
   # Sampling with and without the cache gives the same tokens for the same seed.
   np.testing.assert_array_equal(model.generate(prompt, 30, temperature=3.0, seed=1,
