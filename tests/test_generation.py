@@ -1,11 +1,17 @@
 """Compiled generation (sparse_attention_tf.generation): prefill + cached decoding loop.
 
 The cached path is held equal to the full model (greedy tokens and the logits
-themselves) for every pattern family and head mode, with prompts shorter than
-one block, ending mid-block, ending on a block boundary, and rows of
-different lengths in one batch. Models are tiny (seq_len 64, d_model 32, 2
-layers, block_size 16); each builds its generate function once.
+themselves) for every pattern family (the head modes on Fixed), with prompts
+shorter than one block, ending mid-block, ending on a block boundary, and rows
+of different lengths in one batch. Models are tiny (seq_len 64, d_model 32, 1
+or 2 layers, block_size 16) and shared by the tests of this module (the `models`
+fixture): the time is the generate function's trace and XLA compilation, paid
+once per model and batch size.
 """
+
+import os
+import secrets
+import zlib
 
 import keras
 import numpy as np
@@ -17,6 +23,7 @@ from sparse_attention_tf import generation
 from sparse_attention_tf import patterns as P
 
 N, D, HEADS, BLOCK, VOCAB = 64, 32, 4, 16, 12
+BYTES = 256                     # the shared byte-level model (text prompts and sampling tests)
 
 PATTERNS = {
     "fixed": lambda: P.Fixed(16, 4),
@@ -26,14 +33,16 @@ PATTERNS = {
     "bigbird": lambda: P.BigBird(block=16, window=3, num_global=1, num_random=1, seed=3,
                                  causal=True),
 }
-# Head modes differ only for patterns with several components.
+# Head modes differ only for patterns with several components: all three on Fixed, the
+# other families merged. fixed-merged is the shared 2-layer model (caches of a stack of
+# layers); the others have 1 layer (what differs between them, the pattern's mask and the
+# head mode, is in every layer).
 CASES = [("fixed", m) for m in ("merged", "interleaved", "multihead")] + \
-        [("strided", m) for m in ("merged", "interleaved", "multihead")] + \
-        [("local", "merged"), ("dense", "merged"), ("bigbird", "merged")]
+        [(p, "merged") for p in ("strided", "local", "dense", "bigbird")]
 
 
-def _model(rng, pattern="fixed", head_mode="merged", vocab=VOCAB):
-  model = sat.SparseTransformer(vocab_size=vocab, seq_len=N, num_layers=2, d_model=D,
+def _model(rng, pattern="fixed", head_mode="merged", vocab=VOCAB, layers=2):
+  model = sat.SparseTransformer(vocab_size=vocab, seq_len=N, num_layers=layers, d_model=D,
                                 num_heads=HEADS, pattern=PATTERNS[pattern](),
                                 head_mode=head_mode, block_size=BLOCK, implementation="custom_op")
   model(np.zeros((1, N), np.int32))
@@ -42,6 +51,38 @@ def _model(rng, pattern="fixed", head_mode="merged", vocab=VOCAB):
   # Large logit gaps, so float rounding between the paths cannot flip an argmax.
   model.head.kernel.assign(2.0 * rng.standard_normal(model.head.kernel.shape).astype("float32"))
   return model
+
+
+@pytest.fixture(scope="module")
+def models():
+  """`models(pattern, head_mode, vocab, layers)`: one model per key for the whole module.
+
+  `models()` is the shared Fixed/merged byte-level model (2 layers): the sampling,
+  stop-token, retrace and text tests run on it, and so does the cached-greedy
+  check's fixed-merged case (one trace for all of them).
+
+  Each key's weights come from its own generator, seeded from the module seed
+  (printed in every test that asks; replay with SPARSE_ATTENTION_TEST_SEED=<seed>).
+  """
+  seed = int(os.environ.get("SPARSE_ATTENTION_TEST_SEED", secrets.randbits(32)))
+  built = {}
+
+  def get(pattern="fixed", head_mode="merged", vocab=BYTES, layers=2):
+    print(f"SPARSE_ATTENTION_TEST_SEED={seed} (module models)")
+    key = (pattern, head_mode, vocab, layers)
+    if key not in built:
+      rng = np.random.default_rng([seed, zlib.crc32(repr(key).encode())])
+      built[key] = _model(rng, pattern, head_mode, vocab, layers)
+    return built[key]
+
+  return get
+
+
+def _case_model(models, pattern, head_mode):
+  """The model of a CASES entry: fixed-merged is the shared one."""
+  if (pattern, head_mode) == ("fixed", "merged"):
+    return models()
+  return models(pattern, head_mode, VOCAB, 1)
 
 
 def _assert_greedy(model, rows, out):
@@ -57,8 +98,8 @@ def _assert_greedy(model, rows, out):
 
 
 @pytest.mark.parametrize("pattern,head_mode", CASES, ids=[f"{p}-{m}" for p, m in CASES])
-def test_cached_greedy_matches_full_model(pattern, head_mode, rng, ops):
-  model = _model(rng, pattern, head_mode)
+def test_cached_greedy_matches_full_model(pattern, head_mode, rng, ops, models):
+  model = _case_model(models, pattern, head_mode)
   # Shorter than a block, mid-block, on a block boundary: one batch each, then all in one.
   for length in (5, 23, 32):
     prompt = rng.integers(0, VOCAB, (3, length)).astype(np.int32)     # one batch size: one XLA
@@ -73,9 +114,9 @@ def test_cached_greedy_matches_full_model(pattern, head_mode, rng, ops):
 
 
 @pytest.mark.parametrize("pattern,head_mode", [("fixed", "multihead"), ("bigbird", "merged")])
-def test_prefill_and_decode_logits_match_forward(pattern, head_mode, rng, ops):
+def test_prefill_and_decode_logits_match_forward(pattern, head_mode, rng, ops, models):
   """Teacher-forced: the prefill's logits and every decoding step's equal the full pass."""
-  model = _model(rng, pattern, head_mode)
+  model = models(pattern, head_mode, VOCAB, 2)          # 2 layers: the second's cache rows too
   tokens = rng.integers(0, VOCAB, (2, N)).astype(np.int32)
   full = model(tokens).numpy()                                            # (B, N, V)
   start = 23
@@ -94,9 +135,17 @@ def test_prefill_and_decode_logits_match_forward(pattern, head_mode, rng, ops):
     np.testing.assert_allclose(logits.numpy(), full[:, pos], atol=1e-4, err_msg=f"{pos}")
 
 
-def test_seeded_sampling_is_reproducible(rng, ops):
-  model = _model(rng)
-  model.head.kernel.assign(0.05 * model.head.kernel)                     # a broad distribution
+def test_seeded_sampling_is_reproducible(rng, ops, models):
+  model = models()
+  kernel = model.head.kernel.numpy()
+  model.head.kernel.assign(0.05 * kernel)                                 # a broad distribution
+  try:
+    _check_seeded_sampling(model, rng)
+  finally:
+    model.head.kernel.assign(kernel)                                      # shared: put it back
+
+
+def _check_seeded_sampling(model, rng):
   prompt = rng.integers(0, VOCAB, (3, 7)).astype(np.int32)
   a = model.generate(prompt, 30, temperature=3.0, seed=1)
   np.testing.assert_array_equal(a, model.generate(prompt, 30, temperature=3.0, seed=1))
@@ -131,31 +180,32 @@ def test_top_k_and_top_p_never_pick_excluded_tokens():
   assert set(got.tolist()) == {1}                                         # greedy
 
 
-def test_generate_top_k_stays_in_the_k_most_likely(rng, ops):
-  model = _model(rng)
-  prompt = rng.integers(0, VOCAB, (2, 4)).astype(np.int32)
+def test_generate_top_k_stays_in_the_k_most_likely(rng, ops, models):
+  model = models()
+  prompt = rng.integers(0, VOCAB, (3, 4)).astype(np.int32)  # batch 3: compiled for greedy
   out = model.generate(prompt, 40, temperature=5.0, top_k=2, seed=9)
-  padded = np.zeros((2, N), np.int32)
+  padded = np.zeros((3, N), np.int32)
   padded[:, :44] = out
   best2 = np.argsort(-model(padded).numpy()[:, 3:43], axis=-1)[..., :2]  # (B, 40, 2)
   assert (out[:, 4:, None] == best2).any(-1).all()
 
 
-def test_stop_tokens_end_rows_independently(rng, ops):
-  model = _model(rng)
-  rows = [rng.integers(0, VOCAB, n).astype(np.int32) for n in (6, 11)]
+def test_stop_tokens_end_rows_independently(rng, ops, models):
+  model = models()
+  rows = [rng.integers(0, VOCAB, n).astype(np.int32) for n in (6, 11, 8)]     # batch 3
   free = model.generate(rows, max_length=50, sampler="greedy")            # no stop tokens
   # A stop id that row 0 produces; each row must end at its own first occurrence of it.
   stop = int(free[0][6 + 3])
-  out = model.generate(rows, max_length=50, sampler="greedy", stop_token_ids=[stop])
+  # (Two stop ids, one never produced, in both calls: one XLA compilation.)
+  out = model.generate(rows, max_length=50, sampler="greedy", stop_token_ids=[stop, BYTES + 3])
   for prompt, full, got in zip(rows, free, out):
     hits = np.nonzero(full[len(prompt):] == stop)[0]
     end = len(prompt) + hits[0] + 1 if len(hits) else 50
     np.testing.assert_array_equal(got, full[:end])
   # Rectangular prompts: padded with pad_token_id after the stop token.
-  prompt = np.stack([rows[0][:6], rows[1][:6]])
+  prompt = np.stack([r[:6] for r in rows])
   free = model.generate(prompt, max_length=50, sampler="greedy")
-  out = model.generate(prompt, max_length=50, sampler="greedy", stop_token_ids=[stop, VOCAB + 3],
+  out = model.generate(prompt, max_length=50, sampler="greedy", stop_token_ids=[stop, BYTES + 3],
                        pad_token_id=-1)
   for full, got in zip(free, out):
     hits = np.nonzero(full[6:] == stop)[0]
@@ -164,31 +214,32 @@ def test_stop_tokens_end_rows_independently(rng, ops):
     assert (got[end:] == -1).all()
 
 
-def test_second_call_does_not_retrace(rng, ops):
-  model = _model(rng)
+def test_second_call_does_not_retrace(rng, ops, models):
+  model = models()                      # shared: other tests' calls may have traced it already
   gen = generation.generator(model)
   model.generate(rng.integers(0, VOCAB, (1, 3)), 5, seed=0)
-  model.generate(rng.integers(0, VOCAB, (2, 9)), 20, temperature=0.5, top_k=3, seed=1)
-  model.generate([[1, 2], [3, 4, 5, 6]], max_length=30, sampler="top_p", stop_token_ids=[1, 2])
+  model.generate(rng.integers(0, VOCAB, (3, 9)), 20, temperature=0.5, top_k=3, seed=1)
+  model.generate([[1, 2], [3, 4, 5, 6], [7]], max_length=30, sampler="top_p",
+                 stop_token_ids=[1, 2])
   model.generate(rng.integers(0, VOCAB, 7), 2, sampler="greedy")
   assert gen.traces == 1
   assert generation.generator(model) is gen
 
 
-def test_text_prompts_on_a_byte_model(rng, ops):
-  model = _model(rng, vocab=256)
+def test_text_prompts_on_a_byte_model(rng, ops, models):
+  model = models()
   text = model.generate("héllo", max_length=20, sampler="greedy", return_text=True)
   assert isinstance(text, str) and text.startswith("héllo")
   tokens = model.generate(b"ab", max_length=8, sampler="greedy")
   assert tokens.shape == (8,) and tokens[:2].tolist() == [97, 98]
-  texts = model.generate(["a", "bcd"], max_length=10, sampler="greedy", return_text=True)
-  assert [t[:len(p)] for t, p in zip(texts, ("a", "bcd"))] == ["a", "bcd"]
+  texts = model.generate(["a", "bcd", "xy"], max_length=10, sampler="greedy", return_text=True)
+  assert [t[:len(p)] for t, p in zip(texts, ("a", "bcd", "xy"))] == ["a", "bcd", "xy"]
   with pytest.raises(ValueError, match="byte-level"):
-    _model(rng).generate("abc", 3)
+    models("strided", "merged", VOCAB, 1).generate("abc", 3)
 
 
-def test_generate_rejects_bad_arguments(rng):
-  model = _model(rng)
+def test_generate_rejects_bad_arguments(models):
+  model = models()
   ok = np.array([1, 2, 3], np.int32)
   with pytest.raises(ValueError, match="not both"):
     model.generate(ok, 2, temperature=1.0, sampler="greedy")
@@ -203,7 +254,7 @@ def test_generate_rejects_bad_arguments(rng):
   with pytest.raises(ValueError, match="sampler"):
     model.generate(ok, 2, sampler="beam")
   with pytest.raises(ValueError, match="tokens"):
-    model.generate([[1, 2], [3, VOCAB, 1]], 2)
+    model.generate([[1, 2], [3, BYTES, 1]], 2)
   with pytest.raises(ValueError, match="integers"):
     model.generate([[1, 2], [3.0, 4.0, 1.0]], 2)
 
@@ -212,8 +263,8 @@ def test_functional_model_through_sparse_causal_lm(rng, ops):
   tokens = keras.Input((N,), dtype="int32")
   x = keras.layers.Embedding(VOCAB, D)(tokens)
   x = sat.layers.PositionEmbedding(N)(x)
-  x = sat.SparseTransformerBlock(HEADS, P.Fixed(16, 4), num_layers=2, block_size=BLOCK)(x)
-  x = sat.SparseTransformerBlock(HEADS, P.Local(20), num_layers=2, block_size=BLOCK,
+  x = sat.SparseTransformerBlock(HEADS, P.Fixed(16, 4), num_layers=1, block_size=BLOCK)(x)
+  x = sat.SparseTransformerBlock(HEADS, P.Local(20), num_layers=1, block_size=BLOCK,
                                  dropout=0.1)(x)
   x = keras.layers.Dense(VOCAB)(keras.layers.LayerNormalization()(x))
   model = keras.Model(tokens, x)
@@ -224,8 +275,9 @@ def test_functional_model_through_sparse_causal_lm(rng, ops):
   out = lm.generate(rows, max_length=N + 1, sampler="greedy")
   _assert_greedy(model, rows, out)
   sampler = generation.Sampler(temperature=2.0, seed=4)
-  np.testing.assert_array_equal(lm.generate(rows[0], 20, sampler=sampler),
-                                lm.generate(rows[0], 20, sampler=sampler, use_cache=False))
+  cached = lm.generate(rows, 20, sampler=sampler)                         # batch 2: compiled
+  for a, b in zip(cached, lm.generate(rows, 20, sampler=sampler, use_cache=False)):
+    np.testing.assert_array_equal(a, b)
   conv = keras.layers.Conv1D(D, 3, padding="causal")(keras.layers.Embedding(VOCAB, D)(tokens))
   with pytest.raises(ValueError, match="Conv1D"):
     generation.SparseCausalLM(keras.Model(tokens, keras.layers.Dense(VOCAB)(conv)))
