@@ -754,8 +754,11 @@ def _sampling_model(rng, pattern, head_mode):
   return model
 
 
-@pytest.mark.parametrize("head_mode", ["merged", "interleaved", "multihead"])
-@pytest.mark.parametrize("pattern", [P.Fixed(16, 4), P.Strided(16)], ids=["fixed", "strided"])
+# Head modes on Fixed, Strided merged (tests/test_generation.py covers every family).
+@pytest.mark.parametrize("pattern,head_mode", [
+    (P.Fixed(16, 4), "merged"), (P.Fixed(16, 4), "interleaved"), (P.Fixed(16, 4), "multihead"),
+    (P.Strided(16), "merged")], ids=["fixed-merged", "fixed-interleaved", "fixed-multihead",
+                                     "strided-merged"])
 def test_generate_cache_matches_full_forward(pattern, head_mode, rng, ops):
   model = _sampling_model(rng, pattern, head_mode)
   prompt = rng.integers(0, VOCAB, (2, 5)).astype("int32")
