@@ -124,8 +124,7 @@ def list_checkpoints(directory: Optional[str]) -> List[str]:
   prefixes = []
   try:
     state = tf.train.get_checkpoint_state(directory)
-  except (tf.errors.OpError, ValueError) as e:   # a damaged state file: look at the files
-    del e
+  except (tf.errors.OpError, ValueError):   # a damaged state file: look at the files
     state = None
   if state is not None:
     for path in state.all_model_checkpoint_paths:

@@ -61,7 +61,6 @@ the steps since the previous point, and the learning rate after the step).
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import shutil
@@ -73,6 +72,7 @@ import keras
 import tensorflow as tf
 
 from sparse_attention_tf import checkpointing
+# Interrupted, Preempted and find_checkpoint are also this module's API (train_main.py).
 from sparse_attention_tf.checkpointing import (METADATA, Interrupted, PeerLost, Preempted,
                                                RunCheckpoint, find_checkpoint)
 from sparse_attention_tf.metrics import BitsPerToken
