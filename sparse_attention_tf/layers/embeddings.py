@@ -29,12 +29,23 @@ import math
 import keras
 import numpy as np
 import tensorflow as tf
+from tensorflow.python.ops import control_flow_util  # pylint: disable=g-direct-tensorflow-import
 
 _PACKAGE = "sparse_attention_tf"
 
 
 def _default_initializer():
   return keras.initializers.RandomNormal(stddev=0.02)
+
+
+def _in_xla_context() -> bool:
+  """Whether ops built now are compiled by XLA (`tf.function(jit_compile=True)`, TPU).
+
+  XLA cannot run Assert ops: it drops them and logs "Ignoring Assert operator"
+  at every trace, so the layer leaves its dynamic checks out there
+  (`generation.generate` checks the lengths before its compiled loop).
+  """
+  return control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph())
 
 
 def _check_positive_int(name, value):
@@ -112,12 +123,14 @@ class _PositionEmbeddingBase(keras.layers.Layer):
     if not static_start:
       if start.shape.rank != 0:
         raise ValueError(f"start_index must be a scalar, got shape {start.shape}.")
-      message = (f"{self.__class__.__name__}: start_index + input sequence length must lie in "
-                 f"[0, {self._capacity}] ({self._capacity_name()}).")
-      checks = [tf.debugging.assert_non_negative(start, message=message),
-                tf.debugging.assert_less_equal(start + length, self._capacity, message=message)]
-      with tf.control_dependencies(checks):
-        start = tf.identity(start)
+      if not _in_xla_context():       # XLA drops Assert ops (with a warning at every trace)
+        message = (f"{self.__class__.__name__}: start_index + input sequence length must lie "
+                   f"in [0, {self._capacity}] ({self._capacity_name()}).")
+        checks = [tf.debugging.assert_non_negative(start, message=message),
+                  tf.debugging.assert_less_equal(start + length, self._capacity,
+                                                 message=message)]
+        with tf.control_dependencies(checks):
+          start = tf.identity(start)
     return start + tf.range(length, dtype=tf.int32)               # (T,)
 
   def call(self, inputs, start_index=0):
