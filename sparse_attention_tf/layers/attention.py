@@ -271,38 +271,21 @@ class SparseMultiHeadAttention(keras.layers.Layer):
     return out if padded == seq else out[:, :seq]                         # (B, T, H, V)
 
   # --- one query position against cached keys (generation) --------------------
-  def row_keys(self, position: int, seq_len: int):
-    """Keys that `position` attends to, per head, padded: (idx, valid) `[H, K]` int32 / bool.
-
-    Read from the pattern's exact mask row; K is rounded up to a power of two
-    so that a traced step function is reused across positions.
-    """
-    heads = self.pattern.num_heads
-    rows = self.pattern.row(position, seq_len)
-    width = 1 << max(1, int(max(len(r) for r in rows))).bit_length()
-    idx = np.zeros((self.num_heads, width), np.int32)
-    valid = np.zeros((self.num_heads, width), bool)
-    for h in range(self.num_heads):
-      r = rows[h % heads]
-      idx[h, :len(r)] = r
-      valid[h, :len(r)] = True
-    return idx, valid
-
   def project_step(self, x):
     """Projections of one position `[B, 1, dim]`: q, k, v `[H, B, K|V]`."""
     q, k, v = (tf.transpose(layer(x)[:, 0], [1, 0, 2])                   # (H, B, K|V)
                for layer in (self._query_dense, self._key_dense, self._value_dense))
     return q, k, v
 
-  def attend_step(self, q, key_cache, value_cache, idx, valid, key_padding=None):
+  def attend_step(self, q, key_cache, value_cache, idx, valid):
     """One query position against cached keys.
 
     Args:
       q: `[H, B, K]` projected query of the position.
       key_cache, value_cache: `[H, N, B, K|V]` projected keys and values of
         every position so far.
-      idx, valid: `[H, W]` the positions this query attends (from `row_keys`).
-      key_padding: optional `[B, N]` bool.
+      idx, valid: `[H, W]` the positions this query attends and which slots
+        hold one (a row of `decode_table`: `max(row, 0)`, `row >= 0`).
 
     Returns:
       `[B, 1, dim]`, the layer output for this position.
@@ -313,9 +296,6 @@ class SparseMultiHeadAttention(keras.layers.Layer):
     logits = tf.einsum("hbk,hwbk->bhw", tf.cast(q, tf.float32), tf.cast(keys, tf.float32))
     logits *= 1.0 / math.sqrt(self.key_dim)                              # (B, H, W)
     visible = tf.broadcast_to(tf.convert_to_tensor(valid, tf.bool)[None], tf.shape(logits))
-    if key_padding is not None:
-      kp = tf.gather(tf.cast(key_padding, tf.bool), tf.reshape(idx, [-1]), axis=1)
-      visible = tf.logical_and(visible, tf.reshape(kp, tf.shape(logits)))
     logits = tf.where(visible, logits, tf.fill(tf.shape(logits), -1e30))
     probs = tf.nn.softmax(logits, axis=-1) * tf.cast(visible, tf.float32)
     probs /= tf.maximum(tf.reduce_sum(probs, axis=-1, keepdims=True), 1e-30)

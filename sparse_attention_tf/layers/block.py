@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import keras
 import tensorflow as tf
 
@@ -173,27 +171,6 @@ class SparseTransformerBlock(keras.layers.Layer):
     a = attention_branch(inputs, seeds[0])                                # (B, T, D)
     b = ffn_branch(inputs + a, seeds[1])                                  # (B, T, D)
     return inputs + a + b
-
-  def step(self, x, key_cache, value_cache, position, idx, valid, key_padding=None):
-    """The block for one position during generation (no dropout).
-
-    Args:
-      x: `[B, 1, width]`, the block input at `position`.
-      key_cache, value_cache: this block's `[H, N, B, K|V]` cache variables;
-        position `position` is written here.
-      position: int scalar, the position of x.
-      idx, valid: `[H, W]` keys the position attends (attention.row_keys).
-      key_padding: optional `[B, N]`.
-
-    Returns:
-      `[B, 1, width]`.
-    """
-    q, k, v = self.attention.project_step(self.attention_norm(x))        # (H, B, K|V)
-    key_cache[:, position].assign(k)
-    value_cache[:, position].assign(v)
-    a = self.attention.attend_step(q, key_cache, value_cache, idx, valid, key_padding)
-    b = self.ffn_output(self.ffn_inner(self.ffn_norm(x + a)))
-    return x + a + b
 
   def prefill(self, x):
     """The block on `x` `[B, T, width]` without dropout, and its attention's keys and values.

@@ -404,8 +404,11 @@ class SparseTransformer(keras.Model):
   def logits_stream(self, out, prompt_len: int, num_tokens: int, use_cache: bool = True):
     """Yields the next-token logits `[B, V]` after positions `prompt_len - 1` onwards.
 
-    The generator `generate` samples from, also useful for teacher-forced
-    scoring with the cache.
+    With the cache: `prefill` on the prompt (eager), then one call of a
+    `tf.function` of `decode_step` per position, traced once per model (any
+    batch) and kept. One Python-driven call per token: for teacher-forced
+    scoring with the cache, and for samplers written in Python; `generate`
+    runs the compiled loop of `sparse_attention_tf.generation` instead.
 
     Args:
       out: int32 NumPy `[B, prompt_len + num_tokens]`; positions `< prompt_len`
@@ -417,38 +420,51 @@ class SparseTransformer(keras.Model):
         pass per step.
 
     Yields:
-      `[B, V]` logits for the token at `prompt_len + s`, s = 0, 1, ...
+      float32 `[B, V]` logits for the token at `prompt_len + s`, s = 0, 1, ...
+
+    Raises:
+      ValueError: (at the first `next`) for prompt_len < 1, num_tokens < 0
+        or `prompt_len + num_tokens - 1 > seq_len`.
     """
+    if prompt_len < 1 or num_tokens < 0 or prompt_len + num_tokens - 1 > self.seq_len:
+      raise ValueError(f"{type(self).__name__}.logits_stream: needs prompt_len >= 1, num_tokens "
+                       f">= 0 and prompt_len + num_tokens - 1 <= seq_len ({self.seq_len}), got "
+                       f"prompt_len={prompt_len}, num_tokens={num_tokens}.")
+    if num_tokens == 0:
+      return
+    batch = out.shape[0]
     if not use_cache:
       forward = tf.function(lambda t: self(t, training=False))
       for pos in range(prompt_len - 1, prompt_len - 1 + num_tokens):
-        padded = np.zeros((out.shape[0], self.seq_len), np.int32)
+        padded = np.zeros((batch, self.seq_len), np.int32)
         padded[:, :pos + 1] = out[:, :pos + 1]
         yield forward(padded)[:, pos]
       return
-    batch = out.shape[0]
-    caches = []
-    for block in self.blocks:
-      attn = block.attention
-      shape_k = (attn.num_heads, self.seq_len, batch, attn.key_dim)
-      shape_v = (attn.num_heads, self.seq_len, batch, attn.value_dim)
-      caches.append((tf.Variable(tf.zeros(shape_k, self.compute_dtype), trainable=False),
-                     tf.Variable(tf.zeros(shape_v, self.compute_dtype), trainable=False)))
-    step = tf.function(self._step, reduce_retracing=True)
-    for pos in range(prompt_len - 1 + num_tokens):
-      rows = {}
-      for block in self.blocks:
-        if block.pattern not in rows:
-          rows[block.pattern] = block.attention.row_keys(pos, self.seq_len)
-      logits = step(tf.constant(out[:, pos]), tf.constant(pos, tf.int32), caches,
-                    [rows[b.pattern] for b in self.blocks])
-      if pos >= prompt_len - 1:
-        yield logits
+    padded = np.zeros((batch, self.seq_len), np.int32)
+    padded[:, :prompt_len] = out[:, :prompt_len]
+    logits, caches = self.prefill(tf.constant(padded), tf.constant(prompt_len - 1, tf.int32))
+    pad = lambda c: tf.pad(c, [[0, 0], [0, self.seq_len - c.shape[1]], [0, 0], [0, 0]])
+    caches = [(pad(k), pad(v)) for k, v in caches]                        # (H, N, B, K|V)
+    yield logits                                                          # (B, V)
+    step = self._decode_step_function()
+    for pos in range(prompt_len, prompt_len - 1 + num_tokens):
+      logits, caches = step(tf.constant(out[:, pos], tf.int32), tf.constant(pos, tf.int32),
+                            caches)                                       # (B, V)
+      yield logits
 
-  def _step(self, token, position, caches, rows):
-    """One position through the whole model with the caches: logits `[B, V]`."""
-    x = self.token_embedding(token[:, None])                              # (B, 1, D)
-    x = self.position_embedding(x, start_index=position)                  # (B, 1, D)
-    for block, (key_cache, value_cache), (idx, valid) in zip(self.blocks, caches, rows):
-      x = block.step(x, key_cache, value_cache, position, idx, valid)     # (B, 1, D)
-    return self.head(self.final_norm(x))[:, 0]                            # (B, V)
+  def _decode_step_function(self):
+    """`decode_step` as a tf.function for any batch, built on first use and kept on the model."""
+    step = self.__dict__.get("_decode_step_fn")
+    if step is None:
+      specs = []
+      for block in self.blocks:
+        attn = block.attention
+        specs.append((
+            tf.TensorSpec([attn.num_heads, self.seq_len, None, attn.key_dim], attn.compute_dtype),
+            tf.TensorSpec([attn.num_heads, self.seq_len, None, attn.value_dim],
+                          attn.compute_dtype)))
+      step = tf.function(self.decode_step, input_signature=[
+          tf.TensorSpec([None], tf.int32, name="token"),
+          tf.TensorSpec([], tf.int32, name="position"), specs])
+      object.__setattr__(self, "_decode_step_fn", step)
+    return step
