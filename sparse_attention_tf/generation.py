@@ -16,8 +16,13 @@ seed: all are tensors):
    rows that sample a stop token are padded from then on, and the loop ends
    when every row has stopped.
 3. Sampling, in the graph: greedy (temperature 0), temperature, top-k and
-   top-p (nucleus), from a stateless RNG folded with the position, so a seed
-   reproduces the tokens.
+   top-p (nucleus), each setting per row, from a counter-based hash of (the
+   row's seed, the position, the token id), so a seed reproduces the tokens
+   and a row's tokens never depend on the other rows of its batch (row b of
+   a `generate` call draws with seed + b).
+
+`Generator.generate_rows` is the graph; `export.export_saved_model` puts it in
+the SavedModel's `generate` signature, the same computation.
 
 The model is anything with the decoding interface (`SparseTransformer`, or a
 functional model wrapped in `SparseCausalLM`):
@@ -54,7 +59,9 @@ class Sampler:
     top_k: sample among the k most likely tokens only (None: all).
     top_p: sample among the most likely tokens whose probabilities sum to at
       least p (nucleus sampling, after top_k; None or 1: all).
-    seed: an int makes the samples reproducible (None: a fresh seed per call).
+    seed: an int makes the samples reproducible (None: a fresh seed per call);
+      row b of a batch draws with seed + b, so a row gives the same tokens
+      alone as in a batch.
 
   Tokens whose logit ties the k-th (or the nucleus' last) are kept too.
   """
@@ -88,76 +95,88 @@ class Sampler:
       raise ValueError(f"top_p must be in (0, 1], got {self.top_p}.")
 
 
-def sample_tokens(logits, temperature, top_k, top_p, seed):
+def sample_tokens(logits, temperature, top_k, top_p, seed, position=0):
   """One token per row from `logits` `[B, V]`: int32 `[B]`. Graph-friendly.
 
   Args:
     logits: `[B, V]`.
-    temperature: float scalar; 0 gives the argmax.
-    top_k: int32 scalar, 0 for no limit.
-    top_p: float scalar, >= 1 for no limit.
-    seed: int32 `[2]`, the stateless RNG seed of this draw.
+    temperature: float, a scalar or one per row `[B]`; 0 gives the argmax.
+    top_k: int32, a scalar or `[B]`; 0 for no limit.
+    top_p: float, a scalar or `[B]`; >= 1 for no limit.
+    seed: int32, a scalar or `[B]`: row b's draw is a pure function of
+      (seed[b], position, logits[b]), whatever the row's place in the batch.
+    position: int32 scalar, the position the token is drawn for.
   """
   logits = tf.cast(logits, tf.float32)                                    # (B, V)
+  batch, vocab = tf.shape(logits)[0], tf.shape(logits)[1]
+
+  def per_row(value, dtype):
+    return tf.broadcast_to(tf.cast(value, dtype), [batch])[:, None]       # (B, 1)
+
+  temperature = per_row(temperature, tf.float32)
+  top_k, top_p = per_row(top_k, tf.int32), per_row(top_p, tf.float32)
   greedy = tf.argmax(logits, axis=-1, output_type=tf.int32)               # (B,)
-  scaled = logits / tf.maximum(tf.cast(temperature, tf.float32), 1e-30)  # (B, V)
+  scaled = logits / tf.maximum(temperature, 1e-30)                        # (B, V)
   ranked = tf.sort(scaled, axis=-1, direction="DESCENDING")               # (B, V)
-  vocab = tf.shape(ranked)[-1]
   rank = tf.range(vocab)[None]                                            # (1, V)
-  k = tf.where(top_k > 0, tf.minimum(top_k, vocab), vocab)
-  in_k = rank < k                                                         # (1, V)
+  k = tf.where(top_k > 0, tf.minimum(top_k, vocab), vocab)                # (B, 1)
+  in_k = rank < k                                                         # (B, V)
   probs = tf.nn.softmax(tf.where(in_k, ranked, -np.inf), axis=-1)         # (B, V)
   before = tf.cumsum(probs, axis=-1, exclusive=True)                      # mass ranked above
   keep = tf.logical_and(in_k, tf.logical_or(before < top_p, top_p >= 1.0))  # (B, V)
   kept = tf.maximum(tf.reduce_sum(tf.cast(keep, tf.int32), axis=-1), 1)   # (B,)
   threshold = tf.gather(ranked, kept - 1, axis=1, batch_dims=1)[:, None]  # (B, 1)
   masked = tf.where(scaled >= threshold, scaled, -np.inf)                 # (B, V)
-  gumbel = -tf.math.log(-tf.math.log(_uniform(tf.shape(masked), seed)))   # (B, V)
+  uniform = _uniform(vocab, per_row(seed, tf.int32)[:, 0], position)     # (B, V)
+  gumbel = -tf.math.log(-tf.math.log(uniform))                            # (B, V)
   sampled = tf.argmax(masked + gumbel, axis=-1, output_type=tf.int32)     # Gumbel-max
-  return tf.where(temperature > 0, sampled, greedy)                       # (B,)
+  return tf.where(temperature[:, 0] > 0, sampled, greedy)                 # (B,)
+
+
+_MASK32 = 0xFFFFFFFF
 
 
 def _hash(x):
   """A 32-bit integer mix (after C. Wellons' hash32), in int64 so that no product overflows."""
-  mask = tf.constant(0xFFFFFFFF, tf.int64)
   for shift, factor in ((16, 0x7FEB352D), (15, 0x297A2D39), (16, None)):
     x = tf.bitwise.bitwise_xor(x, tf.bitwise.right_shift(x, shift))
     if factor:
-      x = tf.bitwise.bitwise_and(x * factor, mask)
+      x = tf.bitwise.bitwise_and(x * factor, _MASK32)
   return x
 
 
-def _uniform(shape, seed):
-  """Uniform (0, 1) float32 of `shape` `[B, V]`, a pure function of seed int32 `[2]`.
+def _uniform(vocab, seeds, position):
+  """Uniform (0, 1) float32 `[B, vocab]`; row b a pure function of (seeds[b], position).
 
   A counter-based hash rather than `tf.random.stateless_*`, whose streams
   differ under XLA: the compiled decoding loop and the uncached reference
   must draw the same numbers.
   """
-  seed = tf.cast(seed, tf.int64)
-  mask = tf.constant(0xFFFFFFFF, tf.int64)
-  key = _hash(tf.bitwise.bitwise_and(seed[1] + _hash(seed[0]), mask))
-  counter = tf.reshape(tf.range(tf.cast(shape[0] * shape[1], tf.int64)), shape)  # (B, V)
-  bits = _hash(tf.bitwise.bitwise_and(counter + key * 0x9E3779B, mask))
-  bits = _hash(tf.bitwise.bitwise_xor(bits, key))
+  seeds = tf.bitwise.bitwise_and(tf.cast(seeds, tf.int64), _MASK32)      # (B,)
+  position = tf.cast(position, tf.int64)
+  key = _hash(tf.bitwise.bitwise_and(_hash(seeds) + position * 0x9E3779B1, _MASK32))  # (B,)
+  counter = tf.range(tf.cast(vocab, tf.int64))[None]                      # (1, V)
+  bits = _hash(tf.bitwise.bitwise_and(counter * 0x2545F491 + key[:, None], _MASK32))
+  bits = _hash(tf.bitwise.bitwise_xor(bits, key[:, None]))               # (B, V)
   return (tf.cast(tf.bitwise.right_shift(bits, 8), tf.float32) + 0.5) / 2.0**24
 
 
 def _advance(pos, logits, tokens, done, ends, rows):
-  """Writes the token at pos + 1: the prompt's, a sample, or padding after a stop.
+  """Writes the token at pos + 1: the prompt's, a sample, or padding.
 
+  A row is done once it sampled a stop token or reached its limit.
   Returns the new (tokens `[B, N + 1]`, done `[B]`, ends `[B]`).
   """
-  lengths, _, temperature, top_k, top_p, seed, stop_token_ids, pad_token_id = rows
+  lengths, limits, temperature, top_k, top_p, seeds, stop_token_ids, pad_token_id = rows
   nxt = pos + 1
-  sampled = sample_tokens(logits, temperature, top_k, top_p,
-                          tf.random.experimental.stateless_fold_in(seed, pos))  # (B,)
+  sampled = sample_tokens(logits, temperature, top_k, top_p, seeds, pos)  # (B,)
   in_prompt = nxt < lengths                                               # (B,)
-  new = tf.where(in_prompt, tokens[:, nxt], tf.where(done, pad_token_id, sampled))
-  stop = tf.reduce_any(sampled[:, None] == stop_token_ids[None], axis=-1)
-  stop = tf.logical_and(stop, tf.logical_not(tf.logical_or(in_prompt, done)))
+  active = tf.logical_not(tf.logical_or(in_prompt, tf.logical_or(done, nxt >= limits)))
+  new = tf.where(in_prompt, tokens[:, nxt], tf.where(active, sampled, pad_token_id))
+  stop = tf.logical_and(active, tf.reduce_any(sampled[:, None] == stop_token_ids[None], axis=-1))
   tokens = tf.where(tf.range(tf.shape(tokens)[1])[None] == nxt, new[:, None], tokens)
-  return tokens, tf.logical_or(done, stop), tf.where(stop, nxt + 1, ends)
+  done = tf.logical_or(tf.logical_or(done, stop), nxt + 1 >= limits)
+  return tokens, done, tf.where(stop, nxt + 1, ends)
 
 
 class Generator:
@@ -178,39 +197,49 @@ class Generator:
     # The decoding loop through XLA: caches updated in place, the small per-step ops fused.
     self._decode = tf.function(self._decode_loop, jit_compile=jit_compile, autograph=False)
     n = int(model.seq_len)
-    self.function = tf.function(self._generate, autograph=False, input_signature=[
-        tf.TensorSpec([None, n + 1], tf.int32, name="tokens"),
+    self.function = tf.function(self.generate_rows, autograph=False, input_signature=[
+        tf.TensorSpec([None, None], tf.int32, name="tokens"),
         tf.TensorSpec([None], tf.int32, name="lengths"),
-        tf.TensorSpec([], tf.int32, name="max_length"),
-        tf.TensorSpec([], tf.float32, name="temperature"),
-        tf.TensorSpec([], tf.int32, name="top_k"),
-        tf.TensorSpec([], tf.float32, name="top_p"),
-        tf.TensorSpec([2], tf.int32, name="seed"),
+        tf.TensorSpec([None], tf.int32, name="limits"),
+        tf.TensorSpec([None], tf.float32, name="temperature"),
+        tf.TensorSpec([None], tf.int32, name="top_k"),
+        tf.TensorSpec([None], tf.float32, name="top_p"),
+        tf.TensorSpec([None], tf.int32, name="seed"),
         tf.TensorSpec([None], tf.int32, name="stop_token_ids"),
         tf.TensorSpec([], tf.int32, name="pad_token_id"),
     ])
 
-  def _generate(self, tokens, lengths, max_length, temperature, top_k, top_p, seed,
-                stop_token_ids, pad_token_id):
-    """tokens `[B, N + 1]` (prompts, then anything), lengths `[B]`, 1 <= lengths <= max_length.
+  def generate_rows(self, tokens, lengths, limits, temperature, top_k, top_p, seed,
+                    stop_token_ids, pad_token_id):
+    """The graph of `function`: every sampler setting per row. Unchecked: callers check.
+
+    Args:
+      tokens: int32 `[B, L]`, `L <= seq_len + 1`, row b's prompt in `[:lengths[b]]`.
+      lengths: int32 `[B]`, `1 <= lengths <= L`.
+      limits: int32 `[B]`, each row's length when done, `lengths <= limits <= seq_len + 1`.
+      temperature, top_k, top_p, seed: `[B]`, each row's sampler (see `sample_tokens`).
+      stop_token_ids: int32 `[S]`, ids that end a row (kept in it).
+      pad_token_id: int32 scalar, what follows a row's end.
 
     Returns:
-      (tokens `[B, max_length]`, padded with pad_token_id after a stop token;
-      lengths `[B]`, each row's length up to and including its stop token).
+      (tokens int32 `[B, max(limits)]`, padded with pad_token_id after each
+      row's end; ends int32 `[B]`, each row's length: its limit, or up to and
+      including its stop token).
     """
     self.traces += 1
     n = int(self.model.seq_len)
     batch = tf.shape(tokens)[0]
-    rows = (lengths, max_length, temperature, top_k, top_p, seed, stop_token_ids, pad_token_id)
+    tokens = tf.pad(tokens, [[0, 0], [0, n + 1 - tf.shape(tokens)[1]]])
+    tokens = tf.ensure_shape(tokens, [None, n + 1])                       # (B, N + 1)
+    rows = (lengths, limits, temperature, top_k, top_p, seed, stop_token_ids, pad_token_id)
     start = tf.reduce_min(lengths)
     logits, caches = self._prefill(tokens[:, :n], start)                  # (B, V)
     done = tf.zeros([batch], tf.bool)
-    ends = tf.fill([batch], max_length)
-    tokens, done, ends = _advance(start - 1, logits, tokens, done, ends, rows)
+    tokens, done, ends = _advance(start - 1, logits, tokens, done, limits, rows)
     tokens, ends = self._decode(start, tokens, done, ends, caches, rows)
     columns = tf.range(n + 1)[None]                                       # (1, N + 1)
-    tokens = tf.where(columns >= ends[:, None], pad_token_id, tokens)[:, :max_length]
-    return tokens, ends
+    tokens = tf.where(columns >= ends[:, None], pad_token_id, tokens)     # (B, N + 1)
+    return tokens[:, :tf.reduce_max(limits)], ends
 
   def _prefill(self, tokens, start):
     """model.prefill on the shortest prefix length that holds positions < start.
@@ -234,11 +263,11 @@ class Generator:
     return tf.switch_case(branch, [prefill_at(length) for length in lengths])
 
   def _decode_loop(self, start, tokens, done, ends, caches, rows):
-    """Decoding steps from position `start` until max_length or every row stopped."""
-    max_length = rows[1]
+    """Decoding steps from position `start` until every row is done."""
+    last = tf.reduce_max(rows[1]) - 1
 
     def cond(pos, tokens, done, ends, caches):
-      return tf.logical_and(pos < max_length - 1, tf.logical_not(tf.reduce_all(done)))
+      return tf.logical_and(pos < last, tf.logical_not(tf.reduce_all(done)))
 
     def body(pos, tokens, done, ends, caches):
       logits, caches = self.model.decode_step(tokens[:, pos], pos, caches)  # (B, V)
@@ -256,23 +285,33 @@ class Generator:
       tokens: int32 `[B, L]`, `L <= seq_len + 1`, row b's prompt in `[:lengths[b]]`.
       lengths: `[B]` prompt lengths, `1 <= lengths <= max_length`.
       max_length: total length of the result, `<= seq_len + 1`.
-      sampler: a `Sampler`.
+      sampler: a `Sampler`; row b draws with seed `sampler.seed + b`.
       stop_token_ids: token ids that end a row (kept in the result).
       pad_token_id: what follows a stop token.
     """
-    n = int(self.model.seq_len)
-    buffer = np.zeros((tokens.shape[0], n + 1), np.int32)
-    buffer[:, :tokens.shape[1]] = tokens
-    seed = sampler.seed if sampler.seed is not None else secrets.randbits(31)
-    out, ends = self.function(
-        tf.constant(buffer), tf.constant(np.asarray(lengths, np.int32)),
-        tf.constant(max_length, tf.int32), tf.constant(sampler.temperature, tf.float32),
-        tf.constant(sampler.top_k or 0, tf.int32),
-        tf.constant(1.0 if sampler.top_p is None else sampler.top_p, tf.float32),
-        tf.constant([0, int(seed) % 2**31], tf.int32),
-        tf.constant(np.asarray(stop_token_ids, np.int32).reshape(-1)),
-        tf.constant(pad_token_id, tf.int32))
+    out, ends = self.function(*_row_inputs(tokens, lengths, max_length, sampler, stop_token_ids,
+                                            pad_token_id))
     return out.numpy(), ends.numpy()
+
+
+def _row_seeds(sampler: "Sampler", batch: int) -> np.ndarray:
+  """Row b's seed: sampler.seed + b (mod 2**31); a fresh random seed for None."""
+  seed = sampler.seed if sampler.seed is not None else secrets.randbits(31)
+  return ((int(seed) + np.arange(batch, dtype=np.int64)) % 2**31).astype(np.int32)
+
+
+def _row_inputs(tokens, lengths, max_length, sampler, stop_token_ids, pad_token_id) -> list:
+  """The tensors of `Generator.function` for one sampler and max_length for every row."""
+  batch = len(tokens)
+  def full(value, dtype):
+    return tf.constant(np.full(batch, value, dtype))
+  return [tf.constant(np.asarray(tokens, np.int32)), tf.constant(np.asarray(lengths, np.int32)),
+          full(max_length, np.int32), full(sampler.temperature, np.float32),
+          full(sampler.top_k or 0, np.int32),
+          full(1.0 if sampler.top_p is None else sampler.top_p, np.float32),
+          tf.constant(_row_seeds(sampler, batch)),
+          tf.constant(np.asarray(stop_token_ids, np.int32).reshape(-1)),
+          tf.constant(pad_token_id, tf.int32)]
 
 
 def reference_generate(model, tokens, lengths, max_length, sampler, stop_token_ids=(),
@@ -288,8 +327,7 @@ def reference_generate(model, tokens, lengths, max_length, sampler, stop_token_i
   batch = tokens.shape[0]
   out = np.zeros((batch, n + 1), np.int32)
   out[:, :tokens.shape[1]] = tokens
-  seed = sampler.seed if sampler.seed is not None else secrets.randbits(31)
-  seed = tf.constant([0, int(seed) % 2**31], tf.int32)
+  seeds = tf.constant(_row_seeds(sampler, batch))
   forward = tf.function(lambda t: model(t, training=False))
   done = np.zeros(batch, bool)
   ends = np.full(batch, max_length, np.int32)
@@ -299,11 +337,9 @@ def reference_generate(model, tokens, lengths, max_length, sampler, stop_token_i
       break
     padded = np.where(np.arange(n)[None] <= pos, out[:, :n], 0)
     logits = forward(tf.constant(padded))[:, pos]                         # (B, V)
-    sampled = sample_tokens(logits, tf.constant(sampler.temperature, tf.float32),
-                            tf.constant(sampler.top_k or 0, tf.int32),
-                            tf.constant(1.0 if sampler.top_p is None else sampler.top_p,
-                                        tf.float32),
-                            tf.random.experimental.stateless_fold_in(seed, pos)).numpy()
+    sampled = sample_tokens(logits, sampler.temperature, sampler.top_k or 0,
+                            1.0 if sampler.top_p is None else sampler.top_p, seeds,
+                            pos).numpy()
     in_prompt = pos + 1 < lengths
     stop = np.isin(sampled, stops) & ~in_prompt & ~done
     out[:, pos + 1] = np.where(in_prompt, out[:, pos + 1], np.where(done, pad_token_id, sampled))

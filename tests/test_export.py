@@ -55,6 +55,15 @@ BATCHES = {"a": (3, SEQ_LEN, (SEQ_LEN, None, 2)), "b": (1, SEQ_LEN, (SEQ_LEN,)),
            "c": (2, 40, (None, 40))}
 TOL = dict(rtol=1e-4, atol=1e-4)
 TIMEOUT = 240
+# The generate signature's request: per row a sampler (plain, greedy, top-k + top-p at
+# temperature 1.5, and a row that asks for no new token), prompts of different lengths.
+GENERATE_LENGTHS = [20, 5, 11, 7]
+GENERATE_ROWS = {"max_new_tokens": ([30, SEQ_LEN + 1 - 5, 10, 0], np.int32),
+                 "temperature": ([1.0, 0.0, 1.5, 1.0], np.float32),
+                 "top_k": ([0, 0, 5, 0], np.int32),
+                 "top_p": ([0.9, 1.0, 0.8, 1.0], np.float32),
+                 "seed": ([11, 12, 2**31 - 1, 0], np.int32)}
+GENERATE_STOP = [3]       # export-time stop token: some rows end early
 
 # TensorFlow's native start-up lines (written before TF_CPP_MIN_LOG_LEVEL applies).
 _TF_LOG = re.compile(r"^(WARNING: All log messages before absl::InitializeLog\(\)|"
@@ -121,6 +130,7 @@ JOB_TESTS = {   # job -> the tests that read it
     "load_saved_model": ("test_load_saved_model_names_the_missing_library",),
     "cli_show": ("test_saved_model_cli_show_and_run",),
     "cli_run": ("test_saved_model_cli_show_and_run",),
+    "cli_run_generate": ("test_saved_model_cli_runs_generate",),
     "cli_export": ("test_cli_exports_a_keras_file",),
     "cli_exists": ("test_cli_refuses_an_existing_version",),
 }
@@ -229,9 +239,13 @@ def art(jobs, tmp_path_factory, ops):
     a.logits[tag] = np.asarray(a.model(a.full[tag], training=False), np.float32)
     assert a.logits[tag].std() > 0.5, "outputs are (nearly) uniform"
   a.portable_base = str(a.root / "portable")
-  a.portable = export.export_saved_model(a.model, a.portable_base)
+  a.portable = export.export_saved_model(a.model, a.portable_base, stop_token_ids=GENERATE_STOP)
   a.custom_base = str(a.root / "custom")
-  a.custom = export.export_saved_model(a.model, a.custom_base, mode="custom_op")
+  a.custom = export.export_saved_model(a.model, a.custom_base, mode="custom_op",
+                                       stop_token_ids=GENERATE_STOP, generate_jit_compile=True)
+  a.generate, _, _ = make_batch(rng, len(GENERATE_LENGTHS), 20, GENERATE_LENGTHS)
+  a.generate = {"tokens": a.generate, "lengths": np.array(GENERATE_LENGTHS, np.int32),
+                **{k: np.array(v, t) for k, (v, t) in GENERATE_ROWS.items()}}
   a.keras_file = str(a.root / "model.keras")
   a.model.save(a.keras_file)
   a.library = ops.library_path()
@@ -242,6 +256,8 @@ def art(jobs, tmp_path_factory, ops):
     for tag in BATCHES:
       np.save(a.dirs[name] / f"tokens_{tag}.npy", a.tokens[tag])
       np.save(a.dirs[name] / f"lengths_{tag}.npy", a.lengths[tag])
+    for key, value in a.generate.items():
+      np.save(a.dirs[name] / f"generate_{key}.npy", value)
   jobs.add("fresh", python_args(FRESH, a.portable, a.custom, a.library,
                                 ",".join(SIGNATURE_OUTPUTS), ",".join(BATCHES), SEQ_LEN),
            a.dirs["fresh"])
@@ -253,6 +269,11 @@ def art(jobs, tmp_path_factory, ops):
                        f"tokens={a.dirs['cli'] / 'tokens_a.npy'};"
                        f"lengths={a.dirs['cli'] / 'lengths_a.npy'}", "--outdir",
                        str(a.dirs["cli"] / "cli_out")], a.dirs["cli"])
+  jobs.add("cli_run_generate", [
+      saved_model_cli(), "run", "--dir", a.portable, "--tag_set", "serve", "--signature_def",
+      "generate", "--inputs", ";".join(f"{k}={a.dirs['cli'] / f'generate_{k}.npy'}"
+                                       for k in a.generate),
+      "--outdir", str(a.dirs["cli"] / "generate_out")], a.dirs["cli"])
   a.cli_export_dir = jobs.root / "cli_export"
   (a.cli_export_dir / "1").mkdir(parents=True)   # a stale version: --overwrite replaces it
   (a.cli_export_dir / "1" / "stale.txt").write_text("old")
@@ -289,6 +310,10 @@ def inputs(tag):
   return {"tokens": tf.constant(np.load(f"tokens_{tag}.npy")),
           "lengths": tf.constant(np.load(f"lengths_{tag}.npy"))}
 
+def generate_inputs():
+  names = ("tokens", "lengths", "max_new_tokens", "temperature", "top_k", "top_p", "seed")
+  return {k: tf.constant(np.load(f"generate_{k}.npy")) for k in names}
+
 def op_types(fn):
   graph = fn.graph.as_graph_def()
   types = {n.op for n in graph.node}
@@ -313,6 +338,10 @@ try:
     for tag in tags:
       out = fn(**inputs(tag))
       np.savez(f"out_{name}_{tag}.npz", **{k: v.numpy() for k, v in out.items()})
+  fn = loaded.signatures["generate"]
+  result["custom_ops"]["generate"] = op_types(fn)
+  out = fn(**generate_inputs())
+  np.savez("generate_portable.npz", **{k: v.numpy() for k, v in out.items()})
   result["our_modules"] = ours()
   result["importable"] = importlib.util.find_spec("sparse_attention_tf") is not None
   result["op_library_mapped"] = library_mapped()
@@ -355,6 +384,8 @@ try:
   for tag in tags:
     logits = fn(**inputs(tag))["logits"]
     np.save(f"logits_{tag}.npy", logits.numpy())
+  out = loaded.signatures["generate"](**generate_inputs())      # its decoding loop under XLA
+  np.savez("generate_custom.npz", **{k: v.numpy() for k, v in out.items()})
   result["our_modules"] = ours()
 except Exception:
   result["error"] = traceback.format_exc()
@@ -372,7 +403,8 @@ def test_portable_export_runs_without_the_library(art, jobs):
   assert result["our_modules"] == [] and not result["importable"], result
   assert not result["op_library_mapped"]
   assert set(SIGNATURE_OUTPUTS) <= set(result["signatures"]), result["signatures"]
-  assert result["custom_ops"] == {name: [] for name in SIGNATURE_OUTPUTS}, result["custom_ops"]
+  assert result["custom_ops"] == {name: [] for name in [*SIGNATURE_OUTPUTS, "generate"]}, \
+      result["custom_ops"]
   for tag, (batch, width, _) in BATCHES.items():
     want = expected_outputs(art.logits[tag], art.tokens[tag], art.lengths[tag])
     for name, keys in SIGNATURE_OUTPUTS.items():
@@ -416,7 +448,15 @@ def test_layout_and_metadata(art, mode):
   with open(meta_file) as f:
     meta = json.load(f)
   assert meta["mode"] == mode
-  assert list(meta["signatures"]) == list(SIGNATURE_OUTPUTS)
+  assert list(meta["signatures"]) == [*SIGNATURE_OUTPUTS, "generate"]
+  assert meta["generate"] == {"jit_compile": mode == "custom_op", "stop_token_ids": GENERATE_STOP,
+                              "pad_token_id": 0}
+  rows = {k: {"dtype": np.dtype(t).name, "shape": [None]} for k, (_, t) in GENERATE_ROWS.items()}
+  assert meta["signatures"]["generate"] == {
+      "inputs": {"tokens": {"dtype": "int32", "shape": [None, None]},
+                 "lengths": {"dtype": "int32", "shape": [None]}, **rows},
+      "outputs": {"sequences": {"dtype": "int32", "shape": [None, None]},
+                  "sequence_lengths": {"dtype": "int32", "shape": [None]}}}
   inputs = {"tokens": {"dtype": "int32", "shape": [None, None]},
             "lengths": {"dtype": "int32", "shape": [None]}}
   outputs = {"logits": [None, None, VOCAB], "probabilities": [None, None, VOCAB],
@@ -474,6 +514,12 @@ def test_saved_model_cli_show_and_run(art, jobs):
     outputs = tensor_infos(blocks[name], "outputs")
     assert outputs == {k: ("DT_FLOAT", out_shapes[k]) for k in keys}, (name, blocks[name])
     assert "Method name is: tensorflow/serving/predict" in blocks[name]
+  assert tensor_infos(blocks["generate"], "inputs") == {
+      "tokens": ("DT_INT32", "(-1, -1)"), "lengths": ("DT_INT32", "(-1)"),
+      **{k: ("DT_FLOAT" if t == np.float32 else "DT_INT32", "(-1)")
+         for k, (_, t) in GENERATE_ROWS.items()}}, blocks["generate"]
+  assert tensor_infos(blocks["generate"], "outputs") == {
+      "sequences": ("DT_INT32", "(-1, -1)"), "sequence_lengths": ("DT_INT32", "(-1)")}
 
   run = jobs.result("cli_run")
   check_exit(run)
@@ -481,6 +527,97 @@ def test_saved_model_cli_show_and_run(art, jobs):
   logits = np.load(outdir / "logits.npy")
   assert logits.shape == (BATCHES["a"][0], SEQ_LEN, VOCAB)
   np.testing.assert_allclose(logits, art.logits["a"], **TOL)
+
+
+# --- 3b. the generate signature ---------------------------------------------------
+@pytest.fixture(scope="module")
+def generate_expected(art):
+  """Each row of the generate request through the Python `generate`, one row per call:
+  `[B, max(lengths + max_new_tokens)]` (0 after each row's end) and each row's end."""
+  from sparse_attention_tf import generation
+  g = art.generate
+  limits = g["lengths"] + g["max_new_tokens"]
+  out = np.zeros((len(limits), limits.max()), np.int32)
+  ends = limits.copy()
+  for b, n in enumerate(g["lengths"]):
+    sampler = generation.Sampler(temperature=float(g["temperature"][b]),
+                                 top_k=int(g["top_k"][b]) or None, top_p=float(g["top_p"][b]),
+                                 seed=int(g["seed"][b]))
+    row = art.model.generate(g["tokens"][b, :n], int(g["max_new_tokens"][b]), sampler=sampler,
+                             stop_token_ids=GENERATE_STOP)
+    out[b, :len(row)] = row
+    stops = np.nonzero(row[n:] == GENERATE_STOP[0])[0]
+    if len(stops):
+      ends[b] = n + stops[0] + 1
+  # The request exercises a stop and a full row (rows 1 and 3 are deterministic).
+  assert (ends < limits).any() or (limits[1] == SEQ_LEN + 1 and ends[1] == SEQ_LEN + 1)
+  return out, ends
+
+
+def check_generated(got: dict, expected, where: str):
+  want, ends = expected
+  assert set(got) == {"sequences", "sequence_lengths"}, (where, sorted(got))
+  assert got["sequences"].dtype == np.int32 and got["sequence_lengths"].dtype == np.int32
+  np.testing.assert_array_equal(got["sequence_lengths"], ends, err_msg=where)
+  np.testing.assert_array_equal(got["sequences"], want, err_msg=where)
+
+
+def test_exported_generate_matches_python_generate(art, jobs, generate_expected):
+  """In a process without the library: the portable export (plain TF loop) and the
+  custom_op export (XLA loop) sample what the Python generate samples, row by row."""
+  check_exit(jobs.result("fresh"))
+  workdir = art.dirs["fresh"]
+  for mode in ("portable", "custom"):
+    result = json.loads((workdir / f"{mode}.json").read_text())
+    assert "error" not in result, result["error"]
+    check_generated(dict(np.load(workdir / f"generate_{mode}.npz")), generate_expected, mode)
+  # The prompts came back unchanged (the garbage after each length did not).
+  g = art.generate
+  for b, n in enumerate(g["lengths"]):
+    np.testing.assert_array_equal(generate_expected[0][b, :n], g["tokens"][b, :n])
+
+
+def test_saved_model_cli_runs_generate(art, jobs, generate_expected):
+  run = jobs.result("cli_run_generate")
+  check_exit(run)
+  outdir = art.dirs["cli"] / "generate_out"
+  got = {k: np.load(outdir / f"{k}.npy") for k in ("sequences", "sequence_lengths")}
+  check_generated(got, generate_expected, "saved_model_cli run")
+
+
+def test_generate_in_process_and_per_row_independence(art, portable_loaded, generate_expected):
+  """`predict` on the loaded export; a row alone gives what it gave in the batch."""
+  from sparse_attention_tf import export
+  check_generated(export.predict(portable_loaded, art.generate, "generate"), generate_expected,
+                  "predict")
+  alone = export.predict(portable_loaded, {k: v[2:3] for k, v in art.generate.items()},
+                         "generate")
+  want, ends = generate_expected
+  n = ends[2]
+  np.testing.assert_array_equal(alone["sequences"][0, :n], want[2, :n])
+
+
+GENERATE_ERRORS = {   # case -> (changed inputs, a part of the message)
+    "past_seq_len": ({"max_new_tokens": [SEQ_LEN - 18, 1, 1, 1]}, "lengths + max_new_tokens"),
+    "negative_new": ({"max_new_tokens": [1, -1, 1, 1]}, "max_new_tokens must be >= 0"),
+    "temperature": ({"temperature": [1.0, -0.5, 1.0, 1.0]}, "temperature must be finite"),
+    "temperature_nan": ({"temperature": [np.nan, 1.0, 1.0, 1.0]}, "temperature must be finite"),
+    "top_k": ({"top_k": [0, VOCAB + 1, 0, 0]}, f"top_k must be <= vocab_size = {VOCAB}"),
+    "top_p": ({"top_p": [1.0, 0.0, 1.0, 1.0]}, "top_p must be in (0, 1]"),
+    "rows": ({"seed": [1, 2]}, "seed must hold one value per row"),
+    "token": ({"tokens": np.full((4, 20), VOCAB)}, f"vocab_size = {VOCAB})"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(GENERATE_ERRORS))
+def test_generate_checks_in_the_graph(art, portable_loaded, case):
+  import tensorflow as tf
+  changed, message = GENERATE_ERRORS[case]
+  inputs = {**art.generate, **changed}
+  fn = portable_loaded.signatures["generate"]
+  specs = fn.structured_input_signature[1]
+  with pytest.raises(tf.errors.InvalidArgumentError, match=re.escape(message)):
+    fn(**{k: tf.constant(np.asarray(v), specs[k].dtype) for k, v in inputs.items()})
 
 
 # --- 4. custom_op export ----------------------------------------------------------
@@ -820,8 +957,8 @@ def test_predict_checks_the_inputs(portable_loaded, case):
 
 def test_predict_accepts_other_integer_types(art, portable_loaded):
   from sparse_attention_tf import export
-  with pytest.raises(ValueError, match="no signature 'generate'"):
-    export.predict(portable_loaded, {}, "generate")
+  with pytest.raises(ValueError, match="no signature 'beam_search'"):
+    export.predict(portable_loaded, {}, "beam_search")
   inputs = {"tokens": art.tokens["b"].astype(np.int64), "lengths": art.lengths["b"].tolist()}
   np.testing.assert_allclose(export.predict(portable_loaded, inputs)["logits"], art.logits["b"],
                              **TOL)

@@ -151,6 +151,8 @@ def _check_seeded_sampling(model, rng):
   a = model.generate(prompt, 30, temperature=3.0, seed=1)
   np.testing.assert_array_equal(a, model.generate(prompt, 30, temperature=3.0, seed=1))
   assert not np.array_equal(a, model.generate(prompt, 30, temperature=3.0, seed=2))
+  # Row b draws with seed + b, whatever else is in the batch (a server may batch requests).
+  np.testing.assert_array_equal(a[1], model.generate(prompt[1], 30, temperature=3.0, seed=2))
   # The uncached reference draws with the same seeds: same tokens.
   np.testing.assert_array_equal(a, model.generate(prompt, 30, temperature=3.0, seed=1,
                                                   use_cache=False))
@@ -173,12 +175,22 @@ def test_top_k_and_top_p_never_pick_excluded_tokens():
            (0, 0.71): {1, 3, 4},
            (2, 0.95): {1, 3}}                 # top-k first, then the nucleus of what is left
   for (k, p), allowed in cases.items():
-    got = generation.sample_tokens(logits, tf.constant(1.0), tf.constant(k), tf.constant(p),
-                                   tf.constant([0, 11])).numpy()
+    got = generation.sample_tokens(logits, 1.0, k, p, tf.range(4000)).numpy()   # row seeds
     assert set(got.tolist()) == allowed, (k, p, np.bincount(got, minlength=6))
-  got = generation.sample_tokens(logits, tf.constant(0.0), tf.constant(0), tf.constant(1.0),
-                                 tf.constant([0, 11])).numpy()
+  got = generation.sample_tokens(logits, 0.0, 0, 1.0, 11).numpy()
   assert set(got.tolist()) == {1}                                         # greedy
+  # Per-row settings: row b's draw depends on its own settings and seed only.
+  temperature = np.array([0.0, 1.0, 1.0, 1.0] * 1000, np.float32)
+  top_k = np.array([0, 1, 0, 3] * 1000, np.int32)
+  top_p = np.array([1.0, 1.0, 0.35, 1.0] * 1000, np.float32)
+  got = generation.sample_tokens(logits, temperature, top_k, top_p, tf.range(4000)).numpy()
+  for row, allowed in enumerate(({1}, {1}, {1}, {1, 3, 4})):
+    assert set(got[row::4].tolist()) == allowed, row
+  assert len(set(got[3::4].tolist())) == 3                              # really sampled
+  same = generation.sample_tokens(logits[:8], 1.0, 0, 1.0, np.full(8, 5, np.int32), 9).numpy()
+  assert len(set(same.tolist())) == 1        # one seed, one position, equal logits: one draw
+  again = generation.sample_tokens(logits[:1], 1.0, 0, 1.0, 5, 9).numpy()
+  assert again[0] == same[0]                 # whatever the batch
 
 
 def test_generate_top_k_stays_in_the_k_most_likely(rng, ops, models):
