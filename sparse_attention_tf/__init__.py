@@ -7,7 +7,9 @@ Layers of the library, each building on the one before:
   reference  the same computation in plain TF ops (and dense attention)
   attention  `sparse_attention`, the function users call
   layers     Keras layers: attention, residual block, position embeddings
-  models     the SparseTransformer model, with cached sampling
+  models     the SparseTransformer model
+  generation sampling: one-pass prefill + a compiled decoding loop (`generate`,
+             `Sampler`, `SparseCausalLM` for your own functional models)
   metrics    bits per byte / per dim
   export     SavedModel export for TF Serving  (imported on first use: `sat.export`)
   plotting   pattern figures, with matplotlib  (imported on first use: `sat.plotting`)
@@ -15,8 +17,9 @@ Layers of the library, each building on the one before:
 
 import importlib
 
-from sparse_attention_tf import layers, metrics, models, ops, patterns
+from sparse_attention_tf import generation, layers, metrics, models, ops, patterns
 from sparse_attention_tf.attention import sparse_attention
+from sparse_attention_tf.generation import Sampler, SparseCausalLM
 from sparse_attention_tf.layers import SparseMultiHeadAttention, SparseTransformerBlock
 from sparse_attention_tf.metrics import BitsPerToken
 from sparse_attention_tf.models import SparseTransformer
@@ -25,7 +28,8 @@ from sparse_attention_tf.patterns import (BigBird, Custom, Dense, Fixed, Local, 
 
 __version__ = "0.1.0"
 
-__all__ = ["sparse_attention", "patterns", "layers", "models", "metrics", "ops", "export",
+__all__ = ["sparse_attention", "patterns", "layers", "models", "generation", "metrics", "ops",
+           "export", "Sampler", "SparseCausalLM",
            "plotting", "Dense", "Local", "Strided", "Fixed", "Longformer", "BigBird", "Custom",
            "Split", "SparseMultiHeadAttention", "SparseTransformerBlock", "SparseTransformer",
            "BitsPerToken"]

@@ -278,8 +278,9 @@ def art(jobs, tmp_path_factory, ops):
   (a.cli_export_dir / "1").mkdir(parents=True)   # a stale version: --overwrite replaces it
   (a.cli_export_dir / "1" / "stale.txt").write_text("old")
   jobs.add("cli_export", [sys.executable, "-m", "sparse_attention_tf.export", "--model",
-                          a.keras_file, "--export_dir", str(a.cli_export_dir), "--overwrite"],
-           REPO_ROOT)
+                          a.keras_file, "--export_dir", str(a.cli_export_dir), "--overwrite",
+                          "--stop_token_ids", "3,9", "--pad_token_id", "-1",
+                          "--generate_jit_compile"], REPO_ROOT)
   return a
 
 
@@ -820,14 +821,17 @@ def test_rest_to_inputs_does_not_wrap_tokens_outside_int32():
 
 # --- 6. errors and the command line -----------------------------------------------
 @pytest.mark.parametrize("case", ["bad_mode", "bad_signature", "no_signatures", "version_0",
-                                  "version_negative", "version_bool", "version_str"])
+                                  "version_negative", "version_bool", "version_str",
+                                  "stop_ids_float", "pad_two_ids", "jit_compile_str"])
 def test_export_rejects_bad_arguments(art, tmp_path, case):
   from sparse_attention_tf import export
   kwargs = {"bad_mode": dict(mode="tflite"),
             "bad_signature": dict(signatures=("logits", "predict")),
             "no_signatures": dict(signatures=()),
             "version_0": dict(version=0), "version_negative": dict(version=-1),
-            "version_bool": dict(version=True), "version_str": dict(version="1")}[case]
+            "version_bool": dict(version=True), "version_str": dict(version="1"),
+            "stop_ids_float": dict(stop_token_ids=[1.5]), "pad_two_ids": dict(pad_token_id=[1, 2]),
+            "jit_compile_str": dict(generate_jit_compile="yes")}[case]
   path = str(tmp_path / "out")
   with pytest.raises(ValueError):
     export.export_saved_model(art.model, path, **kwargs)
@@ -879,6 +883,7 @@ def test_cli_exports_a_keras_file(art, jobs):
   assert (out / "saved_model.pb").is_file() and (out / "variables").is_dir()
   meta = json.loads((out / "assets.extra" / "sparse_attention_tf.json").read_text())
   assert meta["mode"] == "portable"
+  assert meta["generate"] == {"jit_compile": True, "stop_token_ids": [3, 9], "pad_token_id": -1}
   assert not (out / "stale.txt").exists(), "--overwrite kept a file of the old version"
   assert str(out) in proc.stdout, proc.stdout
   loaded = tf.saved_model.load(str(out))
