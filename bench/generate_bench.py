@@ -1,19 +1,29 @@
 """Benchmark: sampling speed, compiled prefill + decoding loop vs the step-per-call path.
 
     .venv/bin/python bench/generate_bench.py
-    .venv/bin/python bench/generate_bench.py --repeats 5 --skip_old
+    .venv/bin/python bench/generate_bench.py --repeats 5 --paths new
 
 The model of issue 14: SparseTransformer, 2 layers, width 128, 4 heads,
-Fixed(64, 16), seq_len 1024, vocab 256, random weights. Per case (prompt
-length, new tokens, batch) it reports the median of --repeats calls of
-`generate` (after one warm-up call, which traces): seconds, new tokens/s
-(all rows), prefill ms (a call that adds one token: prefill + one sample),
-ms per decoding step ((seconds - prefill) / (new - 1)), and one full forward
-pass at seq_len (tf.function, batch of the case) as the yardstick, and the
-process CPU seconds of the timed call (a guide when other processes load the
-machine: with 2 cores, unloaded wall time is about cpu s / 1..2). `old` is
-the previous path (one tf.function call per position, prompt fed token by
-token, sampling in eager TF), timed once.
+Fixed(64, 16), seq_len 1024, vocab 256, random weights. Each case (prompt
+length, new tokens, batch) gives one row per path:
+
+  new   `model.generate`: one compiled function, the prompt in one prefill
+        pass, then an XLA-compiled `tf.while_loop` that decodes and samples
+        in the graph (sparse_attention_tf.generation).
+  step  the baseline, `model.logits_stream`: the same prefill (run eagerly),
+        then one Python-driven call of a `tf.function` of `decode_step` per
+        new token, sampling in eager TF between calls (`step_generate`).
+
+Columns: the median of --repeats calls (after one warm-up call, which
+traces): seconds, new tokens/s (all rows), prefill ms (a call that adds one
+token: prefill + one sample), ms per decoding step ((seconds - prefill) /
+(new - 1)), one full forward pass at seq_len (tf.function, batch of the
+case) as the yardstick, and the process CPU seconds of the timed call (a
+guide when other processes load the machine: with 2 cores, unloaded wall
+time is about cpu s / 1..2).
+
+A path is a function `(model, prompt) -> generate(num_tokens)` in `PATHS`;
+add one there to get its rows.
 """
 
 from __future__ import annotations
@@ -54,18 +64,28 @@ def build_model(seq_len: int):
   return model
 
 
-def old_generate(model, prompt, num_tokens, seed=0):
-  """The previous generate: logits_stream (one step call per position) + eager sampling."""
+def step_generate(model, prompt, num_tokens, seed=0):
+  """The step-per-call baseline: logits_stream (prefill, then one decode_step call per
+  new token) with sampling in eager TF. Returns int32 `[B, P + num_tokens]`."""
   batch, prompt_len = prompt.shape
   out = np.zeros((batch, prompt_len + num_tokens), np.int32)
   out[:, :prompt_len] = prompt
   stream = model.logits_stream(out, prompt_len, num_tokens, True)
-  for step in range(num_tokens):
-    logits = tf.cast(next(stream), tf.float32)
+  for step, logits in enumerate(stream):                                 # (B, V)
     out[:, prompt_len + step] = tf.random.stateless_categorical(
-        logits, 1, seed=(seed, step), dtype=tf.int32)[:, 0].numpy()
-  stream.close()
+        tf.cast(logits, tf.float32), 1, seed=(seed, step), dtype=tf.int32)[:, 0].numpy()
   return out
+
+
+def new_path(model, prompt):
+  return lambda num_tokens: model.generate(prompt, num_tokens, temperature=1.0, seed=0)
+
+
+def step_path(model, prompt):
+  return lambda num_tokens: step_generate(model, prompt, num_tokens)
+
+
+PATHS = {"new": new_path, "step": step_path}
 
 
 def timed(fn, repeats):
@@ -78,46 +98,52 @@ def timed(fn, repeats):
   return sorted(times)[len(times) // 2]
 
 
+def measure(generate, new: int, repeats: int) -> dict:
+  """seconds and cpu of `generate(new)`, and prefill seconds (`generate(1)`), after a warm-up."""
+  generate(new)                                                  # warm-up (traces once)
+  seconds, cpu = timed(lambda: generate(new), repeats)
+  prefill = timed(lambda: generate(1), max(repeats, 5))[0]
+  return {"seconds": seconds, "cpu": cpu, "prefill": prefill}
+
+
+HEADER = (f"{'path':<5} {'prompt':>6} {'new':>5} {'batch':>5} {'seconds':>8} {'new tok/s':>10} "
+          f"{'prefill ms':>10} {'ms/step':>8} {'forward ms':>10} {'cpu s':>7}")
+
+
+def format_row(path, prompt_len, new, batch, forward_ms, seconds, cpu, prefill) -> str:
+  step_ms = 1e3 * (seconds - prefill) / max(new - 1, 1)
+  return (f"{path:<5} {prompt_len:>6} {new:>5} {batch:>5} {seconds:>8.3f} "
+          f"{batch * new / seconds:>10.0f} {1e3 * prefill:>10.2f} {step_ms:>8.2f} "
+          f"{forward_ms:>10.2f} {cpu:>7.3f}")
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--seq_len", type=int, default=1024)
   parser.add_argument("--repeats", type=int, default=3)
-  parser.add_argument("--skip_old", action="store_true", help="do not time the previous path")
+  parser.add_argument("--paths", default=",".join(PATHS),
+                      help=f"comma-separated paths to time, of {', '.join(PATHS)}")
   args = parser.parse_args()
+  paths = args.paths.split(",")
+  unknown = [p for p in paths if p not in PATHS]
+  if unknown:
+    parser.error(f"unknown paths {unknown}: choose from {', '.join(PATHS)}")
   model = build_model(args.seq_len)
   forward = tf.function(lambda t: model(t, training=False))
   print(f"CPU: {cpu_model()} ({os.cpu_count()} cores), TF {tf.__version__}, load average "
         f"{os.getloadavg()[0]:.1f} (other processes slow every column)")
   print(f"model: 2 layers, width 128, 4 heads, Fixed(64, 16), seq_len {args.seq_len}, vocab 256")
-  header = (f"{'path':<5} {'prompt':>6} {'new':>5} {'batch':>5} {'seconds':>8} {'new tok/s':>10} "
-            f"{'prefill ms':>10} {'ms/step':>8} {'forward ms':>10} {'cpu s':>7}")
-  print(header)
-  print("-" * len(header))
+  print(HEADER)
+  print("-" * len(HEADER))
   rng = np.random.default_rng(1)
   for prompt_len, new, batch in CASES:
     prompt = rng.integers(0, 256, (batch, prompt_len)).astype(np.int32)
     zeros = tf.zeros((batch, args.seq_len), tf.int32)
     forward(zeros)
     forward_ms = 1e3 * timed(lambda: forward(zeros).numpy(), max(args.repeats, 5))[0]
-
-    def run(n):
-      return model.generate(prompt, n, temperature=1.0, seed=0)
-
-    run(new)                                                       # warm-up (traces once)
-    seconds, cpu = timed(lambda: run(new), args.repeats)
-    prefill = timed(lambda: run(1), max(args.repeats, 5))[0]
-    step_ms = 1e3 * (seconds - prefill) / max(new - 1, 1)
-    print(f"{'new':<5} {prompt_len:>6} {new:>5} {batch:>5} {seconds:>8.3f} "
-          f"{batch * new / seconds:>10.0f} {1e3 * prefill:>10.2f} {step_ms:>8.2f} "
-          f"{forward_ms:>10.2f} {cpu:>7.3f}", flush=True)
-    if not args.skip_old:
-      old_generate(model, prompt[:, :2], 2)                        # warm-up of its step
-      start, cpu = time.perf_counter(), time.process_time()
-      old_generate(model, prompt, new)
-      old, cpu = time.perf_counter() - start, time.process_time() - cpu
-      print(f"{'old':<5} {prompt_len:>6} {new:>5} {batch:>5} {old:>8.3f} "
-            f"{batch * new / old:>10.0f} {'-':>10} {1e3 * old / (prompt_len + new - 1):>8.2f} "
-            f"{forward_ms:>10.2f} {cpu:>7.3f}", flush=True)
+    for path in paths:
+      times = measure(PATHS[path](model, prompt), new, args.repeats)
+      print(format_row(path, prompt_len, new, batch, forward_ms, **times), flush=True)
   print(f"load average at the end: {os.getloadavg()[0]:.1f}")
 
 
