@@ -19,6 +19,11 @@ The shared logic (checks, positions, dtype) lives in `_PositionEmbeddingBase`;
 a subclass says how many positions it holds (`_capacity`), creates its tables
 (`_build_tables`) and maps positions to embeddings (`_embed`).
 
+Positions past the layer's capacity raise a ValueError when the lengths are
+known in Python, and an InvalidArgumentError when a tensor `start_index` is
+checked as the graph runs; not under XLA (`jit_compile=True`), which cannot
+run Assert ops: there the caller checks its positions.
+
 Dimension letters: B batch, T tokens in this call, D d_model.
 """
 
