@@ -404,9 +404,10 @@ class SparseTransformer(keras.Model):
   def logits_stream(self, out, prompt_len: int, num_tokens: int, use_cache: bool = True):
     """Yields the next-token logits `[B, V]` after positions `prompt_len - 1` onwards.
 
-    With the cache: `prefill` on the prompt (eager), then one call of a
-    `tf.function` of `decode_step` per position, traced once per model (any
-    batch) and kept. One Python-driven call per token: for teacher-forced
+    With the cache: `prefill` on the prompt (eager; on the shortest of
+    `prefill_lengths()` and seq_len that holds it, zero-padded), then one
+    call of a `tf.function` of `decode_step` per position, traced once per
+    model (any batch) and kept. One Python-driven call per token: for teacher-forced
     scoring with the cache, and for samplers written in Python; `generate`
     runs the compiled loop of `sparse_attention_tf.generation` instead.
 
@@ -440,8 +441,9 @@ class SparseTransformer(keras.Model):
         padded[:, :pos + 1] = out[:, :pos + 1]
         yield forward(padded)[:, pos]
       return
-    padded = np.zeros((batch, self.seq_len), np.int32)
-    padded[:, :prompt_len] = out[:, :prompt_len]
+    length = min([n for n in self.prefill_lengths() if n >= prompt_len] + [self.seq_len])
+    padded = np.zeros((batch, length), np.int32)
+    padded[:, :prompt_len] = out[:, :prompt_len]                          # (B, L)
     logits, caches = self.prefill(tf.constant(padded), tf.constant(prompt_len - 1, tf.int32))
     pad = lambda c: tf.pad(c, [[0, 0], [0, self.seq_len - c.shape[1]], [0, 0], [0, 0]])
     caches = [(pad(k), pad(v)) for k, v in caches]                        # (H, N, B, K|V)
