@@ -469,6 +469,51 @@ def generate(model, prompt, num_tokens: Optional[int] = None, *, max_length: Opt
   return out if batched else out[0]
 
 
+def sample_images(model, count: int, bos: int, *, prompt=None, sampler=None, image_shape=None):
+  """Samples whole images from an image model: int32 `[count, height, width, channels]`.
+
+  Each image is a sequence of `seq_len = height * width * channels` pixel
+  tokens (raster order, channels innermost) after the start token `bos`,
+  the layout `data.image_pairs` trains on.
+
+  Args:
+    model: a model with the decoding interface (`SparseTransformer`, `SparseCausalLM`).
+    count: images to sample (the batch).
+    bos: the start token the training data put before the first pixel.
+    prompt: optional pixel tokens `[P]` (shared) or `[count, P]`, `P < seq_len`:
+      the first pixels of each image, completed by the model.
+    sampler: a `Sampler` or a name in `SAMPLERS` (default: plain sampling);
+      image b draws with seed + b.
+    image_shape: `(height, width, channels)`; default `model.image_shape`.
+
+  Raises:
+    ValueError: no image shape, or one that does not hold seq_len pixels; bad
+      count, bos or prompt.
+  """
+  where = f"{type(model).__name__}.sample_images"
+  seq_len, vocab_size = int(model.seq_len), int(model.vocab_size)
+  shape = tuple(image_shape or getattr(model, "image_shape", None) or ())
+  if len(shape) != 3 or int(np.prod(shape)) != seq_len:
+    raise ValueError(f"{where}: needs image_shape (height, width, channels) with height * width "
+                     f"* channels = seq_len ({seq_len}), got {shape or None}.")
+  if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or count < 1:
+    raise ValueError(f"{where}: count must be a positive integer, got {count!r}.")
+  if isinstance(bos, bool) or not isinstance(bos, (int, np.integer)) or \
+      not 0 <= bos < vocab_size:
+    raise ValueError(f"{where}: bos must be a token in [0, {vocab_size}), got {bos!r}.")
+  pixels = np.zeros((count, 0), np.int64) if prompt is None else np.asarray(prompt)
+  from sparse_attention_tf.models.sparse_transformer import check_token_dtype
+  check_token_dtype(pixels, where)
+  if pixels.ndim == 1:
+    pixels = np.broadcast_to(pixels, (count, len(pixels)))
+  if pixels.ndim != 2 or pixels.shape[0] != count or pixels.shape[1] >= seq_len:
+    raise ValueError(f"{where}: prompt must be pixels [P] or [count={count}, P] with P < "
+                     f"seq_len ({seq_len}), got shape {np.shape(prompt)}.")
+  tokens = np.concatenate([np.full((count, 1), bos), pixels], axis=1)   # (count, 1 + P)
+  out = generate(model, tokens, max_length=seq_len + 1, sampler=sampler)  # (count, N + 1)
+  return out[:, 1:].reshape((count,) + shape)
+
+
 def exact_prefill_lengths(blocks, seq_len: int) -> list:
   """Prefix lengths L (seq_len / 2, / 4, ..., down to max(16, seq_len / 64)) on which
   every block's attention gives the rows `< L` of its seq_len mask (its padded
@@ -614,3 +659,8 @@ class SparseCausalLM:
     return generate(self, prompt, num_tokens, max_length=max_length, sampler=sampler,
                     stop_token_ids=stop_token_ids, pad_token_id=pad_token_id,
                     return_text=return_text, use_cache=use_cache)
+
+  def sample_images(self, count: int, bos: int, *, image_shape, prompt=None, sampler=None):
+    """Whole images: `generation.sample_images(self, ...)` (same arguments)."""
+    return sample_images(self, count, bos, prompt=prompt, sampler=sampler,
+                         image_shape=image_shape)

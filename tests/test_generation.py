@@ -294,3 +294,37 @@ def test_functional_model_through_sparse_causal_lm(rng, ops):
   conv = keras.layers.Conv1D(D, 3, padding="causal")(keras.layers.Embedding(VOCAB, D)(tokens))
   with pytest.raises(ValueError, match="Conv1D"):
     generation.SparseCausalLM(keras.Model(tokens, keras.layers.Dense(VOCAB)(conv)))
+
+
+def test_sample_images_whole_and_completed(rng, ops):
+  """An image model (8x8x1 pixels, image position embedding) samples whole images from
+  its start token, and completes a given first row; both equal the uncached greedy path."""
+  levels, bos = 17, 17
+  model = sat.SparseTransformer(vocab_size=levels + 1, seq_len=N, num_layers=1, d_model=D,
+                                num_heads=HEADS, pattern=P.Strided(8), block_size=BLOCK,
+                                embedding="image", image_shape=(8, 8, 1))
+  model(np.zeros((1, N), np.int32))
+  for w in model.weights:
+    w.assign(0.5 * rng.standard_normal(w.shape).astype("float32"))
+  model.head.kernel.assign(2.0 * rng.standard_normal(model.head.kernel.shape).astype("float32"))
+  images = generation.sample_images(model, 2, bos, sampler="greedy")
+  assert images.shape == (2, 8, 8, 1) and images.dtype == np.int32
+  tokens = np.concatenate([[bos], images[0].reshape(-1)])                 # (N + 1,)
+  _assert_greedy(model, [tokens[:1]], [tokens])
+  np.testing.assert_array_equal(images[0], images[1])                     # greedy: no seed
+  first_row = rng.integers(0, levels, (2, 8))
+  completed = generation.sample_images(model, 2, bos, prompt=first_row, sampler="greedy")
+  np.testing.assert_array_equal(completed[:, 0, :, 0], first_row)
+  for row, image in zip(first_row, completed):
+    tokens = np.concatenate([[bos], image.reshape(-1)])
+    _assert_greedy(model, [tokens[:9]], [tokens])
+  sampled = generation.sample_images(model, 2, bos, sampler=generation.Sampler(seed=5))
+  assert not np.array_equal(sampled[0], sampled[1])                       # seeds 5 and 6
+  for kwargs, message in ((dict(count=0), "count"), (dict(bos=levels + 1), "bos"),
+                          (dict(prompt=np.zeros((3, 4), np.int32)), "prompt"),
+                          (dict(prompt=np.zeros(N, np.int32)), "prompt"),
+                          (dict(prompt=np.zeros(4, np.float32)), "integers"),
+                          (dict(image_shape=(4, 4, 1)), "image_shape")):
+    args = {"count": 2, "bos": bos, **kwargs}
+    with pytest.raises(ValueError, match=message):
+      generation.sample_images(model, args.pop("count"), args.pop("bos"), **args)
