@@ -358,8 +358,8 @@ def write_sample(data, tokens, out_dir):
 def generate_sample(model, data):
   """A sample of the trained model: an image from BOS, or text/audio after a prompt."""
   if data.kind == "image":
-    prompt = np.array([data.bos], np.int32)
-    return model.generate(prompt, data.seq_len, temperature=1.0, seed=FLAGS.seed)
+    image = model.sample_images(1, data.bos, sampler=sat.Sampler(seed=FLAGS.seed))[0]
+    return np.concatenate([[data.bos], image.reshape(-1)])          # as write_sample reads it
   x, _ = next(iter(data.validation.batch(1)))
   prompt = x.numpy()[0, :min(32, data.seq_len // 2)]
   count = min(FLAGS.sample_tokens, data.seq_len - len(prompt))

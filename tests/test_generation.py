@@ -307,7 +307,7 @@ def test_sample_images_whole_and_completed(rng, ops):
   for w in model.weights:
     w.assign(0.5 * rng.standard_normal(w.shape).astype("float32"))
   model.head.kernel.assign(2.0 * rng.standard_normal(model.head.kernel.shape).astype("float32"))
-  images = generation.sample_images(model, 2, bos, sampler="greedy")
+  images = model.sample_images(2, bos, sampler="greedy")                  # the method
   assert images.shape == (2, 8, 8, 1) and images.dtype == np.int32
   tokens = np.concatenate([[bos], images[0].reshape(-1)])                 # (N + 1,)
   _assert_greedy(model, [tokens[:1]], [tokens])

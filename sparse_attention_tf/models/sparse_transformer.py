@@ -358,6 +358,18 @@ class SparseTransformer(keras.Model):
                                stop_token_ids=stop_token_ids, pad_token_id=pad_token_id,
                                return_text=return_text, use_cache=use_cache)
 
+  def sample_images(self, count: int, bos: int, *, prompt=None, sampler=None):
+    """Samples whole images: int32 `[count, height, width, channels]` pixel tokens.
+
+    Needs `image_shape`. Each image starts from the start token `bos` that
+    the training data put before the first pixel (`data.image_pairs`);
+    `prompt` (pixels `[P]` or `[count, P]`) gives the first pixels of each
+    image to complete. `sampler` as in `generate` (image b draws with seed + b).
+    See `generation.sample_images`.
+    """
+    from sparse_attention_tf import generation
+    return generation.sample_images(self, count, bos, prompt=prompt, sampler=sampler)
+
   # The decoding interface of sparse_attention_tf.generation.
   def prefill(self, tokens, position):
     """The prompt in one pass: int32 tokens `[B, L]` (L <= seq_len), position an int32 scalar.
