@@ -13,6 +13,14 @@ length, new tokens, batch) gives one row per path:
   step  the baseline, `model.logits_stream`: the same prefill (run eagerly),
         then one Python-driven call of a `tf.function` of `decode_step` per
         new token, sampling in eager TF between calls (`step_generate`).
+  export    the portable SavedModel's `generate` signature (loaded with
+        `tf.saved_model.load`, called as TF Serving calls it): reference
+        attention in the prefill, the decoding loop as plain TF ops (what
+        stock TF Serving runs).
+  exp_xla   the same export with `generate_jit_compile=True` (TF Serving
+        needs --xla_cpu_compilation_enabled=true).
+
+`x new` is the row's seconds over the `new` row's of the same case.
 
 Columns: the median of --repeats calls (after one warm-up call, which
 traces): seconds, new tokens/s (all rows), prefill ms (a call that adds one
@@ -31,6 +39,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import tempfile
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -85,7 +94,36 @@ def step_path(model, prompt):
   return lambda num_tokens: step_generate(model, prompt, num_tokens)
 
 
-PATHS = {"new": new_path, "step": step_path}
+_EXPORTS = {}
+
+
+def _exported(model, jit_compile: bool):
+  """The model's portable SavedModel (exported once per setting), loaded."""
+  if jit_compile not in _EXPORTS:
+    from sparse_attention_tf import export
+    folder = export.export_saved_model(model, tempfile.mkdtemp(prefix="generate_bench_"),
+                                       generate_jit_compile=jit_compile)
+    _EXPORTS[jit_compile] = tf.saved_model.load(folder).signatures["generate"]
+  return _EXPORTS[jit_compile]
+
+
+def export_path(model, prompt, jit_compile=False):
+  """The export's generate signature, called as TF Serving would (same seeds as new)."""
+  fn = _exported(model, jit_compile)
+  batch, length = prompt.shape
+
+  def run(num_tokens):
+    rows = {"max_new_tokens": np.full(batch, num_tokens, np.int32),
+            "temperature": np.ones(batch, np.float32), "top_k": np.zeros(batch, np.int32),
+            "top_p": np.ones(batch, np.float32), "seed": np.arange(batch, dtype=np.int32)}
+    out = fn(tokens=tf.constant(prompt), lengths=tf.fill([batch], length),
+             **{k: tf.constant(v) for k, v in rows.items()})
+    return out["sequences"].numpy()
+  return run
+
+
+PATHS = {"new": new_path, "step": step_path, "export": export_path,
+         "exp_xla": lambda model, prompt: export_path(model, prompt, jit_compile=True)}
 
 
 def timed(fn, repeats):
@@ -106,15 +144,17 @@ def measure(generate, new: int, repeats: int) -> dict:
   return {"seconds": seconds, "cpu": cpu, "prefill": prefill}
 
 
-HEADER = (f"{'path':<5} {'prompt':>6} {'new':>5} {'batch':>5} {'seconds':>8} {'new tok/s':>10} "
-          f"{'prefill ms':>10} {'ms/step':>8} {'forward ms':>10} {'cpu s':>7}")
+HEADER = (f"{'path':<7} {'prompt':>6} {'new':>5} {'batch':>5} {'seconds':>8} {'new tok/s':>10} "
+          f"{'prefill ms':>10} {'ms/step':>8} {'forward ms':>10} {'x new':>6} {'cpu s':>7}")
 
 
-def format_row(path, prompt_len, new, batch, forward_ms, seconds, cpu, prefill) -> str:
+def format_row(path, prompt_len, new, batch, forward_ms, seconds, cpu, prefill,
+               baseline=None) -> str:
   step_ms = 1e3 * (seconds - prefill) / max(new - 1, 1)
-  return (f"{path:<5} {prompt_len:>6} {new:>5} {batch:>5} {seconds:>8.3f} "
+  ratio = f"{seconds / baseline:>6.2f}" if baseline else f"{'-':>6}"
+  return (f"{path:<7} {prompt_len:>6} {new:>5} {batch:>5} {seconds:>8.3f} "
           f"{batch * new / seconds:>10.0f} {1e3 * prefill:>10.2f} {step_ms:>8.2f} "
-          f"{forward_ms:>10.2f} {cpu:>7.3f}")
+          f"{forward_ms:>10.2f} {ratio} {cpu:>7.3f}")
 
 
 def main():
@@ -141,9 +181,12 @@ def main():
     zeros = tf.zeros((batch, args.seq_len), tf.int32)
     forward(zeros)
     forward_ms = 1e3 * timed(lambda: forward(zeros).numpy(), max(args.repeats, 5))[0]
+    baseline = None
     for path in paths:
       times = measure(PATHS[path](model, prompt), new, args.repeats)
-      print(format_row(path, prompt_len, new, batch, forward_ms, **times), flush=True)
+      baseline = times["seconds"] if path == "new" else baseline
+      print(format_row(path, prompt_len, new, batch, forward_ms, **times, baseline=baseline),
+            flush=True)
   print(f"load average at the end: {os.getloadavg()[0]:.1f}")
 
 
