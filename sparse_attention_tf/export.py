@@ -39,11 +39,13 @@ export never leaves a half-written version. An existing version is replaced
 only with `overwrite=True` (`--overwrite`); TF Serving does not reload a
 version it already serves, so roll out a new model under a new version.
 
-Signatures of a functional or Sequential model: `serving_default` only. Its
+Signatures of a functional or Sequential model: `serving_default`. Its
 inputs are the model's inputs, named like them (`keras.Input(name=...)`),
 with their dtypes and shapes and any batch; its outputs are named after the
 keys of a dict output, else after the output layers (`model.output_names`),
-else `output_<i>`.
+else `output_<i>`. A functional language model of our layers (one that
+`generation.SparseCausalLM` accepts) also gets `generate` (below) when
+`signatures` asks for it.
 
 Signatures of a `SparseTransformer` (a language model). Prompts may be
 shorter than `seq_len`: every signature takes
@@ -423,7 +425,9 @@ def export_saved_model(model, path: str, mode: str = "portable", version: int = 
     version: the TF Serving version number.
     signatures: for a `SparseTransformer`, which of `SIGNATURES` to export
       (default all; `serving_default`, the logits, is always included).
-      Other models export `serving_default` only.
+      Other models export `serving_default`, and `generate` when asked for
+      (`signatures=("serving_default", "generate")`): a functional language
+      model that `generation.SparseCausalLM` accepts.
     overwrite: replace an existing `path/<version>`.
     generate_jit_compile: compile the generate signature's decoding loop
       with XLA (about 4x faster on CPU), which TF Serving runs only when
@@ -449,7 +453,7 @@ def export_saved_model(model, path: str, mode: str = "portable", version: int = 
   is_lm = isinstance(model, _attention_classes()[2])
   if signatures is None:
     signatures = SIGNATURES if is_lm else ("serving_default",)
-  allowed = SIGNATURES if is_lm else ("serving_default",)
+  allowed = SIGNATURES if is_lm else ("serving_default", "generate")
   unknown = sorted(set(signatures) - set(allowed))
   if unknown or not signatures:
     raise ValueError(f"signatures must be a non-empty subset of {allowed} for a "
@@ -468,7 +472,16 @@ def export_saved_model(model, path: str, mode: str = "portable", version: int = 
   served = with_implementation(model, IMPLEMENTATION[mode])
   # serving_default always comes first: TF Serving's default signature.
   names = ["serving_default"] + [n for n in dict.fromkeys(signatures) if n != "serving_default"]
-  endpoints = _lm_endpoints(served, names, generate) if is_lm else _model_endpoints(served)
+  if is_lm:
+    endpoints = _lm_endpoints(served, names, generate)
+  else:
+    endpoints = _model_endpoints(served)
+    if "generate" in names:   # a language model of our layers: SparseCausalLM says if not
+      from sparse_attention_tf.generation import SparseCausalLM
+      import tensorflow as tf
+      specs = [tf.TensorSpec([None, None], tf.int32, name="tokens"),
+               tf.TensorSpec([None], tf.int32, name="lengths")]
+      endpoints["generate"] = _generate_endpoint(SparseCausalLM(served), specs, **generate)
   # Not archive.track(served): the endpoints bring their variables (and Keras lookup tables),
   # and tracking a subclassed model makes Keras trace its call on float inputs.
   archive = keras.export.ExportArchive()

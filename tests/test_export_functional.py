@@ -112,15 +112,21 @@ for name in sys.argv[1].split(","):
   try:
     loaded = tf.saved_model.load(f"{name}_export/1")
     fn = loaded.signatures["serving_default"]
-    graph = fn.graph.as_graph_def()
-    types = {n.op for n in graph.node} | {n.op for f in graph.library.function
-                                          for n in f.node_def}
+    types = set()
+    for signature in loaded.signatures.values():
+      graph = signature.graph.as_graph_def()
+      types |= {n.op for n in graph.node} | {n.op for f in graph.library.function
+                                             for n in f.node_def}
     result[name] = {"signatures": sorted(loaded.signatures),
                     "custom_ops": sorted(t for t in types if t.startswith("SparseAttention>"))}
     for i in range(int(sys.argv[2])):
       inputs = dict(np.load(f"{name}_inputs_{i}.npz"))
       out = fn(**{k: tf.constant(v) for k, v in inputs.items()})
       np.savez(f"{name}_out_{i}.npz", **{k: v.numpy() for k, v in out.items()})
+    if "generate" in loaded.signatures:
+      inputs = dict(np.load("generate_inputs.npz"))
+      out = loaded.signatures["generate"](**{k: tf.constant(v) for k, v in inputs.items()})
+      np.savez(f"{name}_generate.npz", **{k: v.numpy() for k, v in out.items()})
   except Exception:
     result[name] = {"error": traceback.format_exc()}
 result["our_modules"] = sorted(m for m in sys.modules if m.startswith("sparse_attention_tf"))
@@ -156,9 +162,18 @@ def art(tmp_path_factory, ops):
   for name, model in a.models.items():
     a.inputs[name] = [model_inputs(name, rng, batch) for batch in BATCHES]
     a.outputs[name] = [keras_outputs(model, inputs) for inputs in a.inputs[name]]
-    a.exports[name] = export.export_saved_model(model, str(a.root / f"{name}_export"))
+    signatures = ("serving_default", "generate") if name == "readme" else None
+    a.exports[name] = export.export_saved_model(model, str(a.root / f"{name}_export"),
+                                                signatures=signatures, stop_token_ids=[5])
     for i, inputs in enumerate(a.inputs[name]):
       np.savez(a.root / f"{name}_inputs_{i}.npz", **inputs)
+  a.generate = {"tokens": rng.integers(0, VOCAB, (2, 9)).astype(np.int32),
+                "lengths": np.array([9, 4], np.int32),
+                "max_new_tokens": np.array([20, 30], np.int32),
+                "temperature": np.array([1.5, 0.0], np.float32),
+                "top_k": np.array([6, 0], np.int32), "top_p": np.array([0.9, 1.0], np.float32),
+                "seed": np.array([3, 4], np.int32)}
+  np.savez(a.root / "generate_inputs.npz", **a.generate)
   pool = futures.ThreadPoolExecutor(max_workers=1)
   a.fresh = pool.submit(run_fresh, a.root, list(a.models))
   a.custom = export.export_saved_model(a.models["readme"], str(a.root / "custom"),
@@ -168,6 +183,28 @@ def art(tmp_path_factory, ops):
 
 
 # --- 1. portable exports in a process without the library -----------------------------
+def test_functional_generate_signature_matches_sparse_causal_lm(art):
+  """The README model's generate signature, in the fresh process, samples what
+  SparseCausalLM.generate samples for each row (same sampler, seed and stop token)."""
+  from sparse_attention_tf import generation
+  proc = art.fresh.result()
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  got = dict(np.load(art.root / "readme_generate.npz"))
+  lm = generation.SparseCausalLM(art.models["readme"])
+  g = art.generate
+  for b, n in enumerate(g["lengths"]):
+    sampler = generation.Sampler(temperature=float(g["temperature"][b]),
+                                 top_k=int(g["top_k"][b]) or None, top_p=float(g["top_p"][b]),
+                                 seed=int(g["seed"][b]))
+    want = lm.generate(g["tokens"][b, :n], int(g["max_new_tokens"][b]), sampler=sampler,
+                       stop_token_ids=[5])
+    hits = np.nonzero(want[n:] == 5)[0]
+    end = n + hits[0] + 1 if len(hits) else len(want)
+    assert got["sequence_lengths"][b] == end, (b, got["sequence_lengths"], want)
+    np.testing.assert_array_equal(got["sequences"][b, :len(want)], want, err_msg=f"row {b}")
+    assert (got["sequences"][b, len(want):] == 0).all()
+
+
 @pytest.mark.parametrize("name", ["readme", "attention", "sequential"])
 def test_portable_export_matches_without_the_library(art, name):
   proc = art.fresh.result()
@@ -175,7 +212,8 @@ def test_portable_export_matches_without_the_library(art, name):
   result = json.loads((art.root / "result.json").read_text())
   assert result["our_modules"] == [], result["our_modules"]
   assert "error" not in result[name], result[name]["error"]
-  assert result[name]["signatures"] == ["serving_default"]
+  want_signatures = ["generate", "serving_default"] if name == "readme" else ["serving_default"]
+  assert result[name]["signatures"] == want_signatures
   assert result[name]["custom_ops"] == []
   for i, want in enumerate(art.outputs[name]):
     got = dict(np.load(art.root / f"{name}_out_{i}.npz"))
@@ -211,9 +249,14 @@ def test_signature_follows_the_model_inputs(art):
                                       "sparse_attention_tf.json")).read())
   assert meta["mode"] == "portable" and meta["op_library"] is None
   assert meta["model_class"] == "Functional"
-  assert meta["signatures"] == {"serving_default": {
+  assert meta["signatures"]["serving_default"] == {
       "inputs": {"tokens": {"dtype": "int32", "shape": [None, SEQ_LEN]}},
-      "outputs": {"logits": {"dtype": "float32", "shape": [None, SEQ_LEN, VOCAB]}}}}
+      "outputs": {"logits": {"dtype": "float32", "shape": [None, SEQ_LEN, VOCAB]}}}
+  assert list(meta["signatures"]) == ["serving_default", "generate"]
+  assert meta["generate"] == {"jit_compile": False, "stop_token_ids": [5], "pad_token_id": 0}
+  assert meta["signatures"]["generate"]["outputs"] == {
+      "sequences": {"dtype": "int32", "shape": [None, None]},
+      "sequence_lengths": {"dtype": "int32", "shape": [None]}}
 
 
 def test_metadata_config_rebuilds_the_model(art):
@@ -278,6 +321,9 @@ def test_refuses_what_it_cannot_export(art, tmp_path):
                               path)
   with pytest.raises(ValueError, match="signatures must be a non-empty subset of"):
     export.export_saved_model(art.models["readme"], path, signatures=("score",))
+  with pytest.raises(ValueError, match="SparseCausalLM"):   # not a language model
+    export.export_saved_model(art.models["attention"], path,
+                              signatures=("serving_default", "generate"))
   assert not os.path.exists(path)
 
 
