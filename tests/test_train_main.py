@@ -23,9 +23,12 @@
   import of train_main (`BAD_INPUTS_WRAPPER`), so they cost one import.
 
 Each run is a fresh process (strategies and logical devices are process-wide
-in TF). All runs that depend on no other run are queued when the module
-starts and run in the background, two at a time (`Jobs`); each test waits for
-its own runs. Only the resume tests queue runs later (they need the first).
+in TF). All runs are queued when the module starts and run in the background,
+two at a time (`Jobs`), in an order that keeps both lanes busy to the end; each
+test waits for its own runs. The resume runs that start from the first one's
+checkpoint come after it in their lanes; a run several tests read is run once
+(the default-strategy run is the reference of both mirrored and multi_worker;
+one run of 8 kHz recordings serves the three audio tests).
 """
 
 from __future__ import annotations
@@ -59,12 +62,15 @@ RESUME = TINY + ["--dataset=pydoc", "--steps=20", "--steps_per_epoch=10", "--see
 # four that may change (not named).
 OTHER_MODEL = ["--num_layers=2", "--d_model=64", "--pattern=strided", "--steps=40",
                "--dropout=0.1", "--block_size=32", "--learning_rate=1e-3"]
-# The mirrored / default pair: the same few steps at the same global batch.
-# (Not one step: the untrained model predicts uniformly, so the loss of a first
-# step is ln(256) whatever the batch, and the learning rate of step 0 is 0
-# under warm-up; three steps with a learning rate exercise the gradients.)
-FEW_STEPS = TINY + ["--dataset=pydoc", "--steps=3", "--steps_per_epoch=3", "--batch_size=4",
-                    "--seed=0", "--dropout=0", "--learning_rate=3e-3", "--warmup_steps=1"]
+# The default / mirrored / multi_worker runs: the same few steps at the same global
+# batch, two epochs of two steps, a TensorBoard point every 2 steps. The default run
+# is the reference of both others. (Not one step: the untrained model predicts
+# uniformly, so the loss of a first step is ln(256) whatever the batch, and the
+# learning rate of step 0 is 0 under warm-up; steps with a learning rate exercise
+# the gradients.)
+FEW_STEPS = TINY + ["--dataset=pydoc", "--steps=4", "--steps_per_epoch=2", "--batch_size=4",
+                    "--seed=0", "--dropout=0", "--learning_rate=3e-3", "--warmup_steps=1",
+                    "--log_every_steps=2"]
 TIMEOUT = 180  # seconds per process
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -413,16 +419,11 @@ def free_ports(count):
 # The background runs, started with the first test
 
 
-# multi_worker: two epochs of two steps, global batch 4 (2 per worker), a
-# TensorBoard point every 2 steps; the same flags with --strategy=default are
-# its reference.
-MULTI_WORKER = FEW_STEPS + ["--steps=4", "--steps_per_epoch=2", "--log_every_steps=2"]
-
-
 def multi_worker_pair(out_dir):
-  """The two workers' [(args, env, script)], on ports chosen free when they start."""
+  """The two workers' [(args, env, script)], on ports chosen free when they start: global
+  batch 4, 2 examples on each worker."""
   cluster = {"worker": [f"127.0.0.1:{p}" for p in free_ports(2)]}
-  args = MULTI_WORKER + ["--strategy=multi_worker", f"--output_dir={out_dir}"]
+  args = FEW_STEPS + ["--strategy=multi_worker", f"--output_dir={out_dir}"]
   return [(args, {"TF_CONFIG": json.dumps({"cluster": cluster,
                                            "task": {"type": "worker", "index": i}})}, None)
           for i in range(2)]
@@ -469,48 +470,91 @@ def write_bad_inputs(jobs, data):
     f.write(BAD_INPUTS_WRAPPER)
 
 
+def resume_copies(jobs):
+  """Once run A (`resume_a`) has finished, and before B continues it in A's folder: copies
+  of A's folder for C and for the run with other model flags, and A's own metrics, and
+  the files of the other-flags copy's backup. Made once, by whichever of those three
+  runs starts first (their jobs call this when they start); A's failure is theirs."""
+  with jobs.copy_lock:
+    if jobs.resume_a_state is None:
+      rc, out, err = jobs.result("resume_a")
+      if rc != 0:
+        raise RuntimeError("resume_a failed: " + describe(jobs.args["resume_a"], rc, out, err))
+      dir_a = jobs.dir("resume_a")
+      with open(os.path.join(dir_a, "backup", "training_metadata.json")) as f:
+        state = {"metrics": metrics(dir_a), "metadata": json.load(f)}
+      for name in ("resume_c", "resume_other_flags"):
+        shutil.copytree(dir_a, jobs.dir(name))
+      state["other_flags_backup"] = file_contents(os.path.join(jobs.dir("resume_other_flags"),
+                                                               "backup"))
+      jobs.resume_a_state = state
+    return jobs.resume_a_state
+
+
+def after_resume_a(jobs, args):
+  """A job's `make` for a run that starts from A's checkpoint (`resume_copies`)."""
+  def make():
+    resume_copies(jobs)
+    return [(args, None, None)]
+  return make
+
+
 def submit_background_jobs(jobs, data, selected):
-  """Queues the runs of the selected tests that depend on no other run, in test order,
-  spread over the two lanes."""
+  """Queues the runs of the selected tests, each lane in the order listed: the resume chain
+  first (B, C and the other-flags run start from A's checkpoint: their lanes reach them
+  after A has finished), the longest runs early, so that both lanes end together."""
   cifar = TINY + ["--dataset=tfds:cifar10", "--seq_len=3072", "--steps=2", "--steps_per_epoch=1",
                   "--num_layers=1", "--d_model=16", "--batch_size=2", "--block_size=64",
                   "--stride=128", "--summary=32", f"--data_dir={data}/no_tfds_data"]
-  bad = [("bad_inputs", [f"{data}/bad_inputs.json"], "b", f"{data}/run_bad_inputs.py")]
-  runs = {  # test: [(run name, args, lane[, script])]
-      "test_pydoc": [("pydoc", TINY + LEARN + ["--dataset=pydoc"], "a")],
-      "test_text_file": [("text", TINY + LEARN + [f"--dataset=text:{data}/corpus.txt"], "a")],
+  wav8k = ("wav8k", TINY + LEARN + [f"--dataset=wav:{data}/wav8k", "--resume"])
+  resume_a = ("resume_a", RESUME + ["--stop_after_epochs=1"])
+  resume_b = ("resume_b", RESUME + ["--resume", f"--output_dir={jobs.dir('resume_a')}"], None,
+              True)
+  resume_c = ("resume_c", RESUME, None, True)
+  other_flags = ("resume_other_flags", RESUME + ["--resume", "--strategy=mirrored"] + OTHER_MODEL,
+                 None, True)
+  few_steps_default = ("few_steps_default", FEW_STEPS + ["--strategy=default"])
+  bad = ("bad_inputs", [f"{data}/bad_inputs.json"], f"{data}/run_bad_inputs.py")
+  runs = {  # test: [(run name, args[, script[, after resume_a]])]
+      "test_pydoc": [("pydoc", TINY + LEARN + ["--dataset=pydoc"])],
+      "test_text_file": [("text", TINY + LEARN + [f"--dataset=text:{data}/corpus.txt"])],
       "test_digits_image": [("digits", TINY + LEARN + ["--dataset=digits", "--seq_len=64",
-                                                       "--pattern=strided", "--stride=8"], "a")],
-      "test_tfds_cifar10_mocked": [("cifar10", cifar, "a", f"{data}/run_mocked_tfds.py")],
-      "test_wav_dir": [("wav", TINY + LEARN + [f"--dataset=wav:{data}/wav16k"], "b")],
-      "test_wav_sample_keeps_sample_rate": [
-          ("wav8k", TINY + [f"--dataset=wav:{data}/wav8k", "--steps=1", "--steps_per_epoch=1",
-                            "--resume"], "b")],
-      # the same run: --resume in a new folder starts fresh
-      "test_resume_without_checkpoint_starts_fresh": [
-          ("wav8k", TINY + [f"--dataset=wav:{data}/wav8k", "--steps=1", "--steps_per_epoch=1",
-                            "--resume"], "b")],
+                                                       "--pattern=strided", "--stride=8"])],
+      "test_tfds_cifar10_mocked": [("cifar10", cifar, f"{data}/run_mocked_tfds.py")],
+      # one run of 8 kHz recordings: learns, keeps their rate, and (--resume in a new
+      # folder) starts fresh
+      "test_wav_dir": [wav8k],
+      "test_wav_sample_keeps_sample_rate": [wav8k],
+      "test_resume_without_checkpoint_starts_fresh": [wav8k],
       "test_mirrored_matches_default": [
-          ("few_steps_default", FEW_STEPS + ["--strategy=default"], "b"),
-          ("few_steps_mirrored", FEW_STEPS + ["--strategy=mirrored", "--cpu_replicas=2"], "b")],
-      "test_resume": [("resume_a", RESUME + ["--stop_after_epochs=1"], "a")],
-      "test_resume_with_other_model_flags": [("resume_a", RESUME + ["--stop_after_epochs=1"],
-                                              "a")],
-      "test_multi_worker": [("multi_worker_reference", MULTI_WORKER + ["--strategy=default"],
-                             "b")],
-      "test_bad_flags": bad,   # one process runs both tests' cases
-      "test_bad_inputs": bad,
+          few_steps_default,
+          ("few_steps_mirrored", FEW_STEPS + ["--strategy=mirrored", "--cpu_replicas=2"])],
+      "test_resume": [resume_a, resume_b, resume_c],
+      "test_resume_with_other_model_flags": [resume_a, other_flags],
+      "test_multi_worker": [few_steps_default],   # the reference; the workers: below
+      "test_bad_flags": [bad],   # one process runs both tests' cases
+      "test_bad_inputs": [bad],
   }
+  lanes = {"a": ["resume_a", "resume_b", "cifar10", "resume_other_flags", "digits",
+                 "worker0", "bad_inputs"],
+           "b": ["pydoc", "resume_c", "text", "wav8k", "few_steps_mirrored",
+                 "few_steps_default"]}
   if {"test_bad_flags", "test_bad_inputs"} & selected:
     write_bad_inputs(jobs, data)
-  for test, test_runs in runs.items():
-    if test in selected:
-      for name, args, lane, *script in test_runs:
-        if name not in jobs.args:   # a run several tests read is run once
-          jobs.submit(name, args, script=script[0] if script else None, lane=lane)
-  if "test_multi_worker" in selected:
-    jobs.submit_group(["worker0", "worker1"], lambda: multi_worker_pair(jobs.dir("multi_worker")),
-                      lane="a")
+  chosen = {run[0]: run for test, test_runs in runs.items() if test in selected
+            for run in test_runs}
+  assert set(chosen) <= {n for names in lanes.values() for n in names}, sorted(chosen)
+  for lane, names in lanes.items():
+    for name in names:
+      if name == "worker0" and "test_multi_worker" in selected:
+        jobs.submit_group(["worker0", "worker1"],
+                          lambda: multi_worker_pair(jobs.dir("multi_worker")), lane=lane)
+      elif name in chosen:
+        _, args, script, after_a = (chosen[name] + (None, False))[:4]
+        if after_a:
+          jobs.submit_group([name], after_resume_a(jobs, args), lane=lane)
+        else:
+          jobs.submit(name, args, script=script, lane=lane)
 
 
 @pytest.fixture(scope="module")
@@ -518,7 +562,6 @@ def jobs(request, tmp_path_factory):
   """The background runs of the selected tests, all queued at once."""
   data = str(tmp_path_factory.mktemp("train_main_data"))
   write_text(os.path.join(data, "corpus.txt"))
-  write_wavs(os.path.join(data, "wav16k"), 16000)
   write_wavs(os.path.join(data, "wav8k"), 8000)
   with open(os.path.join(data, "run_mocked_tfds.py"), "w") as f:
     f.write(TFDS_WRAPPER)
@@ -528,6 +571,7 @@ def jobs(request, tmp_path_factory):
               if item.module is request.module}
   runner = Jobs(str(tmp_path_factory.mktemp("train_main_runs")))
   runner.data = data
+  runner.copy_lock, runner.resume_a_state = threading.Lock(), None   # see resume_copies
   try:
     submit_background_jobs(runner, data, selected)
     yield runner
@@ -682,21 +726,23 @@ def test_tfds_cifar10_mocked(jobs):
 
 
 def test_wav_dir(jobs):
+  """The folder of 8 kHz WAV files (the run the next two tests read too)."""
   import tensorflow as tf
-  jobs.ok("wav")
-  out = jobs.dir("wav")
+  jobs.ok("wav8k")
+  out = jobs.dir("wav8k")
   m = check_outputs(out, "sample.wav")
   check_learns(m, steps=30, epochs=3)
   assert set(m["validation"]) == {"loss", "bits_per_sample"}   # 8-bit µ-law samples
   check_step_scalars(out, "bits_per_sample", steps=30, steps_per_epoch=10)
   audio, rate = tf.audio.decode_wav(tf.io.read_file(os.path.join(out, "sample.wav")))
-  assert int(rate) == 16000
+  assert int(rate) == 8000   # the recordings' rate (16000 is the writer's fallback)
   assert audio.shape == (48, 1), audio.shape   # 32-sample prompt + 16 generated
   assert np.all(np.abs(audio.numpy()) <= 1.0)
 
 
 def test_wav_sample_keeps_sample_rate(jobs):
-  """The sample of 8 kHz recordings is an 8 kHz WAV (else it plays twice as fast)."""
+  """The sample of 8 kHz recordings is an 8 kHz WAV (else it plays twice as fast); not
+  16000 Hz, the rate written when the data gives none."""
   import tensorflow as tf
   jobs.ok("wav8k")
   path = os.path.join(jobs.dir("wav8k"), "sample.wav")
@@ -713,12 +759,12 @@ def test_mirrored_matches_default(jobs):
   out = jobs.ok("few_steps_mirrored")
   assert "strategy mirrored (2 replicas)" in out, out
   runs = {s: metrics(jobs.dir(f"few_steps_{s}")) for s in ("default", "mirrored")}
-  loss = {s: m["history"]["loss"][0] for s, m in runs.items()}
-  assert math.isfinite(loss["default"])
+  loss = {s: m["history"]["loss"] for s, m in runs.items()}
+  assert len(loss["default"]) == 2 and all(math.isfinite(x) for x in loss["default"]), loss
   assert loss["mirrored"] == pytest.approx(loss["default"], rel=1e-4), loss
   for k, v in runs["default"]["validation"].items():
     assert runs["mirrored"]["validation"][k] == pytest.approx(v, rel=1e-4), (k, runs)
-  assert all(m["steps_done"] == 3 for m in runs.values())
+  assert all(m["steps_done"] == 4 for m in runs.values())
 
 
 # ---------------------------------------------------------------------------
@@ -768,15 +814,15 @@ def test_multi_worker(jobs):
   assert summary["worker1"][2] == pytest.approx(summary["worker0"][2], rel=1e-9), summary
   # It really trained on the global batch: the losses of `default` at the same global
   # batch (2 examples on each worker = the 4 of one default step).
-  jobs.ok("multi_worker_reference")
-  ref = metrics(jobs.dir("multi_worker_reference"))
+  jobs.ok("few_steps_default")
+  ref = metrics(jobs.dir("few_steps_default"))
   assert loss == pytest.approx(ref["history"]["loss"], rel=1e-4), (loss, ref["history"])
   assert loss[-1] < loss[0], loss
   for k, v in ref["validation"].items():
     assert m["validation"][k] == pytest.approx(v, rel=1e-4), (k, m["validation"], ref)
   # The custom loop's TensorBoard points are fit's: same names, steps and values.
   points = check_step_scalars(out, "bits_per_byte", steps=4, steps_per_epoch=2, every=2)
-  ref_points = check_step_scalars(jobs.dir("multi_worker_reference"), "bits_per_byte", steps=4,
+  ref_points = check_step_scalars(jobs.dir("few_steps_default"), "bits_per_byte", steps=4,
                                   steps_per_epoch=2, every=2)
   for tag in ("batch_loss", "batch_bits_per_byte", "batch_learning_rate", "epoch_loss"):
     assert points[tag] == pytest.approx(ref_points[tag], rel=1e-4), (tag, points, ref_points)
@@ -789,18 +835,15 @@ def test_multi_worker(jobs):
 def test_resume(jobs):
   """A: interrupted after its first epoch (and checkpoint). Then, from a copy each
   of A's folder: B continues it with --resume; C runs without --resume, so it
-  must start over, and is then the uninterrupted run that B must match."""
+  must start over, and is then the uninterrupted run that B must match. (B and C
+  are queued with A and start after it: `resume_copies` copies A's folder for C and
+  reads A's outputs before B changes them.)"""
   jobs.ok("resume_a")
-  submit_other_flags_run(jobs)   # from A's checkpoint, before B continues it
-  dir_a, dir_c = jobs.dir("resume_a"), jobs.dir("resume_c")
-  a = metrics(dir_a)
-  assert a["steps_done"] == 10 and len(a["history"]["loss"]) == 1, a
-  with open(os.path.join(dir_a, "backup", "training_metadata.json")) as f:
-    assert json.load(f)["epoch"] == 1
-  shutil.copytree(dir_a, dir_c)
-  jobs.submit("resume_b", RESUME + ["--resume", f"--output_dir={dir_a}"], lane="a", first=True)
-  jobs.submit("resume_c", RESUME, lane="b", first=True)
   out_b = jobs.ok("resume_b")
+  dir_a, dir_c = jobs.dir("resume_a"), jobs.dir("resume_c")
+  a = jobs.resume_a_state["metrics"]
+  assert a["steps_done"] == 10 and len(a["history"]["loss"]) == 1, a
+  assert jobs.resume_a_state["metadata"]["epoch"] == 1
   jobs.ok("resume_c")
   assert "starting fresh" not in out_b, out_b
   b, c = metrics(dir_a), metrics(dir_c)
@@ -851,40 +894,28 @@ def check_error_output(args, rc, out, err, words):
   return lines[0]
 
 
-def submit_other_flags_run(jobs):
-  """Queues (once) the resume of a copy of A's checkpoint with `OTHER_MODEL` flags;
-  returns the copy's backup folder and its files before the run."""
-  out_dir = jobs.dir("resume_other_flags")
-  backup = os.path.join(out_dir, "backup")
-  if "resume_other_flags" not in jobs.args:
-    shutil.copytree(jobs.dir("resume_a"), out_dir)
-    jobs.backup_before = file_contents(backup)
-    jobs.submit("resume_other_flags", RESUME + ["--resume", "--strategy=mirrored",
-                                                f"--output_dir={out_dir}"] + OTHER_MODEL,
-                lane="a", first=True)
-  return backup, jobs.backup_before
-
-
 def test_resume_with_other_model_flags(jobs):
   """--resume of A's checkpoint with other model flags stops with one line naming each
   (old -> new); the flags that may change on resume are not named, and the
-  checkpoint is left as it was."""
+  checkpoint is left as it was. (Run on a copy of A's folder: `resume_copies`.)"""
   jobs.ok("resume_a")
-  backup, before = submit_other_flags_run(jobs)
+  backup = os.path.join(jobs.dir("resume_other_flags"), "backup")
   line = check_usage_error(jobs, "resume_other_flags",
                            ["--resume", backup,
                             "--num_layers 1 -> 2, --d_model 32 -> 64, --pattern fixed -> strided"])
   for allowed in ("--steps", "--dropout", "--block_size", "--learning_rate", "--strategy"):
     assert allowed + " " not in line, (allowed, line)
-  assert file_contents(backup) == before, "the checkpoint folder changed"
+  assert file_contents(backup) == jobs.resume_a_state["other_flags_backup"], \
+      "the checkpoint folder changed"
 
 
 def test_resume_without_checkpoint_starts_fresh(jobs):
-  """The wav8k run passes --resume into a new folder: it says so and trains."""
+  """The wav8k run passes --resume into a new folder: it says so and trains (all its
+  steps: test_wav_dir checks them)."""
   out = jobs.ok("wav8k")
   lines = [l for l in out.splitlines() if "starting fresh" in l]
   assert lines == [f"--resume: no checkpoint in {jobs.dir('wav8k')}/backup: starting fresh"], out
-  assert metrics(jobs.dir("wav8k"))["steps_done"] == 1
+  assert metrics(jobs.dir("wav8k"))["steps_done"] == 30
 
 
 # ---------------------------------------------------------------------------
