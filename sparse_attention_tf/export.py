@@ -95,7 +95,8 @@ Errors. In the graph (what TF Serving can send), `tf.debugging` asserts raise
 `InvalidArgumentError`s that say what is wrong: more than `seq_len`
 positions, `lengths` out of `[1, L]` or not one per row, tokens outside
 `[0, vocab_size)`, `score` with `lengths < 2`, generate settings out of range
-or not one per row. Not every caller checks inputs
+(`lengths + max_new_tokens > seq_len + 1`, checked without int32 overflow) or
+not one per row, a generate request without rows. Not every caller checks inputs
 against the signature (a loaded signature called from Python casts and
 broadcasts silently): `predict(loaded, inputs, signature)` first checks them
 and raises a `ValueError` naming the expected dtype and shape. `rest_to_inputs` turns a REST `predict` body (prompts of any
@@ -295,30 +296,42 @@ def _generate_endpoint(served, specs, jit_compile: bool = False, stop_token_ids=
         f"([batch])") for name, value in (("max_new_tokens", max_new_tokens),
                                           ("temperature", temperature), ("top_k", top_k),
                                           ("top_p", top_p), ("seed", seed))]
-    with tf.control_dependencies(row_checks):
-      limits = lengths + max_new_tokens                                   # (B,)
-    value_checks = [
-        tf.debugging.assert_non_negative(max_new_tokens, message="max_new_tokens must be >= 0"),
-        tf.debugging.assert_less_equal(
-            limits, seq_len + 1, message=f"lengths + max_new_tokens must be <= seq_len + 1 = "
-            f"{seq_len + 1}: the last token is predicted from position seq_len - 1"),
-        tf.debugging.assert_equal(
-            tf.logical_and(tf.math.is_finite(temperature), temperature >= 0.0),
-            tf.ones_like(temperature, tf.bool),
-            message="temperature must be finite and >= 0 (0: greedy)"),
-        tf.debugging.assert_non_negative(top_k, message="top_k must be >= 0 (0: no limit)"),
-        tf.debugging.assert_less_equal(
-            top_k, vocab_size, message=f"top_k must be <= vocab_size = {vocab_size}"),
-        tf.debugging.assert_equal(
-            tf.logical_and(top_p > 0.0, top_p <= 1.0), tf.ones_like(top_p, tf.bool),
-            message="top_p must be in (0, 1] (1: no limit)"),
-    ]
+    row_checks.append(tf.debugging.assert_positive(
+        batch, message="tokens must have at least one row"))
+    with tf.control_dependencies(row_checks):   # shapes first: the value checks broadcast
+      value_checks = _generate_value_checks(lengths, max_new_tokens, temperature, top_k, top_p,
+                                            seq_len, vocab_size)
     with tf.control_dependencies(value_checks):
+      limits = lengths + max_new_tokens                                   # (B,)
       sequences, ends = gen.generate_rows(tokens, lengths, limits, temperature, top_k, top_p,
                                           seed, stops, tf.constant(pad_token_id, tf.int32))
     return {"sequences": sequences, "sequence_lengths": ends}
 
   return generate_fn, specs
+
+
+def _generate_value_checks(lengths, max_new_tokens, temperature, top_k, top_p, seq_len: int,
+                           vocab_size: int) -> list:
+  """The generate signature's asserts on the sampler inputs (each `[B]`)."""
+  import tensorflow as tf
+  return [
+      tf.debugging.assert_non_negative(max_new_tokens, message="max_new_tokens must be >= 0"),
+      # Not lengths + max_new_tokens <= ...: the sum could wrap around int32.
+      tf.debugging.assert_less_equal(
+          max_new_tokens, seq_len + 1 - lengths, message=f"lengths + max_new_tokens must be "
+          f"<= seq_len + 1 = {seq_len + 1}: the last token is predicted from position "
+          f"seq_len - 1"),
+      tf.debugging.assert_equal(
+          tf.logical_and(tf.math.is_finite(temperature), temperature >= 0.0),
+          tf.ones_like(temperature, tf.bool),
+          message="temperature must be finite and >= 0 (0: greedy)"),
+      tf.debugging.assert_non_negative(top_k, message="top_k must be >= 0 (0: no limit)"),
+      tf.debugging.assert_less_equal(
+          top_k, vocab_size, message=f"top_k must be <= vocab_size = {vocab_size}"),
+      tf.debugging.assert_equal(
+          tf.logical_and(top_p > 0.0, top_p <= 1.0), tf.ones_like(top_p, tf.bool),
+          message="top_p must be in (0, 1] (1: no limit)"),
+  ]
 
 
 def _output_names(served) -> list:

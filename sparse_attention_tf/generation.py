@@ -41,6 +41,7 @@ Dimension letters: B batch, N seq_len, V vocabulary, H heads, W keys per row.
 from __future__ import annotations
 
 import dataclasses
+import math
 import secrets
 from typing import Optional
 
@@ -56,7 +57,7 @@ class Sampler:
 
   Args:
     temperature: logits are divided by it; 0 picks the most likely token (greedy).
-    top_k: sample among the k most likely tokens only (None: all).
+    top_k: sample among the k most likely tokens only (None or 0: all).
     top_p: sample among the most likely tokens whose probabilities sum to at
       least p (nucleus sampling, after top_k; None or 1: all).
     seed: an int makes the samples reproducible (None: a fresh seed per call);
@@ -87,10 +88,11 @@ class Sampler:
 
   def check(self, vocab_size: int) -> None:
     """Raises a ValueError naming the argument that is out of range."""
-    if not self.temperature >= 0:
-      raise ValueError(f"temperature must be >= 0, got {self.temperature}.")
-    if self.top_k is not None and not 1 <= self.top_k <= vocab_size:
-      raise ValueError(f"top_k must be in [1, {vocab_size}] (the vocabulary), got {self.top_k}.")
+    if not (math.isfinite(self.temperature) and self.temperature >= 0):
+      raise ValueError(f"temperature must be finite and >= 0, got {self.temperature}.")
+    if self.top_k is not None and not 0 <= self.top_k <= vocab_size:
+      raise ValueError(f"top_k must be in [0, {vocab_size}] (the vocabulary; 0 or None: no "
+                       f"limit), got {self.top_k}.")
     if self.top_p is not None and not 0 < self.top_p <= 1:
       raise ValueError(f"top_p must be in (0, 1], got {self.top_p}.")
 
@@ -295,9 +297,11 @@ class Generator:
 
 
 def _row_seeds(sampler: "Sampler", batch: int) -> np.ndarray:
-  """Row b's seed: sampler.seed + b (mod 2**31); a fresh random seed for None."""
+  """Row b's seed: sampler.seed + b, wrapped to int32 (what an int32 seed input holds:
+  the export's seed s equals the Python seed s); a fresh random seed for None."""
   seed = sampler.seed if sampler.seed is not None else secrets.randbits(31)
-  return ((int(seed) + np.arange(batch, dtype=np.int64)) % 2**31).astype(np.int32)
+  seeds = (int(seed) + np.arange(batch, dtype=object)) % 2**32            # Python ints
+  return np.array([int(v) for v in seeds], np.uint32).view(np.int32)
 
 
 def _row_inputs(tokens, lengths, max_length, sampler, stop_token_ids, pad_token_id) -> list:
@@ -350,11 +354,16 @@ def reference_generate(model, tokens, lengths, max_length, sampler, stop_token_i
 
 
 def generator(model) -> Generator:
-  """The model's Generator, built on first use and kept on the model."""
-  gen = model.__dict__.get("_sparse_attention_generator")
+  """The model's Generator, built on first use and kept on the model.
+
+  For a `SparseCausalLM` it is kept on the wrapped Keras model, so a new
+  wrapper of the same model reuses the trace.
+  """
+  holder = model.model if isinstance(model, SparseCausalLM) else model
+  gen = holder.__dict__.get("_sparse_attention_generator")
   if gen is None:
     gen = Generator(model)
-    object.__setattr__(model, "_sparse_attention_generator", gen)
+    object.__setattr__(holder, "_sparse_attention_generator", gen)
   return gen
 
 

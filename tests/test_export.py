@@ -62,7 +62,7 @@ GENERATE_ROWS = {"max_new_tokens": ([30, SEQ_LEN + 1 - 5, 10, 0], np.int32),
                  "temperature": ([1.0, 0.0, 1.5, 1.0], np.float32),
                  "top_k": ([0, 0, 5, 0], np.int32),
                  "top_p": ([0.9, 1.0, 0.8, 1.0], np.float32),
-                 "seed": ([11, 12, 2**31 - 1, 0], np.int32)}
+                 "seed": ([11, -5, 2**31 - 1, 0], np.int32)}   # any int32 seed
 GENERATE_STOP = [3]       # export-time stop token: some rows end early
 
 # TensorFlow's native start-up lines (written before TF_CPP_MIN_LOG_LEVEL applies).
@@ -606,6 +606,11 @@ GENERATE_ERRORS = {   # case -> (changed inputs, a part of the message)
     "top_k": ({"top_k": [0, VOCAB + 1, 0, 0]}, f"top_k must be <= vocab_size = {VOCAB}"),
     "top_p": ({"top_p": [1.0, 0.0, 1.0, 1.0]}, "top_p must be in (0, 1]"),
     "rows": ({"seed": [1, 2]}, "seed must hold one value per row"),
+    "rows_broadcast": ({"max_new_tokens": [1, 1]}, "max_new_tokens must hold one value per row"),
+    "int32_overflow": ({"max_new_tokens": [2**31 - 2, 1, 1, 1]}, "lengths + max_new_tokens"),
+    "empty_batch": ({"tokens": np.zeros((0, 20)), "lengths": [], "max_new_tokens": [],
+                     "temperature": [], "top_k": [], "top_p": [], "seed": []},
+                    "at least one row"),
     "token": ({"tokens": np.full((4, 20), VOCAB)}, f"vocab_size = {VOCAB})"),
 }
 

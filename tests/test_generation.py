@@ -162,6 +162,8 @@ def _check_seeded_sampling(model, rng):
   # temperature 0 and top_k=1 are greedy.
   greedy = model.generate(prompt, 30, sampler="greedy")
   np.testing.assert_array_equal(model.generate(prompt, 30, top_k=1, seed=3), greedy)
+  # top_k 0 is no limit (as in the exported signature), like None.
+  np.testing.assert_array_equal(model.generate(prompt, 30, temperature=3.0, top_k=0, seed=1), a)
 
 
 def test_top_k_and_top_p_never_pick_excluded_tokens():
@@ -264,6 +266,10 @@ def test_generate_rejects_bad_arguments(models):
     model.generate(ok, max_length=N + 2)
   with pytest.raises(ValueError, match="top_p"):
     model.generate(ok, 2, top_p=0.0)
+  with pytest.raises(ValueError, match="temperature must be finite"):
+    model.generate(ok, 2, temperature=float("inf"))
+  with pytest.raises(ValueError, match="top_k"):
+    model.generate(ok, 2, top_k=BYTES + 1)
   with pytest.raises(ValueError, match="sampler"):
     model.generate(ok, 2, sampler="beam")
   with pytest.raises(ValueError, match="tokens"):
@@ -291,6 +297,8 @@ def test_functional_model_through_sparse_causal_lm(rng, ops):
   cached = lm.generate(rows, 20, sampler=sampler)                         # batch 2: compiled
   for a, b in zip(cached, lm.generate(rows, 20, sampler=sampler, use_cache=False)):
     np.testing.assert_array_equal(a, b)
+  # A new wrapper of the same model reuses the trace.
+  assert generation.generator(generation.SparseCausalLM(model)) is generation.generator(lm)
   conv = keras.layers.Conv1D(D, 3, padding="causal")(keras.layers.Embedding(VOCAB, D)(tokens))
   with pytest.raises(ValueError, match="Conv1D"):
     generation.SparseCausalLM(keras.Model(tokens, keras.layers.Dense(VOCAB)(conv)))
