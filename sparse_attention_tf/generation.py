@@ -615,6 +615,11 @@ class SparseCausalLM:
                          f"embedding, or per-position layers ({', '.join(_PER_POSITION)}).")
     if previous is not outputs[0]:
       raise ValueError("SparseCausalLM: the model's output is not the last layer's output.")
+    for layer in self.layers:
+      if type(layer).__name__ == "Embedding" and layer.input_dim < self.vocab_size:
+        raise ValueError(f"SparseCausalLM: {layer.name} looks up {layer.input_dim} token ids, "
+                         f"but the model predicts {self.vocab_size}: a sampled id could not be "
+                         f"fed back. Give the Embedding input_dim >= the logits' size.")
     self._blocks = [l for l in self.layers if isinstance(l, SparseTransformerBlock)]
     self._position_layers = tuple(l for l in self.layers if isinstance(l, _PositionEmbeddingBase))
 

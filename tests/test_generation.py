@@ -299,6 +299,9 @@ def test_functional_model_through_sparse_causal_lm(rng, ops):
     np.testing.assert_array_equal(a, b)
   # A new wrapper of the same model reuses the trace.
   assert generation.generator(generation.SparseCausalLM(model)) is generation.generator(lm)
+  small = keras.layers.Dense(VOCAB + 1)(keras.layers.Embedding(VOCAB, D)(tokens))
+  with pytest.raises(ValueError, match="could not be fed back"):
+    generation.SparseCausalLM(keras.Model(tokens, small))
   conv = keras.layers.Conv1D(D, 3, padding="causal")(keras.layers.Embedding(VOCAB, D)(tokens))
   with pytest.raises(ValueError, match="Conv1D"):
     generation.SparseCausalLM(keras.Model(tokens, keras.layers.Dense(VOCAB)(conv)))
