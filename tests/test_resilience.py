@@ -12,7 +12,8 @@
 3. Two workers on 127.0.0.1 under `scripts/supervise_workers.py`: SIGKILL of
    worker 1 (the survivor says so in one line and exits 42), restart of both
    with --resume, SIGTERM of worker 0 (both save at one step and exit 42),
-   restart: the weights of an uninterrupted two-worker run (dropout 0.1).
+   restart: the weights of an uninterrupted two-worker run (dropout 0.1),
+   which runs in the background from the module's start.
 """
 
 from __future__ import annotations
@@ -295,24 +296,47 @@ def test_train_main_sigterm_then_sigkill_in_a_checkpoint_write(tmp_path):
 MW_RUN = RUN[:1] + ["--num_layers=1", "--d_model=32"] + RUN[3:] + ["--strategy=multi_worker"]
 
 
+def _supervise(log_dir, out_dir, name):
+  """Starts scripts/supervise_workers.py with two MW_RUN workers (logs in `log_dir`)."""
+  with open(f"{name}.stdout", "w") as o, open(f"{name}.stderr", "w") as e:
+    return subprocess.Popen([sys.executable, SUPERVISOR, "--workers=2", "--max_restarts=2",
+                             "--grace_seconds=60", f"--log_dir={log_dir}", "--"] + MW_RUN +
+                            [f"--output_dir={out_dir}"], env=_env(), stdout=o, stderr=e)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def two_worker_reference(request, tmp_path_factory):
+  """The uninterrupted two-worker run of the last test, started with the module: its two
+  workers take the core that the in-process tests and the single train_main runs of the
+  SIGTERM test leave idle. Yields (supervisor, output folder, log folder, log name)."""
+  if not any(item.originalname == "test_two_workers_lost_worker_and_preemption"
+             for item in request.session.items if item.module is request.module):
+    yield None
+    return
+  base = tmp_path_factory.mktemp("two_worker_reference")
+  ref, ref_logs, log = str(base / "ref"), str(base / "ref_logs"), str(base / "ref_supervisor")
+  sup = _supervise(ref_logs, ref, log)
+  try:
+    yield sup, ref, ref_logs, log
+  finally:
+    if sup.poll() is None:   # the test did not wait for it: SIGTERM goes on to the workers
+      sup.terminate()
+      try:
+        sup.wait(60)
+      except subprocess.TimeoutExpired:
+        sup.kill()
+
+
 def _checksum(log):
   match = re.search(r"weight checksum (\S+)", _read(log, "stdout"))
   assert match, _read(log, "stdout") + _read(log)
   return match.group(1)
 
 
-def test_two_workers_lost_worker_and_preemption(tmp_path):
-  ref_logs, logs = str(tmp_path / "ref_logs"), str(tmp_path / "logs")
-  out, ref = str(tmp_path / "run"), str(tmp_path / "ref")
+def test_two_workers_lost_worker_and_preemption(tmp_path, two_worker_reference):
+  logs, out = str(tmp_path / "logs"), str(tmp_path / "run")
   sup_log = str(tmp_path / "supervisor")
-
-  def supervise(log_dir, out_dir, name):
-    with open(f"{name}.stdout", "w") as o, open(f"{name}.stderr", "w") as e:
-      return subprocess.Popen([sys.executable, SUPERVISOR, "--workers=2", "--max_restarts=2",
-                               "--grace_seconds=60", f"--log_dir={log_dir}", "--"] + MW_RUN +
-                              [f"--output_dir={out_dir}"], env=_env(), stdout=o, stderr=e)
-
-  sup = supervise(logs, out, sup_log)
+  sup = _supervise(logs, out, sup_log)
   backup = os.path.join(out, "backup")
 
   def pids(gen):
@@ -329,10 +353,10 @@ def test_two_workers_lost_worker_and_preemption(tmp_path):
             "generation 1's checkpoint at step 10")
   os.kill(pids(1)[0], signal.SIGTERM)
   assert _wait(sup, timeout=2 * TIMEOUT) == 0, _read(sup_log, "stdout") + _read(sup_log)
-  # The reference runs after, so that the two runs do not share the 2 cores.
-  ref_sup = supervise(ref_logs, ref, str(tmp_path / "ref_supervisor"))
-  assert _wait(ref_sup, timeout=TIMEOUT) == 0, _read(str(tmp_path / "ref_supervisor"))
-  assert "generation 1" not in _read(str(tmp_path / "ref_supervisor"), "stdout")
+  # The reference: uninterrupted (started with the module, `two_worker_reference`).
+  ref_sup, ref, ref_logs, ref_log = two_worker_reference
+  assert _wait(ref_sup, timeout=TIMEOUT) == 0, _read(ref_log, "stdout") + _read(ref_log)
+  assert "generation 1" not in _read(ref_log, "stdout")
 
   stdout = _read(sup_log, "stdout")
   assert "worker 1 killed by signal 9" in stdout and "worker 0 exit 42" in stdout, stdout
