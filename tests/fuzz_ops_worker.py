@@ -1,6 +1,6 @@
 """Fuzzing the raw ops against float64 references, in a worker process.
 
-Shared by tests/test_fuzz_ops.py (about a minute) and scripts/fuzz_ops.py
+Shared by tests/test_fuzz_ops.py (20 s) and scripts/fuzz_ops.py
 (longer campaigns). The worker runs hypothesis cases until a deadline; every
 call must either raise a clean error or, if it is accepted, give the result of
 an independent float64 NumPy reference (written here from the op docs, sharing
