@@ -16,33 +16,61 @@ inline __attribute__((always_inline)) void Store(float* p, v16 v) {
   *reinterpret_cast<v16*>(p) = v;
 }
 
+// The GEMM micro-kernel works on the target's native vector (vn: 16, 8 or 4
+// floats), not on v16: GCC lowers v16 arithmetic on AVX2 and SSE through the
+// stack (a scalar times a v16 became 16 scalar stores and vector loads that
+// cannot forward from them), which made the GEMMs ~30x slower there.
+#if defined(SPARSE_ATTENTION_BODY_AVX512)
+typedef float vn __attribute__((vector_size(64), aligned(4)));
+constexpr int kRegisters = 32;
+#elif defined(SPARSE_ATTENTION_BODY_AVX2)
+typedef float vn __attribute__((vector_size(32), aligned(4)));
+constexpr int kRegisters = 16;
+#else
+typedef float vn __attribute__((vector_size(16), aligned(4)));
+constexpr int kRegisters = 16;
+#endif
+constexpr int kParts = 64 / sizeof(vn);  // native vectors per 16 floats
+
+// Rows of a register tile 16 * NV floats wide: its accumulators and one row
+// of B must fit the registers (AVX-512: 16 accumulators, as before).
+template <int NV>
+constexpr int TileRows() {
+  return kParts == 1 ? 16 / NV
+                     : (kRegisters - NV * kParts) / (NV * kParts) > 0
+                           ? (kRegisters - NV * kParts) / (NV * kParts) : 1;
+}
+
 // R rows x (16 * NV) columns of C kept in registers over the whole k loop;
 // C += A B, or C = A B when !kAccumulate (C is then never read).
 template <int R, int NV, bool kAccumulate = true>
 inline __attribute__((always_inline)) void MicroTile(
     int64_t k, const float* __restrict a, int64_t ars, int64_t aks,
     const float* __restrict b, int64_t ldb, float* __restrict c, int64_t ldc) {
-  v16 acc[R][NV];
+  constexpr int P = NV * kParts;              // native vectors per row of the tile
+  constexpr int W = 16 / kParts;              // floats per native vector
+  vn acc[R][P];
 #pragma GCC unroll 16
   for (int r = 0; r < R; ++r)
-#pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v) acc[r][v] = kAccumulate ? Load(c + r * ldc + 16 * v) : (v16){};
+#pragma GCC unroll 16
+    for (int v = 0; v < P; ++v)
+      acc[r][v] = kAccumulate ? *reinterpret_cast<const vn*>(c + r * ldc + W * v) : (vn){};
   for (int64_t kk = 0; kk < k; ++kk) {
-    v16 bv[NV];
-#pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v) bv[v] = Load(b + kk * ldb + 16 * v);
+    vn bv[P];
+#pragma GCC unroll 16
+    for (int v = 0; v < P; ++v) bv[v] = *reinterpret_cast<const vn*>(b + kk * ldb + W * v);
     const float* ak = a + kk * aks;
 #pragma GCC unroll 16
     for (int r = 0; r < R; ++r) {
-      const float s = ak[r * ars];
-#pragma GCC unroll 8
-      for (int v = 0; v < NV; ++v) acc[r][v] += s * bv[v];
+      const vn s = (vn){} + ak[r * ars];      // one broadcast
+#pragma GCC unroll 16
+      for (int v = 0; v < P; ++v) acc[r][v] += s * bv[v];
     }
   }
 #pragma GCC unroll 16
   for (int r = 0; r < R; ++r)
-#pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v) Store(c + r * ldc + 16 * v, acc[r][v]);
+#pragma GCC unroll 16
+    for (int v = 0; v < P; ++v) *reinterpret_cast<vn*>(c + r * ldc + W * v) = acc[r][v];
 }
 
 // All rows of one column panel of width 16 * NV.
@@ -50,7 +78,7 @@ template <int NV, bool kAccumulate>
 inline __attribute__((always_inline)) void Panel(
     int64_t m, int64_t k, const float* a, int64_t ars, int64_t aks,
     const float* b, int64_t ldb, float* c, int64_t ldc) {
-  constexpr int R = 16 / NV;  // 16 accumulator registers on AVX-512
+  constexpr int R = TileRows<NV>();
   int64_t r = 0;
   for (; r + R <= m; r += R)
     MicroTile<R, NV, kAccumulate>(k, a + r * ars, ars, aks, b, ldb, c + r * ldc, ldc);
