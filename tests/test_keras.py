@@ -877,7 +877,7 @@ def test_generate_rejects_bad_arguments(rng):
   with pytest.raises(ValueError, match="temperature"):
     model.generate(ok, 2, temperature=-0.5)
   with pytest.raises(ValueError, match="top_k"):
-    model.generate(ok, 2, top_k=0)
+    model.generate(ok, 2, top_k=-1)                     # 0 (like None) is no limit
   with pytest.raises(ValueError):
     model.generate(np.zeros((2, 0), np.int32), 2)
   with pytest.raises(ValueError):
