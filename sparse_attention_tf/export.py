@@ -243,8 +243,7 @@ def _lm_endpoints(served, names, generate=None) -> dict:
   """{signature: (fn, input specs)} of a SparseTransformer; `generate`: the generate options."""
   import tensorflow as tf
   seq_len, vocab_size = served.seq_len, served.vocab_size
-  specs = [tf.TensorSpec([None, None], tf.int32, name="tokens"),
-           tf.TensorSpec([None], tf.int32, name="lengths")]
+  specs = _lm_input_specs()
 
   def logits_of(tokens, lengths):
     padded, tokens = _lm_tokens(tokens, lengths, seq_len, vocab_size)    # (B, N), (B, L)
@@ -274,11 +273,18 @@ def _lm_endpoints(served, names, generate=None) -> dict:
          "next_token_distribution": next_token_fn, "score": score_fn}
   endpoints = {name: (fns[name], specs) for name in names if name in fns}
   if "generate" in names:
-    endpoints["generate"] = _generate_endpoint(served, specs, **(generate or {}))
+    endpoints["generate"] = _generate_endpoint(served, **(generate or {}))
   return endpoints
 
 
-def _generate_endpoint(served, specs, jit_compile: bool = False, stop_token_ids=(),
+def _lm_input_specs() -> list:
+  """`tokens` `[B, L]` and `lengths` `[B]`: the inputs every language model signature takes."""
+  import tensorflow as tf
+  return [tf.TensorSpec([None, None], tf.int32, name="tokens"),
+          tf.TensorSpec([None], tf.int32, name="lengths")]
+
+
+def _generate_endpoint(served, jit_compile: bool = False, stop_token_ids=(),
                        pad_token_id: int = 0):
   """(fn, input specs) of the generate signature: `generation.Generator`'s loop in the graph."""
   import tensorflow as tf
@@ -286,7 +292,8 @@ def _generate_endpoint(served, specs, jit_compile: bool = False, stop_token_ids=
   seq_len, vocab_size = served.seq_len, served.vocab_size
   gen = generation.Generator(served, jit_compile=jit_compile)
   stops = tf.constant(np.asarray(stop_token_ids, np.int32).reshape(-1))
-  specs = specs + [tf.TensorSpec([None], dtype, name=name) for name, dtype in GENERATE_INPUTS]
+  specs = _lm_input_specs() + [tf.TensorSpec([None], dtype, name=name)
+                               for name, dtype in GENERATE_INPUTS]
 
   def generate_fn(tokens, lengths, max_new_tokens, temperature, top_k, top_p, seed):
     tokens, _ = _lm_tokens(tokens, lengths, seq_len, vocab_size)         # (B, N), checked
@@ -491,10 +498,7 @@ def export_saved_model(model, path: str, mode: str = "portable", version: int = 
     endpoints = _model_endpoints(served)
     if "generate" in names:   # a language model of our layers: SparseCausalLM says if not
       from sparse_attention_tf.generation import SparseCausalLM
-      import tensorflow as tf
-      specs = [tf.TensorSpec([None, None], tf.int32, name="tokens"),
-               tf.TensorSpec([None], tf.int32, name="lengths")]
-      endpoints["generate"] = _generate_endpoint(SparseCausalLM(served), specs, **generate)
+      endpoints["generate"] = _generate_endpoint(SparseCausalLM(served), **generate)
   # Not archive.track(served): the endpoints bring their variables (and Keras lookup tables),
   # and tracking a subclassed model makes Keras trace its call on float inputs.
   archive = keras.export.ExportArchive()

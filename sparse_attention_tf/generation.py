@@ -181,6 +181,21 @@ def _advance(pos, logits, tokens, done, ends, rows):
   return tokens, done, tf.where(stop, nxt + 1, ends)
 
 
+def prefill_lengths(model) -> list:
+  """The lengths `model.prefill` may run on, ascending: its exact prefix lengths
+  (`model.prefill_lengths()`, when it has them) and seq_len."""
+  n = int(model.seq_len)
+  return sorted(set(getattr(model, "prefill_lengths", lambda: [n])()) | {n})
+
+
+def padded_prefill(model, tokens, position):
+  """`model.prefill(tokens [B, L], position)` with its caches padded to seq_len:
+  (logits `[B, V]`, per block (keys, values) `[H, N, B, K|V]`), what `decode_step` reads."""
+  pad = [[0, 0], [0, int(model.seq_len) - tokens.shape[1]], [0, 0], [0, 0]]
+  logits, caches = model.prefill(tokens, position)
+  return logits, [(tf.pad(k, pad), tf.pad(v, pad)) for k, v in caches]
+
+
 class Generator:
   """The compiled prefill + decoding loop of one model; see the module docstring.
 
@@ -244,23 +259,17 @@ class Generator:
     return tokens[:, :tf.reduce_max(limits)], ends
 
   def _prefill(self, tokens, start):
-    """model.prefill on the shortest prefix length that holds positions < start.
+    """`padded_prefill` on the shortest of `prefill_lengths(model)` that holds positions < start.
 
-    One branch per length of `model.prefill_lengths()` (when the model has
-    it); each pads its caches to seq_len, so the branches agree.
+    One branch per length; each pads its caches to seq_len, so the branches agree.
     """
-    n = int(self.model.seq_len)
-    lengths = sorted(set(getattr(self.model, "prefill_lengths", lambda: [n])()) | {n})
+    lengths = prefill_lengths(self.model)
 
     def prefill_at(length):
-      def run():
-        logits, caches = self.model.prefill(tokens[:, :length], start - 1)
-        pad = [[0, 0], [0, n - length], [0, 0], [0, 0]]
-        return logits, [(tf.pad(k, pad), tf.pad(v, pad)) for k, v in caches]
-      return run
+      return lambda: padded_prefill(self.model, tokens[:, :length], start - 1)
 
     if len(lengths) == 1:
-      return prefill_at(n)()
+      return prefill_at(lengths[0])()
     branch = tf.reduce_sum(tf.cast(tf.constant(lengths[:-1]) < start, tf.int32))
     return tf.switch_case(branch, [prefill_at(length) for length in lengths])
 

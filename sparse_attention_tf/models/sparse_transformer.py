@@ -453,12 +453,12 @@ class SparseTransformer(keras.Model):
         padded[:, :pos + 1] = out[:, :pos + 1]
         yield forward(padded)[:, pos]
       return
-    length = min([n for n in self.prefill_lengths() if n >= prompt_len] + [self.seq_len])
+    from sparse_attention_tf import generation
+    length = min(n for n in generation.prefill_lengths(self) if n >= prompt_len)
     padded = np.zeros((batch, length), np.int32)
     padded[:, :prompt_len] = out[:, :prompt_len]                          # (B, L)
-    logits, caches = self.prefill(tf.constant(padded), tf.constant(prompt_len - 1, tf.int32))
-    pad = lambda c: tf.pad(c, [[0, 0], [0, self.seq_len - c.shape[1]], [0, 0], [0, 0]])
-    caches = [(pad(k), pad(v)) for k, v in caches]                        # (H, N, B, K|V)
+    logits, caches = generation.padded_prefill(self, tf.constant(padded),
+                                               tf.constant(prompt_len - 1, tf.int32))
     yield logits                                                          # (B, V)
     step = self._decode_step_function()
     for pos in range(prompt_len, prompt_len - 1 + num_tokens):
