@@ -1,0 +1,224 @@
+// The fused attention op's CPU launcher (fused_attention_launch.h): converts
+// or packs the operands, splits the work units over TF's CPU thread pool with
+// per-worker scratch memory, and runs the framework-free kernels of
+// fused_attention.h.
+#include <algorithm>
+#include <type_traits>
+
+#include "custom_ops/cc/kernels/fused_attention.h"
+#include "custom_ops/cc/kernels/fused_attention_launch.h"
+#include "custom_ops/cc/kernels/op_util.h"
+
+namespace sparse_attention {
+namespace {
+
+constexpr int64_t kPackRows = 64;  // rows per unit of PackHeads / PackHeadsBf16
+
+// k [B, N, H, D] and v [B, N, H, Dv] of T -> head-major float32 temps
+// [B, H, N, D] and [B, H, N, Dv], in one pass over the thread pool.
+template <typename T>
+Status PackTemps(OpKernelContext* ctx, const Tensor& k, const Tensor& v, Tensor* pk, Tensor* pv) {
+  const int64_t b = k.dim_size(0), n = k.dim_size(1), h = k.dim_size(2);
+  const int64_t dk = k.dim_size(3), dv = v.dim_size(3);
+  TF_RETURN_IF_ERROR(ctx->allocate_temp(tensorflow::DT_FLOAT, TensorShape({b, h, n, dk}), pk));
+  TF_RETURN_IF_ERROR(ctx->allocate_temp(tensorflow::DT_FLOAT, TensorShape({b, h, n, dv}), pv));
+  const T *ks = k.flat<T>().data(), *vs = v.flat<T>().data();
+  float *kd = pk->flat<float>().data(), *vd = pv->flat<float>().data();
+  const int64_t units = b * ((n + kPackRows - 1) / kPackRows);  // per tensor
+  ParallelUnits(ctx, 2 * units, kPackRows * h * (dk + dv) * 2, [&](int64_t s, int64_t e) {
+    for (int64_t u = s; u < e; ++u) {
+      if (u < units)
+        PackHeads<T>(ks, b, n, h, dk, kPackRows, kd, u, u + 1);
+      else
+        PackHeads<T>(vs, b, n, h, dv, kPackRows, vd, u - units, u - units + 1);
+    }
+  });
+  return absl::OkStatus();
+}
+
+const uint16_t* Bits(const Tensor& t) {  // the bits of a bfloat16 tensor
+  return reinterpret_cast<const uint16_t*>(t.flat<Eigen::bfloat16>().data());
+}
+
+// bf16 k [B, N, H, D] -> head-major k [B, H, N, D], and v [B, N, H, Dv] ->
+// pairs along the sequence [B, H, N/2, Dv, 2], in one pass over the pool.
+Status PackBf16Temps(OpKernelContext* ctx, const Tensor& k, const Tensor& v, Tensor* kn,
+                     Tensor* vp) {
+  const int64_t b = k.dim_size(0), n = k.dim_size(1), h = k.dim_size(2);
+  const int64_t dk = k.dim_size(3), dv = v.dim_size(3);
+  TF_RETURN_IF_ERROR(
+      ctx->allocate_temp(tensorflow::DT_BFLOAT16, TensorShape({b, h, n, dk}), kn));
+  TF_RETURN_IF_ERROR(
+      ctx->allocate_temp(tensorflow::DT_BFLOAT16, TensorShape({b, h, n, dv}), vp));
+  uint16_t* kd = const_cast<uint16_t*>(Bits(*kn));
+  uint16_t* vd = const_cast<uint16_t*>(Bits(*vp));
+  const int64_t units = b * ((n + kPackRows - 1) / kPackRows);  // per tensor
+  ParallelUnits(ctx, 2 * units, kPackRows * h * (dk + dv), [&](int64_t s, int64_t e) {
+    for (int64_t u = s; u < e; ++u) {
+      if (u < units)
+        PackHeadsBf16(Bits(k), b, n, h, dk, kPackRows, kd, nullptr, u, u + 1);
+      else
+        PackHeadsBf16(Bits(v), b, n, h, dv, kPackRows, nullptr, vd, u - units, u - units + 1);
+    }
+  });
+  return absl::OkStatus();
+}
+
+// Whether bf16 inputs take the bf16 dot-product kernels: the CPU has them and
+// the dims are even (the products read pairs).
+template <typename T>
+bool UseBf16Kernels(const AttentionProblem& a) {
+  return std::is_same<T, Eigen::bfloat16>::value && HasBf16Kernels() && a.p.head_dim % 2 == 0 &&
+         a.value_dim % 2 == 0;
+}
+
+// out (T) <- the float32 buffer f. bfloat16 on the bf16 instructions where
+// the bf16 kernels ran (Eigen's conversion to bfloat16 is scalar).
+template <typename T>
+void FinishOutput(OpKernelContext* ctx, FloatOutput<T>* f, Tensor* out, bool bf16_kernels) {
+  if constexpr (std::is_same<T, Eigen::bfloat16>::value) {
+    if (bf16_kernels) {
+      constexpr int64_t kChunk = 1 << 14;
+      const int64_t n = out->NumElements();
+      const float* x = f->data();
+      uint16_t* y = reinterpret_cast<uint16_t*>(out->flat<Eigen::bfloat16>().data());
+      ParallelUnits(ctx, (n + kChunk - 1) / kChunk, kChunk, [&](int64_t s, int64_t e) {
+        for (int64_t c = s; c < e; ++c)
+          FloatToBf16(x + c * kChunk, std::min(kChunk, n - c * kChunk), y + c * kChunk);
+      });
+      return;
+    }
+  }
+  f->Finish(ctx);
+}
+
+// Flops of one block-row unit (forward), as the thread pool's cost hint.
+int64_t AttentionRowCost(const AttentionProblem& a) {
+  return RowCost(a.p) * (a.p.head_dim + a.value_dim) / std::max<int64_t>(1, a.p.head_dim);
+}
+
+}  // namespace
+
+template <typename T>
+Status AttentionLauncher<CPUDevice, T>::Forward(OpKernelContext* ctx, State*,
+                                                const AttentionProblem& a, const Tensor& q,
+                                                const Tensor& k, const Tensor& v, Tensor* out,
+                                                Tensor* lse) {
+  const Problem& p = a.p;
+    // q is read, and out written, once per query block row: in place.
+    // k and v are read per kept block: packed head-major.
+    FloatOutput<T> fo;
+    TF_RETURN_IF_ERROR(fo.Init(ctx, out));
+    if (UseBf16Kernels<T>(a)) {
+      Tensor kh, v_pairs;  // head-major bf16
+      TF_RETURN_IF_ERROR(PackBf16Temps(ctx, k, v, &kh, &v_pairs));
+      const AttentionForwardArgs<uint16_t> x{Bits(q), Bits(kh), nullptr, fo.data(),
+                                             lse->flat<float>().data()};
+      TF_RETURN_IF_ERROR(ParallelUnitsWithScratch(
+                              ctx, p.num_units(), AttentionRowCost(a) / 2,
+                              ScratchBytes<ForwardBf16Scratch>(a),
+                              [&](void* scratch, int64_t s, int64_t e) {
+                                AttentionForwardBf16(a, x, Bits(v_pairs), scratch, s, e);
+                              }));
+    } else {
+      FloatInput<T> fq;
+      TF_RETURN_IF_ERROR(fq.Init(ctx, q));
+      Tensor kh, vh;  // head-major float32
+      TF_RETURN_IF_ERROR(PackTemps<T>(ctx, k, v, &kh, &vh));
+      const AttentionForwardArgs<float> x{fq.data(), kh.flat<float>().data(),
+                                          vh.flat<float>().data(), fo.data(),
+                                          lse->flat<float>().data()};
+      TF_RETURN_IF_ERROR(ParallelUnitsWithScratch(
+                              ctx, p.num_units(), AttentionRowCost(a),
+                              ScratchBytes<ForwardScratch>(a),
+                              [&](void* scratch, int64_t s, int64_t e) {
+                                AttentionForward(a, x, scratch, s, e);
+                              }));
+    }
+    FinishOutput<T>(ctx, &fo, out, UseBf16Kernels<T>(a));
+  return absl::OkStatus();
+}
+
+template <typename T>
+Status AttentionLauncher<CPUDevice, T>::Backward(OpKernelContext* ctx, State*, AttentionProblem a,
+                                                 const Tensor& q, const Tensor& k,
+                                                 const Tensor& v, const Tensor& out,
+                                                 const Tensor& lse, const Tensor& dout,
+                                                 Tensor* dq, Tensor* dk, Tensor* dv) {
+  const Problem& p = a.p;
+    // Units are (batch, head, segment of block rows). With fewer heads than
+    // about two per thread, rows are split into segments whose dK/dV partial
+    // sums are added afterwards in a fixed order.
+    auto* pool = ctx->device()->tensorflow_cpu_worker_threads()->workers;
+    const int64_t threads = pool->NumThreads(), heads = p.batch * p.heads;
+    a.segments = std::min<int64_t>({8, p.t.num_blocks,
+                                    std::max<int64_t>(1, (2 * threads + heads - 1) / heads)});
+    Tensor segment_rows;
+    TF_RETURN_IF_ERROR(ctx->allocate_temp(tensorflow::DT_INT32,
+                                           TensorShape({p.t.layout_heads, a.segments + 1}),
+                                           &segment_rows));
+    SegmentRows(p.t, a.segments, segment_rows.flat<int32_t>().data());
+    a.segment_rows = segment_rows.flat<int32_t>().data();
+    Tensor partial_k, partial_v;
+    if (a.segments > 1) {
+      const int64_t s = a.segments - 1;
+      TF_RETURN_IF_ERROR(ctx->allocate_temp(tensorflow::DT_FLOAT,
+                                             TensorShape({s, dk->NumElements()}), &partial_k));
+      TF_RETURN_IF_ERROR(ctx->allocate_temp(tensorflow::DT_FLOAT,
+                                             TensorShape({s, dv->NumElements()}), &partial_v));
+    }
+    // Every operand is read in place (token-major): each unit packs the k
+    // and v of its head and computes delta as it goes (fused_attention.h).
+    FloatOutput<T> fdq, fdk, fdv;
+    TF_RETURN_IF_ERROR(fdq.Init(ctx, dq));
+    TF_RETURN_IF_ERROR(fdk.Init(ctx, dk));
+    TF_RETURN_IF_ERROR(fdv.Init(ctx, dv));
+    float* partial_k_data = a.segments > 1 ? partial_k.flat<float>().data() : nullptr;
+    float* partial_v_data = a.segments > 1 ? partial_v.flat<float>().data() : nullptr;
+    const int64_t backward_cost = AttentionRowCost(a) * p.t.num_blocks / a.segments * 5 / 2;
+    if (UseBf16Kernels<T>(a)) {
+      const AttentionBackwardArgs<uint16_t> x{
+          Bits(q), Bits(k), Bits(v),    Bits(out),
+          lse.flat<float>().data(), Bits(dout), fdq.data(), fdk.data(),
+          fdv.data(), partial_k_data, partial_v_data};
+      TF_RETURN_IF_ERROR(ParallelUnitsWithScratch(
+                              ctx, a.num_backward_units(), backward_cost / 2,
+                              ScratchBytes<BackwardBf16Scratch>(a),
+                              [&](void* scratch, int64_t s, int64_t e) {
+                                AttentionBackwardBf16(a, x, scratch, s, e);
+                              }));
+    } else {
+      FloatInput<T> fq, fk, fv, fo, fdo;
+      TF_RETURN_IF_ERROR(fq.Init(ctx, q));
+      TF_RETURN_IF_ERROR(fk.Init(ctx, k));
+      TF_RETURN_IF_ERROR(fv.Init(ctx, v));
+      TF_RETURN_IF_ERROR(fo.Init(ctx, out));
+      TF_RETURN_IF_ERROR(fdo.Init(ctx, dout));
+      const AttentionBackwardArgs<float> x{
+          fq.data(), fk.data(), fv.data(), fo.data(), lse.flat<float>().data(), fdo.data(),
+          fdq.data(), fdk.data(), fdv.data(), partial_k_data, partial_v_data};
+      TF_RETURN_IF_ERROR(ParallelUnitsWithScratch(
+                              ctx, a.num_backward_units(), backward_cost,
+                              ScratchBytes<BackwardScratch>(a),
+                              [&](void* scratch, int64_t s, int64_t e) {
+                                AttentionBackward(a, x, scratch, s, e);
+                              }));
+    }
+    const AttentionBackwardArgs<float> sums{nullptr,    nullptr,    nullptr,        nullptr,
+                                            nullptr,    nullptr,    nullptr,        fdk.data(),
+                                            fdv.data(), partial_k_data, partial_v_data};
+    if (a.segments > 1)
+      ParallelUnits(ctx, heads, p.seq * (p.head_dim + a.value_dim) * a.segments,
+                    [&](int64_t s, int64_t e) { ReduceSegments(a, sums, s, e); });
+    const bool bf16_kernels = UseBf16Kernels<T>(a);
+    FinishOutput<T>(ctx, &fdq, dq, bf16_kernels);
+    FinishOutput<T>(ctx, &fdk, dk, bf16_kernels);
+    FinishOutput<T>(ctx, &fdv, dv, bf16_kernels);
+  return absl::OkStatus();
+}
+
+template struct AttentionLauncher<CPUDevice, float>;
+template struct AttentionLauncher<CPUDevice, Eigen::bfloat16>;
+template struct AttentionLauncher<CPUDevice, Eigen::half>;
+
+}  // namespace sparse_attention
