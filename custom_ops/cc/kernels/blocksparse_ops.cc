@@ -190,18 +190,6 @@ class SoftmaxGradOp : public OpKernel {
   float scale_;
 };
 
-// Reports which build of the SIMD primitives this CPU runs.
-class SimdIsaOp : public OpKernel {
- public:
-  explicit SimdIsaOp(OpKernelConstruction* ctx) : OpKernel(ctx) {}
-  void Compute(OpKernelContext* ctx) override {
-    Tensor* out = nullptr;
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({}), &out));
-    out->scalar<tensorflow::tstring>()() = Simd().isa;
-  }
-};
-REGISTER_KERNEL_BUILDER(Name("SparseAttention>SimdIsa").Device(DEVICE_CPU), SimdIsaOp);
-
 #define REGISTER(T)                                                                        \
   REGISTER_KERNEL_BUILDER(                                                                 \
       Name("SparseAttention>BlocksparseSdd").Device(DEVICE_CPU).TypeConstraint<T>("T"),   \

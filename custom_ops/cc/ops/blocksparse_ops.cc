@@ -186,11 +186,4 @@ dy: [B, G, Z, b, b].
 row_offsets: [R + 1] start of each block row (any layout head) in the blocks.
 )doc");
 
-REGISTER_OP("SparseAttention>SimdIsa")
-    .Output("isa: string")
-    .SetShapeFn(::tensorflow::shape_inference::ScalarShape)
-    .Doc(R"doc(
-The instruction set the CPU kernels run on: "avx512", "avx2" or "baseline".
-)doc");
-
 }  // namespace sparse_attention
