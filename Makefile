@@ -89,6 +89,11 @@ include $(BUILD_DIR)/tf_flags.mk
 $(shell mkdir -p $(BUILD_DIR); echo '$(SRCS)' | cmp -s - $(BUILD_DIR)/srcs.list || echo '$(SRCS)' > $(BUILD_DIR)/srcs.list)
 endif
 
+# The AMX engine's translation unit alone gets the AMX instructions (its
+# AVX-512 code is in `#pragma GCC target` regions, as every other engine's):
+# same as SPARSE_ATTENTION_AMX_COPTS in custom_ops/build_defs.bzl.
+$(BUILD_DIR)/obj/custom_ops/cc/kernels/engine_amx.o: CXXFLAGS += -mamx-tile -mamx-bf16
+
 $(BUILD_DIR)/obj/%.o: %.cc $(HDRS) $(HDRS_GPU) $(BUILD_DIR)/tf_flags.mk
 	@mkdir -p $(dir $@)
 	$(CXX) $(CXXFLAGS) $(TF_CFLAGS) -I. -c $< -o $@

@@ -18,6 +18,10 @@ SPARSE_ATTENTION_COPTS = [
     "-fvisibility-inlines-hidden",
 ] + TF_CXX_FLAGS  # e.g. -D_GLIBCXX_USE_CXX11_ABI=1 --std=c++17 -DEIGEN_MAX_ALIGN_BYTES=64
 
+# The AMX engine's translation unit only (cc/kernels/engine_amx.cc): the
+# tile instructions. Its AVX-512 code is in `#pragma GCC target` regions.
+SPARSE_ATTENTION_AMX_COPTS = ["-mamx-tile", "-mamx-bf16"]
+
 SPARSE_ATTENTION_LINKOPTS = [
     "-pthread",
 ]
@@ -99,7 +103,7 @@ tf_version_header = rule(
     attrs = {"out": attr.output(mandatory = True)},
 )
 
-def tf_custom_op_library(name, srcs, gpu_srcs = [], gpu_deps = [], deps = [], **kwargs):
+def tf_custom_op_library(name, srcs, amx_srcs = [], gpu_srcs = [], gpu_deps = [], deps = [], **kwargs):
     """Shared library loadable with tf.load_op_library(); CUDA sources are dropped.
 
     With --config=cuda (//custom_ops:cuda), gpu_srcs (the DEVICE_GPU
@@ -110,6 +114,8 @@ def tf_custom_op_library(name, srcs, gpu_srcs = [], gpu_deps = [], deps = [], **
     Args:
       name: output file name, e.g. "_sparse_attention_ops.so".
       srcs: kernel/op sources and headers.
+      amx_srcs: framework-free sources compiled with SPARSE_ATTENTION_AMX_COPTS
+        too, in a library of their own (so no other source gets those flags).
       gpu_srcs: sources compiled with GOOGLE_CUDA in the GPU build only.
       gpu_deps: libraries linked in the GPU build only.
       deps: extra cc_library deps.
@@ -120,6 +126,15 @@ def tf_custom_op_library(name, srcs, gpu_srcs = [], gpu_deps = [], deps = [], **
         "@local_config_tf//:tf_header_lib",
         "@local_config_tf//:libtensorflow_framework",
     ]
+    amx = []
+    if amx_srcs:
+        native.cc_library(
+            name = name + "_amx_kernels",
+            srcs = amx_srcs + [s for s in cpu_srcs if s.endswith(".h")],
+            copts = SPARSE_ATTENTION_COPTS + SPARSE_ATTENTION_AMX_COPTS,
+            alwayslink = 1,
+        )
+        amx = [":" + name + "_amx_kernels"]
     gpu = []
     if gpu_srcs:
         native.cc_library(
@@ -137,7 +152,7 @@ def tf_custom_op_library(name, srcs, gpu_srcs = [], gpu_deps = [], deps = [], **
         copts = SPARSE_ATTENTION_COPTS,
         linkopts = SPARSE_ATTENTION_LINKOPTS,
         linkshared = 1,
-        deps = deps + tf_deps + select({
+        deps = deps + tf_deps + amx + select({
             "//custom_ops:cuda": gpu,
             "//conditions:default": [],
         }),

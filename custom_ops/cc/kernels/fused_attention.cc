@@ -5,80 +5,8 @@
 #include <cstring>
 #include <limits>
 
-#include "custom_ops/cc/kernels/simd.h"
 
 namespace sparse_attention {
-
-ForwardScratch::ForwardScratch(const AttentionProblem& a, Scratch* s) {
-  const int64_t bs = a.p.block, D = a.p.head_dim, Dv = a.value_dim;
-  qt = s->Take<float>(D * bs);
-  st = s->Take<float>(bs * bs);
-  o = s->Take<float>(bs * Dv);
-  m = s->Take<float>(bs);
-  l = s->Take<float>(bs);
-  alpha = s->Take<float>(bs);
-}
-
-BackwardScratch::BackwardScratch(const AttentionProblem& a, Scratch* s) {
-  const int64_t bs = a.p.block, D = a.p.head_dim, Dv = a.value_dim, N = a.p.seq;
-  qt = s->Take<float>(D * bs);
-  qs = s->Take<float>(bs * D);
-  dot = s->Take<float>(Dv * bs);
-  dor = s->Take<float>(bs * Dv);
-  pt = s->Take<float>(bs * bs);
-  dst = s->Take<float>(bs * bs);
-  dqa = s->Take<float>(bs * D);
-  lse = s->Take<float>(bs);
-  delta = s->Take<float>(bs);
-  pk = s->Take<float>(N * D);
-  pv = s->Take<float>(N * Dv);
-  hk = s->Take<float>(N * D);
-  hv = s->Take<float>(N * Dv);
-  k_bad = s->Take<uint8_t>(a.p.t.num_blocks);
-}
-
-ForwardBf16Scratch::ForwardBf16Scratch(const AttentionProblem& a, Scratch* s) {
-  const int64_t bs = a.p.block, D = a.p.head_dim, Dv = a.value_dim;
-  st = s->Take<float>(bs * bs);
-  o = s->Take<float>(bs * Dv);
-  m = s->Take<float>(bs);
-  l = s->Take<float>(bs);
-  alpha = s->Take<float>(bs);
-  qp = s->Take<uint16_t>(D * bs);
-  pp = s->Take<uint16_t>(bs * bs);
-}
-
-BackwardBf16Scratch::BackwardBf16Scratch(const AttentionProblem& a, Scratch* s) {
-  const int64_t bs = a.p.block, D = a.p.head_dim, Dv = a.value_dim, N = a.p.seq;
-  pt = s->Take<float>(bs * bs);
-  dst = s->Take<float>(bs * bs);
-  dqa = s->Take<float>(bs * D);
-  lse = s->Take<float>(bs);
-  delta = s->Take<float>(bs);
-  hk = s->Take<float>(N * D);
-  hv = s->Take<float>(N * Dv);
-  qp = s->Take<uint16_t>(D * bs);
-  qr = s->Take<uint16_t>(bs * D);
-  dop = s->Take<uint16_t>(Dv * bs);
-  dor = s->Take<uint16_t>(bs * Dv);
-  ptb = s->Take<uint16_t>(bs * bs);
-  dsb = s->Take<uint16_t>(bs * bs);
-  dsp = s->Take<uint16_t>(bs * bs);
-  kn = s->Take<uint16_t>(N * D);
-  kp = s->Take<uint16_t>(N * D);
-  vn = s->Take<uint16_t>(N * Dv);
-  k_bad = s->Take<uint8_t>(a.p.t.num_blocks);
-}
-
-void AttentionForward(const AttentionProblem& a, const AttentionForwardArgs<float>& x,
-                      void* scratch, int64_t begin, int64_t end) {
-  Simd().attention_forward(a, x, scratch, begin, end);
-}
-
-void AttentionBackward(const AttentionProblem& a, const AttentionBackwardArgs<float>& x,
-                       void* scratch, int64_t begin, int64_t end) {
-  Simd().attention_backward(a, x, scratch, begin, end);
-}
 
 void ReduceSegments(const AttentionProblem& a, const AttentionBackwardArgs<float>& x,
                     int64_t begin, int64_t end) {

@@ -66,12 +66,13 @@ struct AttentionProblem {
   }
 };
 
-// The operands. T is float or uint16_t (bfloat16 bits).
+// The operands. T is float or uint16_t (bfloat16 bits). The kernels are
+// the engines of attention_engines.h (one body, fused_attention_body.h).
 template <typename T>
 struct AttentionForwardArgs {
   const T* q;   // [B, N, H, D]
   const T* k;   // [B, H, N, D]
-  const T* v;   // [B, H, N, Dv]
+  const T* v;   // [B, H, N, Dv] (float32); bf16: pairs along N [B, H, N/2, Dv, 2]
   float* out;   // [B, N, H, Dv]
   float* lse;   // [B, H, N]
 };
@@ -98,7 +99,7 @@ struct AttentionBackwardArgs {
 
 // A worker's scratch memory, cut into 64-byte aligned slices in the order a
 // kernel takes them. Over null memory it only counts, so that each kernel's
-// scratch layout (the *Scratch structs below) is written once, in its
+// scratch layout (the *Buffers structs of fused_attention_body.h) is written once, in its
 // constructor, and ScratchBytes<Layout>() is exactly what the op allocates
 // per worker, through TF's allocator (an impossible size is a
 // ResourceExhaustedError there, never a std::bad_alloc in a kernel). Slices
@@ -130,98 +131,6 @@ int64_t ScratchBytes(const AttentionProblem& a) {
   Layout layout(a, &s);
   return s.bytes();
 }
-
-// The float32 forward's scratch.
-struct ForwardScratch {
-  float* qt;     // [D, b]  scale * Q_I^T
-  float* st;     // [b, b]  S^T, then P^T
-  float* o;      // [b, Dv] unnormalised output rows
-  float* m;      // [b] running max per query
-  float* l;      // [b] running sum per query
-  float* alpha;  // [b] rescale factor of this step
-  ForwardScratch(const AttentionProblem& a, Scratch* s);
-};
-
-// The float32 backward's scratch.
-struct BackwardScratch {
-  float* qt;        // [D, b]  scale * Q_I^T
-  float* qs;        // [b, D]  scale * Q_I
-  float* dot;       // [Dv, b] dO_I^T
-  float* dor;       // [b, Dv] dO_I
-  float* pt;        // [b, b]  P^T
-  float* dst;       // [b, b]  dP^T, then dS^T
-  float* dqa;       // [b, D]  dQ_I / scale
-  float* lse;       // [b] lse per query, +inf for rows with no visible key
-  float* delta;     // [b] sum_d dO * O per query
-  float* pk;        // [N, D]  this head's keys
-  float* pv;        // [N, Dv] this head's values
-  float* hk;        // [N, D]  this head's dK
-  float* hv;        // [N, Dv] this head's dV
-  uint8_t* k_bad;   // [N / b] 1 if key block J of this head holds a NaN or inf
-  BackwardScratch(const AttentionProblem& a, Scratch* s);
-};
-
-// The bf16 forward's scratch (pair layouts: fused_attention_bf16.cc).
-struct ForwardBf16Scratch {
-  float* st;      // [b, b]  S^T, then P^T
-  float* o;       // [b, Dv]
-  float* m;       // [b]
-  float* l;       // [b]
-  float* alpha;   // [b]
-  uint16_t* qp;   // Q_I^T as pairs along D: [D/2, b, 2]
-  uint16_t* pp;   // P as pairs along keys: [b/2, b, 2]
-  ForwardBf16Scratch(const AttentionProblem& a, Scratch* s);
-};
-
-// The bf16 backward's scratch.
-struct BackwardBf16Scratch {
-  float* pt;       // [b, b]  P^T
-  float* dst;      // [b, b]  dP^T, then scale * dS^T
-  float* dqa;      // [b, D]  dQ_I
-  float* lse;      // [b]
-  float* delta;    // [b]
-  float* hk;       // [N, D]  this head's dK
-  float* hv;       // [N, Dv] this head's dV
-  uint16_t* qp;    // Q_I^T pairs along D   [D/2, b, 2]
-  uint16_t* qr;    // Q_I pairs along rows  [b/2, D, 2]
-  uint16_t* dop;   // dO_I^T pairs along Dv [Dv/2, b, 2]
-  uint16_t* dor;   // dO_I pairs along rows [b/2, Dv, 2]
-  uint16_t* ptb;   // P^T bf16              [b, b]
-  uint16_t* dsb;   // dS^T bf16             [b, b]
-  uint16_t* dsp;   // dS pairs along keys   [b/2, b, 2]
-  uint16_t* kn;    // this head's keys      [N, D]
-  uint16_t* kp;    // ... pairs along rows  [N/2, D, 2]
-  uint16_t* vn;    // this head's values    [N, Dv]
-  uint8_t* k_bad;  // [N / b] 1 if key block J of this head holds a NaN or inf
-  BackwardBf16Scratch(const AttentionProblem& a, Scratch* s);
-};
-
-// Forward over the query block-row units [begin, end) (see Problem::num_units),
-// in a worker's scratch of ScratchBytes<ForwardScratch>(a) bytes (64-byte aligned).
-void AttentionForward(const AttentionProblem& a, const AttentionForwardArgs<float>& x,
-                      void* scratch, int64_t begin, int64_t end);
-
-// Backward over the units [begin, end) of num_backward_units(), in
-// ScratchBytes<BackwardScratch>(a) bytes (N * (D + Dv) * 4 floats: the packed
-// head and its dK, dV).
-void AttentionBackward(const AttentionProblem& a, const AttentionBackwardArgs<float>& x,
-                       void* scratch, int64_t begin, int64_t end);
-
-// bfloat16 operands (raw bits) on the CPU's bf16 dot-product instructions,
-// when HasBf16Kernels(); accumulation and softmax in float32. The forward
-// takes k head-major and v only as pairs along the sequence (x.v unused; see
-// PackHeadsBf16); the backward packs its heads itself. D and Dv must be even
-// (and so N, as a multiple of the block size).
-bool HasBf16Kernels();
-// Scratch: ScratchBytes<ForwardBf16Scratch> and ScratchBytes<BackwardBf16Scratch>.
-void AttentionForwardBf16(const AttentionProblem& a, const AttentionForwardArgs<uint16_t>& x,
-                          const uint16_t* v_pairs, void* scratch, int64_t begin, int64_t end);
-void AttentionBackwardBf16(const AttentionProblem& a, const AttentionBackwardArgs<uint16_t>& x,
-                           void* scratch, int64_t begin, int64_t end);
-
-// float32 -> bf16 bits, rounded to nearest even (as Eigen::bfloat16), on the
-// bf16 instructions: only when HasBf16Kernels().
-void FloatToBf16(const float* x, int64_t n, uint16_t* y);
 
 // bf16 x [B, N, H, D] -> head-major [B, H, N, D] (if natural) and pairs along
 // the sequence [B, H, N/2, D, 2] (if pairs; N even), for the units (b,

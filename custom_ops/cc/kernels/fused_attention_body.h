@@ -1,23 +1,42 @@
-// Body of the fused attention kernels (see fused_attention.h), included once
-// per instruction set by simd.cc after simd_body.h, whose Gemm, v16 vectors
-// and ExpNonPositive it uses. No include guard: included several times.
+// Body of the fused attention kernels (see fused_attention.h), written once
+// for every precision as templates over a tile-product engine, and included
+// once per instruction set (engine_float32.cc, engine_avx512_bf16.cc,
+// engine_amx.cc) after simd_body.h, whose Gemm, v16 vectors and
+// ExpNonPositive it uses. No include guard: included several times.
 //
-// Tiles are [key j][query i] with b (a multiple of 16) queries per row, so
-// every softmax step is a whole-vector operation over 16 queries.
+// The body owns the work units, the online softmax, the masks, the
+// non-finite rules and the reductions, all in float32 on one tile S^T
+// [key j][query i] (b queries per row, a multiple of 16, so every softmax
+// step is a whole-vector operation over 16 queries). An engine E owns the
+// operand layouts and the block products:
+//
+//   using In                      operand element: float, or uint16_t (bf16 bits)
+//   kSplitGroups                  whether it computes a split tile group by group
+//   struct FwdRow, BwdRow, BwdHead  its buffers (constructed from (a, Scratch*))
+//   LoadQuery(a, q, ld, row)      forward: one block row's queries
+//   Scores(a, row, k, rows, q0, q1, st)      st[j][i - q0] = scale * k_j . q_i
+//   AddPV(a, row, pt, rows, q0, q1, v, o)    o[i - q0] += sum_j pt[j][i - q0] v_j
+//   LoadHead(a, k, lq, v, lo, head)          backward: one head's keys and values
+//   KeyRows(head, n0)             that head's key rows from n0, [rows, D] natural
+//   LoadRow(a, q, lq, dout, lo, row)         backward: one block row's q and dO
+//   RowsBad(a, row, q, lq, dout, lo)         whether q or dO rows hold NaN / inf
+//   ScoresAndDp(a, head, row, n0, rows, q0, q1, pt, dst)  S^T as Scores, dP^T
+//   Gradients(a, head, row, n0, rows, q0, q1, pt, dst, hv, dqa, hk)
+//                                 dV += P^T dO, dQa += dS K, dK += dS^T Q (see
+//                                 DsScale / DqScale / VisibleQScale for the scale)
+//   RowDot(x, y, n)               sum of x * y in float32
+// Tiles st / pt / dst have row stride b; "at q0" pointers point at column q0.
 
 namespace fused {
 
 using ::sparse_attention::AttentionBackwardArgs;
 using ::sparse_attention::AttentionForwardArgs;
 using ::sparse_attention::AttentionProblem;
+using ::sparse_attention::Scratch;
 using ::sparse_attention::SplitUnit;
 using ::sparse_attention::Unit;
 
 constexpr float kPosInf = __builtin_inff();
-
-using ::sparse_attention::BackwardScratch;
-using ::sparse_attention::ForwardScratch;
-using ::sparse_attention::Scratch;
 
 // One head's rows of a token-major [B, N, H, w] tensor (x points at the
 // head's row 0, row stride ld) -> dst [N, w], contiguous.
@@ -377,19 +396,63 @@ inline BackwardTarget BackwardUnit(const AttentionProblem& a, const AttentionBac
                         seg == 0 ? x.dv : x.partial_v + (seg - 1) * v_size};
 }
 
-void Forward(const AttentionProblem& a, const AttentionForwardArgs<float>& x, void* scratch,
-             int64_t begin, int64_t end) {
+// The body's own forward buffers, then the engine's.
+template <class E>
+struct ForwardBuffers {
+  float* st;     // [b, b]  S^T, then P^T
+  float* o;      // [b, Dv] unnormalised output rows
+  float* m;      // [b] running max per query
+  float* l;      // [b] running sum per query
+  float* alpha;  // [b] rescale factor of this step
+  typename E::FwdRow row;
+  ForwardBuffers(const AttentionProblem& a, Scratch* s)
+      : st(s->Take<float>(a.p.block * a.p.block)),
+        o(s->Take<float>(a.p.block * a.value_dim)),
+        m(s->Take<float>(a.p.block)),
+        l(s->Take<float>(a.p.block)),
+        alpha(s->Take<float>(a.p.block)),
+        row(a, s) {}
+};
+
+template <class E>
+struct BackwardBuffers {
+  float* pt;       // [b, b]  P^T
+  float* dst;      // [b, b]  dP^T, then dS^T
+  float* dqa;      // [b, D]  dQ_I (times 1 / DqScale)
+  float* lse;      // [b] lse per query, +inf for rows with no visible key
+  float* delta;    // [b] sum_d dO * O per query
+  float* hk;       // [N, D]  this head's dK
+  float* hv;       // [N, Dv] this head's dV
+  uint8_t* k_bad;  // [N / b] 1 if key block J of this head holds a NaN or inf
+  typename E::BwdHead head;
+  typename E::BwdRow row;
+  BackwardBuffers(const AttentionProblem& a, Scratch* s)
+      : pt(s->Take<float>(a.p.block * a.p.block)),
+        dst(s->Take<float>(a.p.block * a.p.block)),
+        dqa(s->Take<float>(a.p.block * a.p.head_dim)),
+        lse(s->Take<float>(a.p.block)),
+        delta(s->Take<float>(a.p.block)),
+        hk(s->Take<float>(a.p.seq * a.p.head_dim)),
+        hv(s->Take<float>(a.p.seq * a.value_dim)),
+        k_bad(s->Take<uint8_t>(a.p.t.num_blocks)),
+        head(a, s),
+        row(a, s) {}
+};
+
+// The forward over the query block-row units [begin, end).
+template <class E>
+void Forward(const AttentionProblem& a, const AttentionForwardArgs<typename E::In>& x,
+             void* scratch, int64_t begin, int64_t end) {
   const auto& p = a.p;
   const int64_t bs = p.block, D = p.head_dim, Dv = a.value_dim, nb = p.t.num_blocks;
-  const int64_t ldk = D, ldv = Dv;
   Scratch sc(scratch);
-  const ForwardScratch buf(a, &sc);
-  float *qt = buf.qt, *st = buf.st, *o = buf.o, *m = buf.m, *l = buf.l, *alpha = buf.alpha;
+  ForwardBuffers<E> buf(a, &sc);
+  float *st = buf.st, *o = buf.o, *m = buf.m, *l = buf.l, *alpha = buf.alpha;
   for (int64_t u = begin; u < end; ++u) {
     const Unit w = SplitUnit(p, u);
     const int64_t head = w.g * p.t.layout_heads + w.h, row = w.h * nb + w.i;
     const int64_t z0 = p.t.row_offsets[row], z1 = p.t.row_offsets[row + 1];
-    TransposePanel(x.q + a.q_offset(w.b, w.i * bs, head), a.q_stride(), bs, D, a.scale, qt);
+    E::LoadQuery(a, x.q + a.q_offset(w.b, w.i * bs, head), a.q_stride(), buf.row);
     for (int64_t i = 0; i < bs; ++i) m[i] = kNegInf, l[i] = 0.f;
     std::memset(o, 0, bs * Dv * sizeof(float));
     if (u + 1 < end) {  // the next unit's q and out rows
@@ -405,34 +468,30 @@ void Forward(const AttentionProblem& a, const AttentionForwardArgs<float>& x, vo
       if (j1 <= j0) continue;
       const int64_t rows = j1 - j0;
       float* sr = st + j0 * bs;
-      const float* kj = x.k + a.k_offset(w.b, j * bs, head);  // K_J, V_J panels
-      const float* vj = x.v + a.v_offset(w.b, j * bs, head);
-      const int32_t* qr = SplitRanges(a, z);
+      const typename E::In* kj = x.k + a.k_offset(w.b, j * bs, head);  // K_J, V_J
+      const typename E::In* vj = x.v + a.v_offset(w.b, j * bs, head);
+      const int32_t* qr = E::kSplitGroups ? SplitRanges(a, z) : nullptr;
       if (qr == nullptr) {
-        GemmOverwrite(rows, bs, D, kj + j0 * ldk, ldk, 1, qt, bs, sr, bs);  // S^T
+        E::Scores(a, buf.row, kj + j0 * D, rows, 0, bs, sr);
       } else {  // per group of 16 keys, on the queries that see it
         for (int64_t g = j0 / 16; g < j1 / 16; ++g) {
           const int64_t q0 = qr[2 * g], q1 = qr[2 * g + 1];
-          if (q1 > q0)
-            GemmOverwrite(16, q1 - q0, D, kj + 16 * g * ldk, ldk, 1, qt + q0, bs,
-                          st + 16 * g * bs + q0, bs);
+          if (q1 > q0) E::Scores(a, buf.row, kj + 16 * g * D, 16, q0, q1, st + 16 * g * bs + q0);
           FillOutside(st + 16 * g * bs, bs, q0, q1, kNegInf);
         }
       }
       ApplyMasks(sr, TileBias(a, z, j0), KeyRow(a, w.b, j, j0), rows, bs);
-      const bool rescale = OnlineSoftmaxStep(sr, rows, bs, m, l, alpha);
-      if (rescale)
+      if (OnlineSoftmaxStep(sr, rows, bs, m, l, alpha))
         for (int64_t i = 0; i < bs; ++i)
           if (alpha[i] != 1.f) Scale(o + i * Dv, alpha[i], Dv);
-      // O += P V_J, P[i][j] = st[j][i].
-      if (qr == nullptr) {
-        Gemm(bs, Dv, rows, sr, 1, bs, vj + j0 * ldv, ldv, o, Dv);
+      if (qr == nullptr) {  // O += P V_J, P[i][j] = st[j][i]
+        E::AddPV(a, buf.row, sr, rows, 0, bs, vj + j0 * Dv, o);
       } else {
         for (int64_t g = j0 / 16; g < j1 / 16; ++g) {
           const int64_t q0 = qr[2 * g], q1 = qr[2 * g + 1];
           if (q1 > q0)
-            Gemm(q1 - q0, Dv, 16, st + 16 * g * bs + q0, 1, bs, vj + 16 * g * ldv, ldv,
-                 o + q0 * Dv, Dv);
+            E::AddPV(a, buf.row, st + 16 * g * bs + q0, 16, q0, q1, vj + 16 * g * Dv,
+                     o + q0 * Dv);
         }
       }
     }
@@ -441,26 +500,29 @@ void Forward(const AttentionProblem& a, const AttentionForwardArgs<float>& x, vo
   }
 }
 
-void Backward(const AttentionProblem& a, const AttentionBackwardArgs<float>& x, void* scratch,
-              int64_t begin, int64_t end) {
+// The backward over the units [begin, end) of num_backward_units().
+template <class E>
+void Backward(const AttentionProblem& a, const AttentionBackwardArgs<typename E::In>& x,
+              void* scratch, int64_t begin, int64_t end) {
+  using In = typename E::In;
   const auto& p = a.p;
   const int64_t bs = p.block, D = p.head_dim, Dv = a.value_dim, nb = p.t.num_blocks;
-  const int64_t S = a.segments, N = p.seq;
+  const int64_t S = a.segments;
   const int64_t lq = a.q_stride(), lo = a.o_stride();
+  const float ds_scale = E::DsScale(a), dq_scale = E::DqScale(a);
   Scratch sc(scratch);
-  const BackwardScratch buf(a, &sc);
-  float *qt = buf.qt, *qs = buf.qs, *dot = buf.dot, *dor = buf.dor, *pt = buf.pt, *dst = buf.dst;
-  float *dqa = buf.dqa, *lse = buf.lse, *delta = buf.delta, *pk = buf.pk, *pv = buf.pv;
+  BackwardBuffers<E> buf(a, &sc);
+  float *pt = buf.pt, *dst = buf.dst, *dqa = buf.dqa, *lse = buf.lse, *delta = buf.delta;
   float *hk = buf.hk, *hv = buf.hv;
   for (int64_t u = begin; u < end; ++u) {
     const BackwardTarget t = BackwardUnit(a, x, u);
     const Unit& w = t.w;
     const int64_t head = t.head, seg = t.seg;
-    PackHead(x.k + a.q_offset(w.b, 0, head), lq, N, D, pk);
-    PackHead(x.v + a.o_offset(w.b, 0, head), lo, N, Dv, pv);
-    MarkBadKeyBlocks(a, pk, buf.k_bad);
-    std::memset(hk, 0, N * D * sizeof(float));
-    std::memset(hv, 0, N * Dv * sizeof(float));
+    E::LoadHead(a, x.k + a.q_offset(w.b, 0, head), lq, x.v + a.o_offset(w.b, 0, head), lo,
+                buf.head);
+    MarkBadKeyBlocks(a, E::KeyRows(a, buf.head, 0), buf.k_bad);
+    std::memset(hk, 0, p.seq * D * sizeof(float));
+    std::memset(hv, 0, p.seq * Dv * sizeof(float));
     const int32_t* seg_rows = a.segment_rows + w.h * (S + 1);
     for (int64_t bi = seg_rows[seg]; bi < seg_rows[seg + 1]; ++bi) {
       const int64_t row = w.h * nb + bi;
@@ -470,19 +532,14 @@ void Backward(const AttentionProblem& a, const AttentionBackwardArgs<float>& x, 
         ZeroRows(dq, lq, bs, D);
         continue;
       }
-      const float* q = x.q + a.q_offset(w.b, bi * bs, head);
-      const float* dout = x.dout + a.o_offset(w.b, bi * bs, head);
-      const float* out = x.out + a.o_offset(w.b, bi * bs, head);
+      const In* q = x.q + a.q_offset(w.b, bi * bs, head);
+      const In* dout = x.dout + a.o_offset(w.b, bi * bs, head);
+      const In* out = x.out + a.o_offset(w.b, bi * bs, head);
       if (bi + 1 < seg_rows[seg + 1]) PrefetchNextRow(a, q, dout, out, dq);
-      TransposePanel(q, lq, bs, D, a.scale, qt);
-      TransposePanel(dout, lo, bs, Dv, 1.f, dot);
-      for (int64_t i = 0; i < bs; ++i) {
-        for (int64_t d = 0; d < D; ++d) qs[i * D + d] = a.scale * q[i * lq + d];
-        std::memcpy(dor + i * Dv, dout + i * lo, Dv * sizeof(float));
-        delta[i] = Dot(dout + i * lo, out + i * lo, Dv);
-      }
+      E::LoadRow(a, q, lq, dout, lo, buf.row);
+      for (int64_t i = 0; i < bs; ++i) delta[i] = E::RowDot(dout + i * lo, out + i * lo, Dv);
       LoadLse(a, x.lse, w.b, head, bi * bs, lse);
-      const bool rows_bad = !RowsFinite(qs, D, bs, D) || !RowsFinite(dor, Dv, bs, Dv);
+      const bool rows_bad = E::RowsBad(a, buf.row, q, lq, dout, lo);
       std::memset(dqa, 0, bs * D * sizeof(float));
       for (int64_t z = z0; z < z1; ++z) {
         const int64_t j = p.t.blocks[3 * z + 2];
@@ -491,51 +548,130 @@ void Backward(const AttentionProblem& a, const AttentionBackwardArgs<float>& x, 
         if (j1 <= j0) continue;
         const int64_t rows = j1 - j0, n0 = j * bs + j0;
         float *pr = pt + j0 * bs, *dr = dst + j0 * bs;
-        const float* kr = pk + n0 * D;
         const float* bias = TileBias(a, z, j0);
         const bool* keys = KeyRow(a, w.b, j, j0);
-        const int32_t* qr = SplitRanges(a, z);
+        const int32_t* qr = E::kSplitGroups ? SplitRanges(a, z) : nullptr;
         if (qr == nullptr) {
-          GemmOverwrite(rows, bs, D, kr, D, 1, qt, bs, pr, bs);                // S^T
-          GemmOverwrite(rows, bs, Dv, pv + n0 * Dv, Dv, 1, dot, bs, dr, bs);   // dP^T
+          E::ScoresAndDp(a, buf.head, buf.row, n0, rows, 0, bs, pr, dr);
         } else {  // per group of 16 keys, on the queries that see it
           for (int64_t g = j0 / 16; g < j1 / 16; ++g) {
-            const int64_t q0 = qr[2 * g], q1 = qr[2 * g + 1], ng = j * bs + 16 * g;
-            if (q1 > q0) {
-              GemmOverwrite(16, q1 - q0, D, pk + ng * D, D, 1, qt + q0, bs,
-                            pt + 16 * g * bs + q0, bs);
-              GemmOverwrite(16, q1 - q0, Dv, pv + ng * Dv, Dv, 1, dot + q0, bs,
-                            dst + 16 * g * bs + q0, bs);
-            }
+            const int64_t q0 = qr[2 * g], q1 = qr[2 * g + 1];
+            if (q1 > q0)
+              E::ScoresAndDp(a, buf.head, buf.row, j * bs + 16 * g, 16, q0, q1,
+                             pt + 16 * g * bs + q0, dst + 16 * g * bs + q0);
             FillOutside(pt + 16 * g * bs, bs, q0, q1, kNegInf);  // P = 0 there
             FillOutside(dst + 16 * g * bs, bs, q0, q1, 0.f);     // so dS = 0
           }
         }
         ApplyMasks(pr, bias, keys, rows, bs);
-        ProbsAndScoreGrad(pr, dr, lse, delta, 1.f, rows, bs, bias, keys);
+        ProbsAndScoreGrad(pr, dr, lse, delta, ds_scale, rows, bs, bias, keys);
         if (NeedsVisibleProducts(bias, keys, rows_bad || buf.k_bad[j])) {
-          VisibleProducts(a, pr, dr, bias, keys, rows, q, lq, a.scale, dout, lo, kr,
-                          hv + n0 * Dv, dqa, hk + n0 * D);
+          VisibleProducts(a, pr, dr, bias, keys, rows, q, lq, E::VisibleQScale(a), dout, lo,
+                          E::KeyRows(a, buf.head, n0), hv + n0 * Dv, dqa, hk + n0 * D);
         } else if (qr == nullptr) {
-          Gemm(rows, Dv, bs, pr, bs, 1, dor, Dv, hv + n0 * Dv, Dv);  // dV_J += P^T dO_I
-          Gemm(bs, D, rows, dr, 1, bs, kr, D, dqa, D);               // dQ_I += dS K_J
-          Gemm(rows, D, bs, dr, bs, 1, qs, D, hk + n0 * D, D);       // dK_J += dS^T Q_I
+          E::Gradients(a, buf.head, buf.row, n0, rows, 0, bs, pr, dr, hv + n0 * Dv, dqa,
+                       hk + n0 * D);
         } else {
           for (int64_t g = j0 / 16; g < j1 / 16; ++g) {
             const int64_t q0 = qr[2 * g], q1 = qr[2 * g + 1], ng = j * bs + 16 * g;
-            if (q1 <= q0) continue;
-            const float *pg = pt + 16 * g * bs + q0, *dg = dst + 16 * g * bs + q0;
-            Gemm(16, Dv, q1 - q0, pg, bs, 1, dor + q0 * Dv, Dv, hv + ng * Dv, Dv);
-            Gemm(q1 - q0, D, 16, dg, 1, bs, pk + ng * D, D, dqa + q0 * D, D);
-            Gemm(16, D, q1 - q0, dg, bs, 1, qs + q0 * D, D, hk + ng * D, D);
+            if (q1 > q0)
+              E::Gradients(a, buf.head, buf.row, ng, 16, q0, q1, pt + 16 * g * bs + q0,
+                           dst + 16 * g * bs + q0, hv + ng * Dv, dqa + q0 * D, hk + ng * D);
           }
         }
       }
       for (int64_t i = 0; i < bs; ++i)
-        for (int64_t d = 0; d < D; ++d) dq[i * lq + d] = a.scale * dqa[i * D + d];
+        for (int64_t d = 0; d < D; ++d) dq[i * lq + d] = dq_scale * dqa[i * D + d];
     }
     StoreHead(a, w.b, head, hk, hv, t.dk, t.dv);
   }
 }
+
+// ---------------------------------------------------------------------------
+// The float32 engine: products on this ISA's Gemm, scale applied to q.
+struct F32Engine {
+  using In = float;
+  static constexpr bool kSplitGroups = true;
+
+  struct FwdRow {
+    float* qt;  // [D, b] scale * Q_I^T
+    FwdRow(const AttentionProblem& a, Scratch* s) : qt(s->Take<float>(a.p.head_dim * a.p.block)) {}
+  };
+  struct BwdHead {
+    float* pk;  // [N, D]  this head's keys
+    float* pv;  // [N, Dv] this head's values
+    BwdHead(const AttentionProblem& a, Scratch* s)
+        : pk(s->Take<float>(a.p.seq * a.p.head_dim)), pv(s->Take<float>(a.p.seq * a.value_dim)) {}
+  };
+  struct BwdRow {
+    float* qt;   // [D, b]  scale * Q_I^T
+    float* qs;   // [b, D]  scale * Q_I
+    float* dot;  // [Dv, b] dO_I^T
+    float* dor;  // [b, Dv] dO_I
+    BwdRow(const AttentionProblem& a, Scratch* s)
+        : qt(s->Take<float>(a.p.head_dim * a.p.block)),
+          qs(s->Take<float>(a.p.block * a.p.head_dim)),
+          dot(s->Take<float>(a.value_dim * a.p.block)),
+          dor(s->Take<float>(a.p.block * a.value_dim)) {}
+  };
+
+  static void LoadQuery(const AttentionProblem& a, const float* q, int64_t ld, FwdRow& r) {
+    TransposePanel(q, ld, a.p.block, a.p.head_dim, a.scale, r.qt);
+  }
+  static void Scores(const AttentionProblem& a, const FwdRow& r, const float* k, int64_t rows,
+                     int64_t q0, int64_t q1, float* st) {
+    const int64_t bs = a.p.block, D = a.p.head_dim;
+    GemmOverwrite(rows, q1 - q0, D, k, D, 1, r.qt + q0, bs, st, bs);
+  }
+  static void AddPV(const AttentionProblem& a, FwdRow&, const float* pt, int64_t rows,
+                    int64_t q0, int64_t q1, const float* v, float* o) {
+    const int64_t Dv = a.value_dim;
+    Gemm(q1 - q0, Dv, rows, pt, 1, a.p.block, v, Dv, o, Dv);
+  }
+
+  static void LoadHead(const AttentionProblem& a, const float* k, int64_t lq, const float* v,
+                       int64_t lo, BwdHead& h) {
+    PackHead(k, lq, a.p.seq, a.p.head_dim, h.pk);
+    PackHead(v, lo, a.p.seq, a.value_dim, h.pv);
+  }
+  static const float* KeyRows(const AttentionProblem& a, const BwdHead& h, int64_t n0) {
+    return h.pk + n0 * a.p.head_dim;
+  }
+  static void LoadRow(const AttentionProblem& a, const float* q, int64_t lq, const float* dout,
+                      int64_t lo, BwdRow& r) {
+    const int64_t bs = a.p.block, D = a.p.head_dim, Dv = a.value_dim;
+    TransposePanel(q, lq, bs, D, a.scale, r.qt);
+    TransposePanel(dout, lo, bs, Dv, 1.f, r.dot);
+    for (int64_t i = 0; i < bs; ++i) {
+      for (int64_t d = 0; d < D; ++d) r.qs[i * D + d] = a.scale * q[i * lq + d];
+      std::memcpy(r.dor + i * Dv, dout + i * lo, Dv * sizeof(float));
+    }
+  }
+  // On the scaled rows: scale * q can overflow where q does not.
+  static bool RowsBad(const AttentionProblem& a, const BwdRow& r, const float*, int64_t,
+                      const float*, int64_t) {
+    const int64_t bs = a.p.block, D = a.p.head_dim, Dv = a.value_dim;
+    return !RowsFinite(r.qs, D, bs, D) || !RowsFinite(r.dor, Dv, bs, Dv);
+  }
+  static void ScoresAndDp(const AttentionProblem& a, const BwdHead& h, const BwdRow& r,
+                          int64_t n0, int64_t rows, int64_t q0, int64_t q1, float* pt,
+                          float* dst) {
+    const int64_t bs = a.p.block, D = a.p.head_dim, Dv = a.value_dim;
+    GemmOverwrite(rows, q1 - q0, D, h.pk + n0 * D, D, 1, r.qt + q0, bs, pt, bs);       // S^T
+    GemmOverwrite(rows, q1 - q0, Dv, h.pv + n0 * Dv, Dv, 1, r.dot + q0, bs, dst, bs);  // dP^T
+  }
+  static void Gradients(const AttentionProblem& a, const BwdHead& h, BwdRow& r, int64_t n0,
+                        int64_t rows, int64_t q0, int64_t q1, float* pt, float* dst, float* hv,
+                        float* dqa, float* hk) {
+    const int64_t bs = a.p.block, D = a.p.head_dim, Dv = a.value_dim, nq = q1 - q0;
+    Gemm(rows, Dv, nq, pt, bs, 1, r.dor + q0 * Dv, Dv, hv, Dv);   // dV_J += P^T dO_I
+    Gemm(nq, D, rows, dst, 1, bs, h.pk + n0 * D, D, dqa, D);      // dQ_I += dS K_J
+    Gemm(rows, D, nq, dst, bs, 1, r.qs + q0 * D, D, hk, D);       // dK_J += dS^T Q_I
+  }
+  static float DsScale(const AttentionProblem&) { return 1.f; }
+  static float DqScale(const AttentionProblem& a) { return a.scale; }
+  static float VisibleQScale(const AttentionProblem& a) { return a.scale; }
+  static float RowDot(const float* x, const float* y, int64_t n) { return Dot(x, y, n); }
+};
 
 }  // namespace fused

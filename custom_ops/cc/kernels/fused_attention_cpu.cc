@@ -1,10 +1,12 @@
 // The fused attention op's CPU launcher (fused_attention_launch.h): converts
 // or packs the operands, splits the work units over TF's CPU thread pool with
 // per-worker scratch memory, and runs the framework-free kernels of
-// fused_attention.h.
+// fused_attention.h on the engines that the dispatch (attention_engines.h)
+// chose for this CPU.
 #include <algorithm>
 #include <type_traits>
 
+#include "custom_ops/cc/kernels/attention_engines.h"
 #include "custom_ops/cc/kernels/fused_attention.h"
 #include "custom_ops/cc/kernels/fused_attention_launch.h"
 #include "custom_ops/cc/kernels/op_util.h"
@@ -64,32 +66,40 @@ Status PackBf16Temps(OpKernelContext* ctx, const Tensor& k, const Tensor& v, Ten
   return absl::OkStatus();
 }
 
-// Whether bf16 inputs take the bf16 dot-product kernels: the CPU has them and
-// the dims are even (the products read pairs).
+// The bf16 engine that runs these bf16 inputs, or null: float32 inputs, no
+// bf16 engine on this CPU, or dims it does not take (converted to float32).
 template <typename T>
-bool UseBf16Kernels(const AttentionProblem& a) {
-  return std::is_same<T, Eigen::bfloat16>::value && HasBf16Kernels() && a.p.head_dim % 2 == 0 &&
-         a.value_dim % 2 == 0;
+const AttentionEngine<uint16_t>* Bf16Engine(const AttentionProblem& a) {
+  const AttentionEngine<uint16_t>* e = Dispatch().bfloat16;
+  if (!std::is_same<T, Eigen::bfloat16>::value || e == nullptr || !e->takes(a)) return nullptr;
+  return e;
 }
 
-// out (T) <- the float32 buffer f. bfloat16 on the bf16 instructions where
-// the bf16 kernels ran (Eigen's conversion to bfloat16 is scalar).
+// out (T) <- the float32 buffer f. bfloat16 on the dispatch's vectorised
+// conversion where it has one (Eigen's conversion to bfloat16 is scalar).
 template <typename T>
-void FinishOutput(OpKernelContext* ctx, FloatOutput<T>* f, Tensor* out, bool bf16_kernels) {
+void FinishOutput(OpKernelContext* ctx, FloatOutput<T>* f, Tensor* out) {
   if constexpr (std::is_same<T, Eigen::bfloat16>::value) {
-    if (bf16_kernels) {
+    if (auto* convert = Dispatch().float_to_bf16) {
       constexpr int64_t kChunk = 1 << 14;
       const int64_t n = out->NumElements();
       const float* x = f->data();
       uint16_t* y = reinterpret_cast<uint16_t*>(out->flat<Eigen::bfloat16>().data());
       ParallelUnits(ctx, (n + kChunk - 1) / kChunk, kChunk, [&](int64_t s, int64_t e) {
         for (int64_t c = s; c < e; ++c)
-          FloatToBf16(x + c * kChunk, std::min(kChunk, n - c * kChunk), y + c * kChunk);
+          convert(x + c * kChunk, std::min(kChunk, n - c * kChunk), y + c * kChunk);
       });
       return;
     }
   }
   f->Finish(ctx);
+}
+
+// The dispatch's error ($SPARSE_ATTENTION_TF_ISA asks for an engine this CPU
+// lacks), as the op's.
+Status CheckDispatch() {
+  const std::string& err = Dispatch().error;
+  return err.empty() ? absl::OkStatus() : absl::FailedPreconditionError(err);
 }
 
 // Flops of one block-row unit (forward), as the thread pool's cost hint.
@@ -105,37 +115,33 @@ Status AttentionLauncher<CPUDevice, T>::Forward(OpKernelContext* ctx, State*,
                                                 const Tensor& k, const Tensor& v, Tensor* out,
                                                 Tensor* lse) {
   const Problem& p = a.p;
-    // q is read, and out written, once per query block row: in place.
-    // k and v are read per kept block: packed head-major.
-    FloatOutput<T> fo;
-    TF_RETURN_IF_ERROR(fo.Init(ctx, out));
-    if (UseBf16Kernels<T>(a)) {
-      Tensor kh, v_pairs;  // head-major bf16
-      TF_RETURN_IF_ERROR(PackBf16Temps(ctx, k, v, &kh, &v_pairs));
-      const AttentionForwardArgs<uint16_t> x{Bits(q), Bits(kh), nullptr, fo.data(),
-                                             lse->flat<float>().data()};
-      TF_RETURN_IF_ERROR(ParallelUnitsWithScratch(
-                              ctx, p.num_units(), AttentionRowCost(a) / 2,
-                              ScratchBytes<ForwardBf16Scratch>(a),
-                              [&](void* scratch, int64_t s, int64_t e) {
-                                AttentionForwardBf16(a, x, Bits(v_pairs), scratch, s, e);
-                              }));
-    } else {
-      FloatInput<T> fq;
-      TF_RETURN_IF_ERROR(fq.Init(ctx, q));
-      Tensor kh, vh;  // head-major float32
-      TF_RETURN_IF_ERROR(PackTemps<T>(ctx, k, v, &kh, &vh));
-      const AttentionForwardArgs<float> x{fq.data(), kh.flat<float>().data(),
-                                          vh.flat<float>().data(), fo.data(),
-                                          lse->flat<float>().data()};
-      TF_RETURN_IF_ERROR(ParallelUnitsWithScratch(
-                              ctx, p.num_units(), AttentionRowCost(a),
-                              ScratchBytes<ForwardScratch>(a),
-                              [&](void* scratch, int64_t s, int64_t e) {
-                                AttentionForward(a, x, scratch, s, e);
-                              }));
-    }
-    FinishOutput<T>(ctx, &fo, out, UseBf16Kernels<T>(a));
+  TF_RETURN_IF_ERROR(CheckDispatch());
+  // q is read, and out written, once per query block row: in place.
+  // k and v are read per kept block: packed head-major.
+  FloatOutput<T> fo;
+  TF_RETURN_IF_ERROR(fo.Init(ctx, out));
+  if (const AttentionEngine<uint16_t>* e = Bf16Engine<T>(a)) {
+    Tensor kh, v_pairs;  // head-major bf16
+    TF_RETURN_IF_ERROR(PackBf16Temps(ctx, k, v, &kh, &v_pairs));
+    const AttentionForwardArgs<uint16_t> x{Bits(q), Bits(kh), Bits(v_pairs), fo.data(),
+                                           lse->flat<float>().data()};
+    TF_RETURN_IF_ERROR(ParallelUnitsWithScratch(
+        ctx, p.num_units(), AttentionRowCost(a) / 2, e->forward_scratch(a),
+        [&](void* scratch, int64_t s, int64_t e1) { e->forward(a, x, scratch, s, e1); }));
+  } else {
+    const AttentionEngine<float>* f32 = Dispatch().float32;
+    FloatInput<T> fq;
+    TF_RETURN_IF_ERROR(fq.Init(ctx, q));
+    Tensor kh, vh;  // head-major float32
+    TF_RETURN_IF_ERROR(PackTemps<T>(ctx, k, v, &kh, &vh));
+    const AttentionForwardArgs<float> x{fq.data(), kh.flat<float>().data(),
+                                        vh.flat<float>().data(), fo.data(),
+                                        lse->flat<float>().data()};
+    TF_RETURN_IF_ERROR(ParallelUnitsWithScratch(
+        ctx, p.num_units(), AttentionRowCost(a), f32->forward_scratch(a),
+        [&](void* scratch, int64_t s, int64_t e1) { f32->forward(a, x, scratch, s, e1); }));
+  }
+  FinishOutput<T>(ctx, &fo, out);
   return absl::OkStatus();
 }
 
@@ -146,6 +152,7 @@ Status AttentionLauncher<CPUDevice, T>::Backward(OpKernelContext* ctx, State*, A
                                                  const Tensor& lse, const Tensor& dout,
                                                  Tensor* dq, Tensor* dk, Tensor* dv) {
   const Problem& p = a.p;
+  TF_RETURN_IF_ERROR(CheckDispatch());
     // Units are (batch, head, segment of block rows). With fewer heads than
     // about two per thread, rows are split into segments whose dK/dV partial
     // sums are added afterwards in a fixed order.
@@ -176,18 +183,15 @@ Status AttentionLauncher<CPUDevice, T>::Backward(OpKernelContext* ctx, State*, A
     float* partial_k_data = a.segments > 1 ? partial_k.flat<float>().data() : nullptr;
     float* partial_v_data = a.segments > 1 ? partial_v.flat<float>().data() : nullptr;
     const int64_t backward_cost = AttentionRowCost(a) * p.t.num_blocks / a.segments * 5 / 2;
-    if (UseBf16Kernels<T>(a)) {
+    if (const AttentionEngine<uint16_t>* e = Bf16Engine<T>(a)) {
       const AttentionBackwardArgs<uint16_t> x{
-          Bits(q), Bits(k), Bits(v),    Bits(out),
-          lse.flat<float>().data(), Bits(dout), fdq.data(), fdk.data(),
-          fdv.data(), partial_k_data, partial_v_data};
+          Bits(q), Bits(k), Bits(v), Bits(out), lse.flat<float>().data(), Bits(dout),
+          fdq.data(), fdk.data(), fdv.data(), partial_k_data, partial_v_data};
       TF_RETURN_IF_ERROR(ParallelUnitsWithScratch(
-                              ctx, a.num_backward_units(), backward_cost / 2,
-                              ScratchBytes<BackwardBf16Scratch>(a),
-                              [&](void* scratch, int64_t s, int64_t e) {
-                                AttentionBackwardBf16(a, x, scratch, s, e);
-                              }));
+          ctx, a.num_backward_units(), backward_cost / 2, e->backward_scratch(a),
+          [&](void* scratch, int64_t s, int64_t e1) { e->backward(a, x, scratch, s, e1); }));
     } else {
+      const AttentionEngine<float>* f32 = Dispatch().float32;
       FloatInput<T> fq, fk, fv, fo, fdo;
       TF_RETURN_IF_ERROR(fq.Init(ctx, q));
       TF_RETURN_IF_ERROR(fk.Init(ctx, k));
@@ -198,11 +202,8 @@ Status AttentionLauncher<CPUDevice, T>::Backward(OpKernelContext* ctx, State*, A
           fq.data(), fk.data(), fv.data(), fo.data(), lse.flat<float>().data(), fdo.data(),
           fdq.data(), fdk.data(), fdv.data(), partial_k_data, partial_v_data};
       TF_RETURN_IF_ERROR(ParallelUnitsWithScratch(
-                              ctx, a.num_backward_units(), backward_cost,
-                              ScratchBytes<BackwardScratch>(a),
-                              [&](void* scratch, int64_t s, int64_t e) {
-                                AttentionBackward(a, x, scratch, s, e);
-                              }));
+          ctx, a.num_backward_units(), backward_cost, f32->backward_scratch(a),
+          [&](void* scratch, int64_t s, int64_t e1) { f32->backward(a, x, scratch, s, e1); }));
     }
     const AttentionBackwardArgs<float> sums{nullptr,    nullptr,    nullptr,        nullptr,
                                             nullptr,    nullptr,    nullptr,        fdk.data(),
@@ -210,10 +211,9 @@ Status AttentionLauncher<CPUDevice, T>::Backward(OpKernelContext* ctx, State*, A
     if (a.segments > 1)
       ParallelUnits(ctx, heads, p.seq * (p.head_dim + a.value_dim) * a.segments,
                     [&](int64_t s, int64_t e) { ReduceSegments(a, sums, s, e); });
-    const bool bf16_kernels = UseBf16Kernels<T>(a);
-    FinishOutput<T>(ctx, &fdq, dq, bf16_kernels);
-    FinishOutput<T>(ctx, &fdk, dk, bf16_kernels);
-    FinishOutput<T>(ctx, &fdv, dv, bf16_kernels);
+    FinishOutput<T>(ctx, &fdq, dq);
+    FinishOutput<T>(ctx, &fdk, dk);
+    FinishOutput<T>(ctx, &fdv, dv);
   return absl::OkStatus();
 }
 

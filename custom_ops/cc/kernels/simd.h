@@ -3,14 +3,14 @@
 //
 // The library carries three builds of each primitive (AVX-512, AVX2+FMA and
 // baseline x86-64), compiled from one body (simd_body.h) under different
-// `#pragma GCC target`s; Simd() picks the best one this CPU runs, once. So the
-// .so runs on any x86-64 and is never built with -march=native.
+// `#pragma GCC target`s; Simd() returns the one the dispatch
+// (attention_engines.h) chose for this CPU, once. So the .so runs on any
+// x86-64 and is never built with -march=native.
 #ifndef SPARSE_ATTENTION_TF_KERNELS_SIMD_H_
 #define SPARSE_ATTENTION_TF_KERNELS_SIMD_H_
 
 #include <cstdint>
 
-#include "custom_ops/cc/kernels/fused_attention.h"
 
 namespace sparse_attention {
 
@@ -39,14 +39,9 @@ struct SimdKernels {
   void (*softmax_grad)(const float* y, const float* dy, float dot, float scale, float* dx,
                        int64_t n);
 
-  // The fused attention kernels (fused_attention.h) built for this ISA.
-  void (*attention_forward)(const AttentionProblem& a, const AttentionForwardArgs<float>& x,
-                            void* scratch, int64_t begin, int64_t end);
-  void (*attention_backward)(const AttentionProblem& a, const AttentionBackwardArgs<float>& x,
-                             void* scratch, int64_t begin, int64_t end);
 };
 
-// The primitives for this CPU, chosen on first use.
+// The primitives for this CPU, chosen on first use (attention_engines.cc).
 const SimdKernels& Simd();
 
 // Plain-loop product with the same contract as SimdKernels::gemm (reference
