@@ -13,4 +13,18 @@ REGISTER_OP("SparseAttention>SimdIsa")
 The instruction set the CPU kernels run on: "avx512", "avx2" or "baseline".
 )doc");
 
+REGISTER_OP("SparseAttention>CpuEngines")
+    .Output("engines: string")
+    .SetShapeFn([](::tensorflow::shape_inference::InferenceContext* c) {
+      c->set_output(0, c->Vector(4));
+      return absl::OkStatus();
+    })
+    .Doc(R"doc(
+The fused attention's CPU dispatch (custom_ops/cc/kernels/attention_engines.h):
+[the float32 engine, the bfloat16 engine ("" when bfloat16 converts to
+float32), the engines this CPU runs (comma-separated, best first), the value
+of $SPARSE_ATTENTION_TF_ISA]. Fails (FailedPrecondition) when
+$SPARSE_ATTENTION_TF_ISA asks for an engine this CPU lacks, as the fused ops do.
+)doc");
+
 }  // namespace sparse_attention
