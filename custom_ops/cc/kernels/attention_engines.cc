@@ -79,7 +79,7 @@ CpuDispatch Select() {
   }
   // bfloat16: see attention_engines.h for the default rule.
   d.bfloat16 = nullptr;
-  d.float_to_bf16 = nullptr;
+  d.float_to_bf16 = d.simd->float_to_bf16;
   if (emulated) {
     d.bfloat16 = &kBf16AmxEmulated;
   } else if (has[kAmx] && cap >= kAmx) {

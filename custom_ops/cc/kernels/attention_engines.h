@@ -60,7 +60,8 @@ struct CpuDispatch {
   const SimdKernels* simd;                   // the primitives of the float32 engine's ISA
   const AttentionEngine<float>* float32;     // never null
   const AttentionEngine<uint16_t>* bfloat16; // null: bf16 inputs convert to float32
-  // float32 -> bf16 bits rounded to nearest even, vectorised: with bfloat16.
+  // float32 -> bf16 bits rounded to nearest even (vcvtneps2bf16 where the
+  // CPU has AVX512_BF16, else the primitives' loop).
   void (*float_to_bf16)(const float* x, int64_t n, uint16_t* y);
 };
 

@@ -181,7 +181,7 @@ inline float DotBf16(const uint16_t* x, const uint16_t* y, int64_t n) {
   return s;
 }
 
-void FloatToBf16(const float* x, int64_t n, uint16_t* y) {
+void FloatToBf16Vcvt(const float* x, int64_t n, uint16_t* y) {
   int64_t e = 0;
   for (; e + 16 <= n; e += 16)
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + e),

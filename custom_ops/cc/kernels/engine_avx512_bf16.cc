@@ -96,6 +96,6 @@ const AttentionEngine<uint16_t> kBf16Pairs{
     },
     avx512bf16::fused::Backward<avx512bf16::PairEngine>};
 
-void FloatToBf16Avx512(const float* x, int64_t n, uint16_t* y) { avx512bf16::FloatToBf16(x, n, y); }
+void FloatToBf16Avx512(const float* x, int64_t n, uint16_t* y) { avx512bf16::FloatToBf16Vcvt(x, n, y); }
 
 }  // namespace sparse_attention

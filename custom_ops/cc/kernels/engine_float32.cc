@@ -56,7 +56,8 @@ namespace baseline {
 
 #define SPARSE_ATTENTION_KERNELS(ns)                                                   \
   SimdKernels {                                                                        \
-    #ns, ns::Gemm, ns::ScaleMaskMax, ns::ExpSum, ns::Scale, ns::Dot, ns::SoftmaxGrad   \
+    #ns, ns::Gemm, ns::ScaleMaskMax, ns::ExpSum, ns::Scale, ns::Dot, ns::SoftmaxGrad,  \
+        ns::FloatToBf16, ns::Bf16ToFloat                                               \
   }
 const SimdKernels kSimdAvx512 = SPARSE_ATTENTION_KERNELS(avx512);
 const SimdKernels kSimdAvx2 = SPARSE_ATTENTION_KERNELS(avx2);

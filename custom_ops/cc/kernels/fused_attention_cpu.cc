@@ -76,7 +76,7 @@ const AttentionEngine<uint16_t>* Bf16Engine(const AttentionProblem& a) {
 }
 
 // out (T) <- the float32 buffer f. bfloat16 on the dispatch's vectorised
-// conversion where it has one (Eigen's conversion to bfloat16 is scalar).
+// conversion (Eigen's conversion to bfloat16 is scalar).
 template <typename T>
 void FinishOutput(OpKernelContext* ctx, FloatOutput<T>* f, Tensor* out) {
   if constexpr (std::is_same<T, Eigen::bfloat16>::value) {
@@ -94,6 +94,38 @@ void FinishOutput(OpKernelContext* ctx, FloatOutput<T>* f, Tensor* out) {
   }
   f->Finish(ctx);
 }
+
+// A float32 view of an input: bfloat16 converted by the dispatch's
+// vectorised loop (Eigen's conversion is scalar), else as FloatInput.
+template <typename T>
+class Float32Input {
+ public:
+  Status Init(OpKernelContext* ctx, const Tensor& t) {
+    if constexpr (!std::is_same<T, Eigen::bfloat16>::value) {
+      TF_RETURN_IF_ERROR(input_.Init(ctx, t));
+      data_ = input_.data();
+    } else {
+      TF_RETURN_IF_ERROR(ctx->allocate_temp(tensorflow::DT_FLOAT, t.shape(), &copy_));
+      constexpr int64_t kChunk = 1 << 14;
+      const int64_t n = t.NumElements();
+      const uint16_t* x = Bits(t);
+      float* y = copy_.flat<float>().data();
+      auto* convert = Dispatch().simd->bf16_to_float;
+      ParallelUnits(ctx, (n + kChunk - 1) / kChunk, kChunk, [&](int64_t s, int64_t e) {
+        for (int64_t c = s; c < e; ++c)
+          convert(x + c * kChunk, std::min(kChunk, n - c * kChunk), y + c * kChunk);
+      });
+      data_ = y;
+    }
+    return absl::OkStatus();
+  }
+  const float* data() const { return data_; }
+
+ private:
+  FloatInput<T> input_;
+  Tensor copy_;
+  const float* data_ = nullptr;
+};
 
 // The dispatch's error ($SPARSE_ATTENTION_TF_ISA asks for an engine this CPU
 // lacks), as the op's.
@@ -130,7 +162,7 @@ Status AttentionLauncher<CPUDevice, T>::Forward(OpKernelContext* ctx, State*,
         [&](void* scratch, int64_t s, int64_t e1) { e->forward(a, x, scratch, s, e1); }));
   } else {
     const AttentionEngine<float>* f32 = Dispatch().float32;
-    FloatInput<T> fq;
+    Float32Input<T> fq;
     TF_RETURN_IF_ERROR(fq.Init(ctx, q));
     Tensor kh, vh;  // head-major float32
     TF_RETURN_IF_ERROR(PackTemps<T>(ctx, k, v, &kh, &vh));
@@ -192,7 +224,7 @@ Status AttentionLauncher<CPUDevice, T>::Backward(OpKernelContext* ctx, State*, A
           [&](void* scratch, int64_t s, int64_t e1) { e->backward(a, x, scratch, s, e1); }));
     } else {
       const AttentionEngine<float>* f32 = Dispatch().float32;
-      FloatInput<T> fq, fk, fv, fo, fdo;
+      Float32Input<T> fq, fk, fv, fo, fdo;
       TF_RETURN_IF_ERROR(fq.Init(ctx, q));
       TF_RETURN_IF_ERROR(fk.Init(ctx, k));
       TF_RETURN_IF_ERROR(fv.Init(ctx, v));

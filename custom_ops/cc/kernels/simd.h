@@ -39,6 +39,10 @@ struct SimdKernels {
   void (*softmax_grad)(const float* y, const float* dy, float dot, float scale, float* dx,
                        int64_t n);
 
+  // float32 -> bf16 bits rounded to nearest even (NaN stays NaN), and back.
+  void (*float_to_bf16)(const float* x, int64_t n, uint16_t* y);
+  void (*bf16_to_float)(const uint16_t* x, int64_t n, float* y);
+
 };
 
 // The primitives for this CPU, chosen on first use (attention_engines.cc).

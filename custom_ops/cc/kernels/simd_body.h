@@ -281,3 +281,25 @@ void SoftmaxGrad(const float* y, const float* dy, float dot, float scale, float*
   }
   for (; j < n; ++j) dx[j] = y[j] == 0.f ? 0.f : scale * y[j] * (dy[j] - dot);
 }
+
+// ---------------------------------------------------------------------------
+// bfloat16 conversions (plain loops GCC vectorises for the target).
+
+// float32 -> bf16 bits, rounded to nearest even (as Eigen::bfloat16 and
+// vcvtneps2bf16); a NaN stays a quiet NaN.
+void FloatToBf16(const float* x, int64_t n, uint16_t* y) {
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t u;
+    __builtin_memcpy(&u, x + i, 4);
+    const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    y[i] = static_cast<uint16_t>((u & 0x7fffffffu) > 0x7f800000u ? (u >> 16) | 0x40u : rounded);
+  }
+}
+
+// bf16 bits -> float32 (exact).
+void Bf16ToFloat(const uint16_t* x, int64_t n, float* y) {
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t u = uint32_t{x[i]} << 16;
+    __builtin_memcpy(y + i, &u, 4);
+  }
+}
