@@ -40,6 +40,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import sparse_attention_tf as sat  # noqa: E402
+from bench.machine import machine_line  # noqa: E402
 from sparse_attention_tf import ops  # noqa: E402
 
 IMPLS = ("custom_op", "custom_op_unfused", "reference", "dense")
@@ -188,7 +189,8 @@ def fused_suite(args):
       # cause not found), which is not what a training step sees.
       cmd = [sys.executable, os.path.abspath(__file__), "--sections", "bf16",
              "--bf16_n", str(args.bf16_n), "--block", str(args.block), "--heads",
-             str(args.heads), "--head_dim", str(args.head_dim), "--repeats", str(args.repeats)]
+             str(args.heads), "--head_dim", str(args.head_dim), "--repeats", str(args.repeats),
+             "--bf16_sizes", *map(str, args.bf16_sizes), "--blocks", *map(str, args.blocks)]
       out = subprocess.run(cmd, capture_output=True, text=True).stdout
       print("\n" + out[out.index("### bfloat16"):] if "### bfloat16" in out else out, end="")
 
@@ -250,35 +252,71 @@ def memory_table(args):
 
 
 
+def interleaved_medians(fns, args_list, repeats):
+  """Median wall time of each fn(*args), measured in turns (one call of each
+  per round, after one warm-up call each), so that this VM's drifting speed
+  falls on every column of a row alike."""
+  for fn, a in zip(fns, args_list):
+    fn(*a)
+  tf.test.experimental.sync_devices()
+  times = [[] for _ in fns]
+  for _ in range(repeats):
+    for t, fn, a in zip(times, fns, args_list):
+      start = time.perf_counter()
+      fn(*a)
+      tf.test.experimental.sync_devices()
+      t.append(time.perf_counter() - start)
+  return [statistics.median(t) for t in times]
+
+
 def bf16_table(args, pattern):
+  """bfloat16 against float32 on the engines the dispatch chose for this CPU."""
+  engines = ops.cpu_engines()
+  bf16_engine = engines["bfloat16"] or "converted to float32"
+  amx = engines["bfloat16"] == "amx"
+  print(f"\n### bfloat16 vs float32: fused op, Fixed(128, 32), batch 1, {args.heads} heads, "
+        f"head_dim {args.head_dim}; bfloat16 engine: {bf16_engine}, float32 engine: "
+        f"{engines['float32']}\n")
+  target = ("fwd >= 3x, fwd+bwd >= 2.5x at N >= 8192 (AMX)" if amx else
+            "bf16 fwd+bwd >= 1.0x float32 at N >= 4096")
+  table_header(["N", "block", "f32 fwd ms", "bf16 fwd ms", "fwd speedup", "f32 fwd+bwd ms",
+                "bf16 fwd+bwd ms", "fwd+bwd speedup", f"target ({target})"])
+  for n in args.bf16_sizes:
+    q32, k32, v32 = inputs(n, args.heads, args.head_dim)
+    qb, kb, vb = (tf.cast(t, tf.bfloat16) for t in (q32, k32, v32))
+    for block in args.blocks:
+      fwd, fwd_bwd = make_fns(pattern, block, "custom_op")
+      f32_f, b16_f = interleaved_medians([fwd, fwd], [(q32, k32, v32), (qb, kb, vb)],
+                                         args.repeats)
+      f32_a, b16_a = interleaved_medians([fwd_bwd, fwd_bwd], [(q32, k32, v32), (qb, kb, vb)],
+                                         args.repeats)
+      if amx:
+        met = (f32_f / b16_f >= 3 and f32_a / b16_a >= 2.5) if n >= 8192 else None
+      else:
+        met = f32_a / b16_a >= 1.0
+      print(f"| {n} | {block} | {f32_f * 1e3:.1f} | {b16_f * 1e3:.1f} | {f32_f / b16_f:.2f}x | "
+            f"{f32_a * 1e3:.1f} | {b16_a * 1e3:.1f} | {f32_a / b16_a:.2f}x | "
+            f"{'' if met is None else 'MET' if met else 'NOT MET'} |", flush=True)
   n = args.bf16_n
-  print(f"\n### bfloat16 vs float32: fused forward+backward, N={n}, block {args.block}\n")
+  print(f"\nbfloat16 error against float64 (the reference path on the kept blocks), N={n}, "
+        f"block {args.block}:\n")
   q32, k32, v32 = inputs(n, args.heads, args.head_dim)
-  f64 = [tf.cast(t, tf.float64) for t in (q32, k32, v32)]
-  with tf.GradientTape() as tape:                    # float64 reference on the kept blocks
+  f64 = [tf.cast(tf.cast(t, tf.bfloat16), tf.float64) for t in (q32, k32, v32)]
+  with tf.GradientTape() as tape:                    # float64 on the same bf16 inputs
     tape.watch(f64)
     out = sat.sparse_attention(*f64, pattern, block_size=args.block, implementation="reference")
     loss = tf.reduce_sum(out ** 2)
   ref = [out] + tape.gradient(loss, f64)
-  table_header(["dtype", "fwd+bwd ms", "speedup vs float32", "rel err out", "rel err dq",
-                "rel err dk", "rel err dv", "target (>= 1.5x, <= 1e-2)"])
-  t32 = None
-  for dtype in (tf.float32, tf.bfloat16):
-    q, k, v = (tf.cast(t, dtype) for t in (q32, k32, v32))
-    fwd, fwd_bwd = make_fns(pattern, args.block, "custom_op")
-    t_all = median_seconds(fwd_bwd, (q, k, v), args.repeats)
-    t32 = t32 or t_all
-    with tf.GradientTape() as tape:
-      tape.watch([q, k, v])
-      out = sat.sparse_attention(q, k, v, pattern, block_size=args.block)
-      loss = tf.reduce_sum(tf.cast(out, tf.float32) ** 2)
-    got = [out] + tape.gradient(loss, [q, k, v])
-    errs = [float(tf.norm(tf.cast(g, tf.float64) - r) / tf.norm(r)) for g, r in zip(got, ref)]
-    met = ""
-    if dtype == tf.bfloat16:
-      met = "MET" if t32 / t_all >= 1.5 and max(errs) <= 1e-2 else "NOT MET"
-    print(f"| {dtype.name} | {t_all * 1e3:.1f} | {t32 / t_all:.2f}x | " +
-          " | ".join(f"{e:.1e}" for e in errs) + f" | {met} |", flush=True)
+  q, k, v = (tf.cast(t, tf.bfloat16) for t in (q32, k32, v32))
+  with tf.GradientTape() as tape:
+    tape.watch([q, k, v])
+    out = sat.sparse_attention(q, k, v, pattern, block_size=args.block)
+    loss = tf.reduce_sum(tf.cast(out, tf.float32) ** 2)
+  got = [out] + tape.gradient(loss, [q, k, v])
+  errs = [float(tf.norm(tf.cast(g, tf.float64) - r) / tf.norm(r)) for g, r in zip(got, ref)]
+  table_header(["rel err out", "rel err dq", "rel err dk", "rel err dv", "target (<= 1e-2)"])
+  print("| " + " | ".join(f"{e:.1e}" for e in errs) +
+        f" | {'MET' if max(errs) <= 1e-2 else 'NOT MET'} |", flush=True)
 
 
 def patterns_suite(args, ceiling):
@@ -332,7 +370,9 @@ def main(argv=None):
                       choices=["speed", "memory", "bf16"], help="parts of the fused suite")
   parser.add_argument("--memory_n", type=int, default=16384)
   parser.add_argument("--largest_n", type=int, default=65536)
-  parser.add_argument("--bf16_n", type=int, default=8192)
+  parser.add_argument("--bf16_n", type=int, default=4096, help="N of the bf16 error check")
+  parser.add_argument("--bf16_sizes", type=int, nargs="+", default=[4096, 8192, 16384],
+                      help="sequence lengths of the bf16 vs float32 speed table")
   parser.add_argument("--patterns", nargs="+", default=["fixed", "strided_split", "strided_merged"],
                       choices=["fixed", "strided_split", "strided_merged"])
   parser.add_argument("--dense_chunk_above", type=int, default=4096,
@@ -351,6 +391,7 @@ def main(argv=None):
     args.sizes = [4096, 8192] if args.suite == "fused" else [1024, 2048, 4096, 8192]
 
   ceiling = matmul_gflops(args.repeats)
+  print(machine_line())
   print(f"threads: intra-op {tf.config.threading.get_intra_op_parallelism_threads() or os.cpu_count()}"
         f", kernels: {ops.simd_isa()}, op library: {ops.library_path()}")
   print(f"dense tf.matmul 4096^3 float32: {ceiling:.0f} GFLOP/s\n")

@@ -2,13 +2,17 @@
 
     .venv/bin/python bench/train_bench.py
     .venv/bin/python bench/train_bench.py --seq_lens 1024 --max_probe 8192
+    .venv/bin/python bench/train_bench.py --seq_lens 4096 --attentions fixed \
+        --policies float32 mixed_bfloat16 --probe      # bf16 training vs float32
 
 For each attention (`fixed`: Fixed(128, 32) with the fused custom op;
 `fixed_unfused`: the same pattern on the three-op path; `dense`: TF dense
 masked attention) and sequence length, a fresh process builds the same
 SparseTransformer (batch 1, --num_layers layers, d_model 256, 4 heads), runs
 `train_on_batch` steps and reports steps/s and tokens/s (median step after
-two warm-up steps). Then it doubles the sequence length while a training step
+two warm-up steps), under each Keras dtype policy of --policies (e.g.
+`mixed_bfloat16`: bfloat16 compute, float32 variables; the attention then runs
+on the CPU's bf16 engine, see `sparse_attention_tf.ops.cpu_engines()`). Then it doubles the sequence length while a training step
 fits in --memory_gb of resident memory: the parent watches the child's RSS in
 /proc and stops it at the limit.
 """
@@ -30,6 +34,7 @@ os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
 import numpy as np, keras
 import sparse_attention_tf as sat
 args = json.loads(sys.argv[1])
+keras.mixed_precision.set_global_policy(args["policy"])
 n = args["seq_len"]
 fixed = args["attention"] != "dense"
 impl = {"fixed": "custom_op", "fixed_unfused": "custom_op_unfused", "dense": "dense"}
@@ -61,10 +66,10 @@ def rss_gb(pid):
   return 0.0
 
 
-def run(attention, seq_len, args, steps, warmup=2):
+def run(attention, seq_len, args, steps, warmup=2, policy="float32"):
   """(result dict or None, peak RSS GB, reason)."""
   cfg = dict(attention=attention, seq_len=seq_len, layers=args.num_layers, steps=steps,
-             warmup=warmup, recompute=args.recompute)
+             warmup=warmup, recompute=args.recompute, policy=policy)
   proc = subprocess.Popen([sys.executable, "-c", CHILD, json.dumps(cfg)],
                           env=dict(os.environ, PYTHONPATH=ROOT), stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True)
@@ -97,24 +102,32 @@ def main(argv=None):
                       help="attentions whose longest sequence to probe (dense's first step at "
                            "8192 takes many minutes here)")
   parser.add_argument("--recompute", action="store_true")
+  parser.add_argument("--policies", nargs="+", default=["float32"],
+                      help="Keras dtype policies of the speed table (float32, mixed_bfloat16)")
   args = parser.parse_args(argv)
-  print(f"SparseTransformer: {args.num_layers} layers, d_model 256, 4 heads, batch 1, float32, "
+  sys.path.insert(0, ROOT)
+  from bench.machine import machine_line  # noqa: E402  (CPU model, engines)
+  print(machine_line() + "\n")
+  print(f"SparseTransformer: {args.num_layers} layers, d_model 256, 4 heads, batch 1, "
         f"recompute={args.recompute}; fixed = Fixed(128, 32) fused custom op, fixed_unfused = "
         f"the three-op path, dense = TF dense masked attention\n")
-  print("| attention | seq_len | steps/s | tokens/s | peak RSS (GB) | speedup vs dense |")
-  print("|---|---|---|---|---|---|")
+  print("| attention | policy | seq_len | steps/s | tokens/s | peak RSS (GB) | speedup vs dense "
+        "| speedup vs float32 |")
+  print("|---|---|---|---|---|---|---|---|")
   speed = {}
   for n in ([] if args.skip_speed else args.seq_lens):
     for attention in args.attentions:
-      result, peak, why = run(attention, n, args, args.steps)
-      if result is None:
-        print(f"| {attention} | {n} | - | - | {peak:.1f} | {why} |", flush=True)
-        continue
-      speed[(attention, n)] = result["step_s"]
-      ratio = (f"{speed[('dense', n)] / result['step_s']:.2f}x"
-               if ("dense", n) in speed else "-")
-      print(f"| {attention} | {n} | {1 / result['step_s']:.2f} | {n / result['step_s']:.0f} | "
-            f"{peak:.1f} | {ratio if attention != 'dense' else '1.00x'} |", flush=True)
+      for policy in args.policies:
+        result, peak, why = run(attention, n, args, args.steps, policy=policy)
+        if result is None:
+          print(f"| {attention} | {policy} | {n} | - | - | {peak:.1f} | {why} | |", flush=True)
+          continue
+        step = speed[(attention, policy, n)] = result["step_s"]
+        dense = speed.get(("dense", policy, n))
+        f32 = speed.get((attention, "float32", n))
+        print(f"| {attention} | {policy} | {n} | {1 / step:.2f} | {n / step:.0f} | {peak:.1f} | "
+              f"{f'{dense / step:.2f}x' if dense else '-'} | "
+              f"{f'{f32 / step:.2f}x' if f32 else '-'} |", flush=True)
   print(f"\nlongest sequence with one training step within {args.memory_gb:.0f} GB "
         f"(doubling from {2 * max(args.seq_lens)}; the first step includes tracing):")
   for attention in args.probe:
