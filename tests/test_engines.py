@@ -6,8 +6,9 @@ each tile instruction emulated in C++, which runs anywhere) -- is forced through
 the environment in a fresh process and checked against float64 NumPy on fresh
 random inputs: every block size, padding masks with fully padded rows (empty
 rows), tiles split by key group, odd head dims (which a bf16 engine does not
-take: converted to float32), forward and gradients, bitwise repeatable run to
-run, and the same values with 1 and 2 threads. An engine the CPU lacks is
+take: converted to float32), forward and gradients, NaN and +-inf reaching
+exactly the rows that see them, bitwise repeatable run to run, and the same
+values with 1 and 2 threads. An engine the CPU lacks is
 skipped with the reason (the AMX engine needs amx_tile/amx_bf16).
 """
 
@@ -69,6 +70,13 @@ for name, pattern, n, block, d, dv in cases:
       assert all(np.array_equal(a, b) for a, b in zip(*runs)), key + ": not bitwise repeatable"
       errors[key] = [npref.rel_err(x, r) for x, r in zip(runs[0], [ref, *grads])]
       results[key] = runs[0]
+# NaN and +-inf in q, k or dout reach exactly the rows that see them, on this
+# engine too (test_nonfinite's float64 visible-pairs reference).
+from tests import test_nonfinite as nonfinite
+for pattern_name in nonfinite.PATTERNS:
+  for block in (16, 32, 64):
+    for dtype in dtypes:
+      nonfinite._check("custom_op", pattern_name, block, dtype, rng, check_grads=True)
 np.savez(out_file, **{f"{k}_{i}": x for k, v in results.items() for i, x in enumerate(v)})
 print(json.dumps({"report": report, "errors": errors}))
 '''
