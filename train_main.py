@@ -79,7 +79,8 @@ FLAGS = flags.FLAGS
 DEFAULTS = training_lib.TrainConfig()   # the training flags' defaults, with their reasons
 
 # --- data ------------------------------------------------------------------------
-flags.DEFINE_string("dataset", "pydoc", "pydoc | text:PATH | digits | tfds:NAME | wav:DIR")
+flags.DEFINE_string("dataset", "pydoc", "pydoc | pystdlib | text:PATH (a file, a folder or a "
+                    "glob) | digits | tfds:NAME | wav:DIR")
 flags.DEFINE_string("data_dir", None, "tensorflow-datasets data folder (for tfds:NAME)")
 flags.DEFINE_integer("seq_len", None, "tokens per sequence (default: 256 for text and audio, "
                      "the image size for images)")

@@ -6,7 +6,12 @@ Every dataset becomes a stream of integer tokens and is served as unbatched
 
 Specs accepted by `load`:
   pydoc          byte-level text of Python's bundled help topics (~0.47 MB)
-  text:PATH      any local file as bytes (enwik8: the paper's 90M/5M/5M split)
+  pystdlib       the source of the running Python's standard library as bytes:
+                 every regular *.py file below sysconfig's "stdlib" folder, its
+                 tests included, site-packages excluded (~30 MB, no download)
+  text:PATH      any local file as bytes (enwik8: the paper's 90M/5M/5M split);
+                 or a folder (all regular files below it), or a glob of files
+                 (text:/data/*.txt, text:/src/**/*.py)
   digits         scikit-learn's bundled 8x8 digits, 17 grey levels
   tfds:NAME      cifar10, mnist or downsampled_imagenet/64x64 from a prepared
                  TFDS data dir (nothing is downloaded)
@@ -23,7 +28,14 @@ for image pixels x channels (the paper's bits/dim), `bits_per_sample` for 8-bit
 µ-law audio samples.
 
 Splits are deterministic: streams are cut 90% / 5% / 5% (train / validation /
-held-out test, never exposed) by position; digits are shuffled once with a fixed
+held-out test, never exposed) by position; collections of files (pystdlib, a
+folder or a glob of several files) are split by file, about 90% / 5% / 5% of
+their bytes with no file straddling two parts (`split_files`: by a hash of each
+file's relative path, never by the order a listing returns); within a part the
+files are concatenated in sorted relative-path order, each followed by
+FILE_SEPARATOR (the byte 0x1C, ASCII's "file separator"). Files are taken as
+bytes, whatever their encoding (a few stdlib test files are not UTF-8 on
+purpose: they stay in, byte for byte); digits are shuffled once with a fixed
 seed and cut 90% / 10%; TFDS datasets use their own train and test (or
 validation) splits.
 
@@ -41,8 +53,11 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import glob
+import hashlib
 import os
 import stat
+import sysconfig
 from typing import Optional
 
 import numpy as np
@@ -63,7 +78,7 @@ TFDS_IMAGES = {
     "downsampled_imagenet/64x64": (64, 64, 3, "validation"),
 }
 
-SPEC_FORMS = ("pydoc", "text:PATH", "digits", "tfds:NAME", "wav:DIR")
+SPEC_FORMS = ("pydoc", "pystdlib", "text:PATH", "digits", "tfds:NAME", "wav:DIR")
 
 # kind -> the bits-per-token metric's name: what one token of that kind is
 UNITS = {"text": "bits_per_byte", "image": "bits_per_dim", "audio": "bits_per_sample"}
@@ -240,11 +255,18 @@ def stream_data(name: str, kind: str, tokens: np.ndarray, vocab_size: int,
                     f"needs at least {min_stream_length(seq_len)} (so that the 5% "
                     f"validation part holds one window of seq_len+1); use a longer "
                     f"source or a smaller --seq_len")
-  train, num_train = _window_dataset(tokens[:train_end], seq_len)
-  validation, num_validation = _window_dataset(tokens[train_end:validation_end], seq_len)
+  return windowed_data(name, kind, tokens[:train_end], tokens[train_end:validation_end],
+                       vocab_size, seq_len)
+
+
+def windowed_data(name: str, kind: str, train: np.ndarray, validation: np.ndarray,
+                  vocab_size: int, seq_len: int) -> TokenData:
+  """TokenData of next-token windows (`windows`) of a train and a validation stream."""
+  train_ds, num_train = _window_dataset(train, seq_len)
+  validation_ds, num_validation = _window_dataset(validation, seq_len)
   return TokenData(name=name, kind=kind, unit=UNITS[kind], vocab_size=vocab_size,
-                   seq_len=seq_len, train=train, validation=validation, image_shape=None, bos=None,
-                   num_train_examples=num_train, num_validation_examples=num_validation)
+                   seq_len=seq_len, train=train_ds, validation=validation_ds, image_shape=None,
+                   bos=None, num_train_examples=num_train, num_validation_examples=num_validation)
 
 
 # What a path is when it is not a regular file, by `stat` file type test.
@@ -300,9 +322,179 @@ def load_pydoc(seq_len: Optional[int]) -> TokenData:
 
 
 def load_text(path: str, seq_len: Optional[int]) -> TokenData:
-  """Any local file as bytes; enwik8 (10^8 bytes) gets the paper's 90M/5M/5M split."""
-  tokens = np.frombuffer(read_regular_file(path, "text file"), np.uint8)
-  return stream_data(f"text:{path}", "text", tokens, 256, seq_len, f"text file {path}")
+  """A local file as bytes, split by position (enwik8, 10^8 bytes: the paper's
+  90M/5M/5M split); a folder's files or a glob's, split by file (`split_files`)."""
+  root, relative = text_files(path)
+  if len(relative) > 1:
+    what = f"the {len(relative)} files of text:{path}"
+    return files_data(f"text:{path}", file_split_bytes(root, relative), seq_len, what)
+  file = os.path.join(root, relative[0])
+  tokens = np.frombuffer(read_regular_file(file, "text file"), np.uint8)
+  return stream_data(f"text:{path}", "text", tokens, 256, seq_len, f"text file {file}")
+
+
+# ---------------------------------------------------------------------------
+# Collections of files (pystdlib, text:DIR, text:GLOB): a split by file
+
+FILE_SEPARATOR = b"\x1c"  # ASCII "file separator" (FS): after every file's bytes
+GLOB_CHARS = "*?["        # a text: path holding one of these (and naming nothing) is a glob
+
+
+def split_files(names: list, sizes: list) -> tuple[list, list, list]:
+  """Splits a collection of files 90 / 5 / 5 by bytes, whole files only.
+
+  The files are put in an order that depends only on their names (the SHA-256
+  of each name, ties by name), so neither the order a listing gave nor the
+  alphabet decides which files are held out, and a file keeps its split when
+  others are added. Walking that order, a file goes to the part in which its
+  middle byte falls when the collection's bytes are cut 90% / 5% / 5%
+  (`split_bounds`), so no file straddles two parts and equal-sized files
+  split exactly 90/5/5 by count.
+
+  Args:
+    names: the files' relative paths (unique strings).
+    sizes: their sizes in bytes, in the same order (FILE_SEPARATOR not counted).
+
+  Returns:
+    `(train, validation, test)`: the indices into `names` of each part, each
+    sorted by name (the order their bytes are concatenated in).
+  """
+  def key(i):
+    return hashlib.sha256(names[i].encode("utf-8", "surrogateescape")).digest(), names[i]
+
+  total = sum(sizes)
+  train_end, validation_end = split_bounds(2 * total)     # in half-bytes: middles are exact
+  parts, start = ([], [], []), 0
+  for i in sorted(range(len(names)), key=key):
+    middle = 2 * start + sizes[i]
+    parts[0 if middle < train_end else 1 if middle < validation_end else 2].append(i)
+    start += sizes[i]
+  return tuple(sorted(part, key=lambda i: names[i]) for part in parts)
+
+
+def _is_regular(path: str) -> bool:
+  """A regular file, or a symbolic link to one (a FIFO, socket, device, folder or broken
+  link is not)."""
+  try:
+    return stat.S_ISREG(os.stat(path).st_mode)
+  except OSError:
+    return False
+
+
+def files_below(directory: str, suffix: str = "", skip_dirs: tuple = ()) -> list:
+  """The regular files below `directory`, as sorted relative POSIX paths.
+
+  Args:
+    directory: the folder to walk (symbolic links to folders are not followed).
+    suffix: keep only names ending in it, e.g. ".py" ("" keeps all).
+    skip_dirs: names of folders not to enter, e.g. ("site-packages",).
+
+  Raises:
+    DataError: `directory` cannot be listed.
+  """
+  found = []
+
+  def fail(e):
+    raise DataError(f"cannot list {e.filename}: {e.strerror}")
+
+  for folder, dirs, files in os.walk(directory, onerror=fail):
+    dirs[:] = [d for d in dirs if d not in skip_dirs]
+    for name in files:
+      path = os.path.join(folder, name)
+      if name.endswith(suffix) and _is_regular(path):
+        found.append(os.path.relpath(path, directory).replace(os.sep, "/"))
+  return sorted(found)
+
+
+def files_data(name: str, parts: tuple, seq_len: Optional[int], what: str) -> TokenData:
+  """Windows the train and validation parts of a file collection (`file_split_bytes`).
+
+  Args:
+    name: dataset spec, for `TokenData.name`.
+    parts: `(train, validation, test)` uint8 streams.
+    seq_len: model sequence length, None for `DEFAULT_TEXT_SEQ_LEN`.
+    what: how to name the collection in errors.
+
+  Raises:
+    DataError: a train or validation part shorter than one window.
+  """
+  seq_len = DEFAULT_TEXT_SEQ_LEN if seq_len is None else seq_len
+  for part, label in ((parts[0], "train"), (parts[1], "validation")):
+    if len(part) < seq_len + 1:
+      raise DataError(f"{what}: the {label} part is too short, {len(part)} bytes (the files "
+                      f"are split whole, about 90/5/5 by bytes), but seq_len={seq_len} needs "
+                      f"{seq_len + 1}: use more files or a smaller --seq_len")
+  return windowed_data(name, "text", parts[0], parts[1], 256, seq_len)
+
+
+def file_split_bytes(root: str, relative: list) -> tuple[np.ndarray, ...]:
+  """The train, validation and test parts of a file collection as uint8 streams.
+
+  Args:
+    root: the folder below which the files are.
+    relative: their paths relative to `root` (read as bytes, whatever their
+      encoding).
+
+  Returns:
+    `(train, validation, test)` uint8 arrays: each part's files (`split_files`)
+    in name order, each followed by FILE_SEPARATOR.
+
+  Raises:
+    DataError: a file that cannot be read, named.
+  """
+  contents = [read_regular_file(os.path.join(root, r), "file") for r in relative]
+  return tuple(np.frombuffer(b"".join(contents[i] + FILE_SEPARATOR for i in part), np.uint8)
+               for part in split_files(relative, [len(c) for c in contents]))
+
+
+def stdlib_files() -> tuple[str, list]:
+  """The standard library's source: `(root, sorted relative paths of its *.py files)`.
+
+  The root is `sysconfig.get_paths()["stdlib"]`; every regular `*.py` file below
+  it, its tests included, site-packages and dist-packages excluded.
+  """
+  root = sysconfig.get_paths()["stdlib"]
+  return root, files_below(root, ".py", skip_dirs=("site-packages", "dist-packages"))
+
+
+def pystdlib_bytes() -> tuple[np.ndarray, ...]:
+  """The pystdlib dataset's `(train, validation, test)` byte streams (`file_split_bytes`);
+  the test part is served by nothing else (a benchmark may hold it out itself)."""
+  root, relative = stdlib_files()
+  if not relative:
+    raise DataError(f"no *.py files below the standard library folder {root}")
+  return file_split_bytes(root, relative)
+
+
+def load_pystdlib(seq_len: Optional[int]) -> TokenData:
+  """The running Python's standard library source as bytes (~30 MB), split by file."""
+  return files_data("pystdlib", pystdlib_bytes(), seq_len, "the standard library's files")
+
+
+def text_files(path: str) -> tuple[str, list]:
+  """What `text:PATH` names: `(root, paths relative to root)`.
+
+  A folder: its regular files (`files_below`, all of them). A glob (a path that
+  names nothing and holds one of GLOB_CHARS; `**` matches folders recursively):
+  the regular files it matches (folders and other entries it matches are
+  skipped), relative to their deepest common folder. Anything else: the file
+  itself, `("", [path])`.
+
+  Raises:
+    DataError: no file matched, a folder without files, or a path that is missing.
+  """
+  if os.path.isdir(path):
+    relative = files_below(path)
+    if not relative:
+      raise DataError(f"text directory {path} holds no regular files")
+    return path, relative
+  if any(c in path for c in GLOB_CHARS) and not os.path.lexists(path):
+    matches = sorted(p for p in glob.glob(path, recursive=True) if _is_regular(p))
+    if not matches:
+      raise DataError(f"no regular files match the text glob {path}")
+    root = os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in matches])
+    return root, [os.path.relpath(os.path.abspath(p), root) for p in matches]
+  return "", [path]   # one file (whether it exists is read_regular_file's to say)
 
 
 def read_wav(path: str) -> tuple[np.ndarray, int]:
@@ -521,7 +713,8 @@ def load(spec: str, seq_len: Optional[int], data_dir: Optional[str] = None,
   """Loads a dataset by spec; see the module docstring for the forms.
 
   Args:
-    spec: "pydoc", "text:PATH", "digits", "tfds:NAME" or "wav:DIR".
+    spec: one of SPEC_FORMS: "pydoc", "pystdlib", "text:PATH", "digits",
+      "tfds:NAME" or "wav:DIR".
     seq_len: model sequence length; None picks 256 for text and audio, the
       pixel count for images (images accept only that).
     data_dir: TFDS data dir (tfds specs only).
@@ -538,6 +731,8 @@ def load(spec: str, seq_len: Optional[int], data_dir: Optional[str] = None,
   kind, _, arg = spec.partition(":")
   if spec == "pydoc":
     return load_pydoc(seq_len)
+  if spec == "pystdlib":
+    return load_pystdlib(seq_len)
   if spec == "digits":
     return load_digits(seq_len)
   if kind == "text" and arg:

@@ -2,6 +2,7 @@
 
 from concurrent import futures
 import os
+import pathlib
 import socket
 
 import numpy as np
@@ -122,7 +123,7 @@ def run_with_timeout(fn, seconds=20):
       pytest.fail(f"blocked for {seconds} s")
 
 
-@pytest.mark.parametrize("kind", sorted(NOT_FILES))
+@pytest.mark.parametrize("kind", sorted(set(NOT_FILES) - {"directory"}))   # a folder: below
 def test_text_path_that_is_no_regular_file(tmp_path, kind):
   """text:PATH on a directory, FIFO, socket or broken link: an error naming the path and what
   it is, never a hang on the FIFO."""
@@ -152,13 +153,175 @@ def test_unit_names_what_a_token_is(tmp_path, spec, kind, unit):
   assert data.UNITS[kind] == unit
 
 
+# ------------------------------------------------ file collections: pystdlib, text:DIR/GLOB
+
+
+def independent_stdlib_listing():
+  """The stdlib's *.py files, listed here with pathlib (not the module's walker)."""
+  import sysconfig
+  root = pathlib.Path(sysconfig.get_paths()["stdlib"])
+  found = set()
+  for path in root.rglob("*.py"):
+    rel = path.relative_to(root)
+    if {"site-packages", "dist-packages"} & set(rel.parts[:-1]):
+      continue
+    if any((root / pathlib.Path(*rel.parts[:k])).is_symlink() for k in range(1, len(rel.parts))):
+      continue   # rglob does not follow folder links either (3.11); stay safe if it does
+    if path.is_file():   # regular, or a link to one
+      found.add(rel.as_posix())
+  return root, found
+
+
+@pytest.fixture(scope="module")
+def pystdlib_parts():
+  return data.pystdlib_bytes()
+
+
+def split_by_separator(stream):
+  """The files of one part: FILE_SEPARATOR ends each (source files hold no 0x1C byte)."""
+  raw = stream.tobytes()
+  assert raw.endswith(data.FILE_SEPARATOR)
+  return raw.split(data.FILE_SEPARATOR)[:-1]
+
+
+def test_pystdlib_split_covers_every_file_once_and_is_deterministic(pystdlib_parts):
+  root, listed = independent_stdlib_listing()
+  assert len(listed) > 100
+  contents = {rel: (root / rel).read_bytes() for rel in listed}
+  assert not any(data.FILE_SEPARATOR in c for c in contents.values())
+  assert data.stdlib_files()[1] == sorted(listed)
+  # The split of the independent listing: every file in exactly one part; each part's
+  # stream is exactly its files, read here, in sorted order, each followed by 0x1C.
+  names = sorted(listed)
+  split = data.split_files(names, [len(contents[n]) for n in names])
+  parts = []
+  for stream, indices in zip(pystdlib_parts, split):
+    part = sorted(names[i] for i in indices)
+    assert stream.tobytes() == b"".join(contents[n] + data.FILE_SEPARATOR for n in part)
+    assert len(split_by_separator(stream)) == len(part)
+    parts.append(set(part))
+  assert sum(len(p) for p in parts) == len(names)
+  train, validation, test = parts
+  assert not (train & validation or train & test or validation & test)
+  assert train | validation | test == listed
+  total = sum(len(c) for c in contents.values())
+  sizes = [sum(len(contents[n]) for n in part) / total for part in parts]
+  assert 0.85 < sizes[0] < 0.95 and 0.02 < sizes[1] < 0.08 and 0.02 < sizes[2] < 0.08, sizes
+  # Deterministic: another load gives the same bytes.
+  for a, b in zip(pystdlib_parts, data.pystdlib_bytes()):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_pystdlib_load_windows_train_and_validation(pystdlib_parts):
+  d = data.load("pystdlib", seq_len=4096)
+  assert (d.name, d.kind, d.unit, d.vocab_size, d.seq_len) == (
+      "pystdlib", "text", "bits_per_byte", 256, 4096)
+  train, validation, _ = pystdlib_parts
+  assert d.num_train_examples == len(train) // 4097
+  assert d.num_validation_examples == len(validation) // 4097
+  x, y = next(iter(d.validation.skip(1)))
+  np.testing.assert_array_equal(x, validation[4097:4097 + 4096])
+  np.testing.assert_array_equal(y, validation[4098:4098 + 4096])
+
+
+def write_tree(root, files):
+  for rel, contents in files.items():
+    (root / rel).parent.mkdir(parents=True, exist_ok=True)
+    (root / rel).write_bytes(contents)
+
+
+def test_split_files_is_whole_files_about_90_5_5_and_order_free():
+  rng = np.random.default_rng(0)
+  names = [f"pkg{i % 7}/mod{i}.py" for i in range(500)]
+  sizes = [int(s) for s in rng.integers(1, 5000, 500)]
+  parts = data.split_files(names, sizes)
+  assert sorted(i for p in parts for i in p) == list(range(500))
+  for p in parts:
+    assert [names[i] for i in p] == sorted(names[i] for i in p)
+  total = sum(sizes)
+  share = [sum(sizes[i] for i in p) / total for p in parts]
+  assert abs(share[0] - 0.90) < 0.02 and abs(share[1] - 0.05) < 0.02, share
+  # A listing in another order splits the same files the same way.
+  order = rng.permutation(500)
+  shuffled = data.split_files([names[i] for i in order], [sizes[i] for i in order])
+  assert [sorted(names[order[i]] for i in p) for p in shuffled] == \
+      [sorted(names[i] for i in p) for p in parts]
+  # Equal sizes: exactly 90/5/5 by count.
+  assert [len(p) for p in data.split_files(names[:100], [10] * 100)] == [90, 5, 5]
+
+
+@pytest.mark.parametrize("form", ["dir", "glob", "recursive_glob"])
+def test_text_collection_split_by_file(tmp_path, form):
+  corpus = tmp_path / "corpus"
+  names = [f"d{i % 3}/sub{i % 2}/f{i:02d}.txt" for i in range(40)] + ["d0/other.bin"]
+  # Each file: its own name, repeated (so a part's pieces say which file they are).
+  write_tree(corpus, {rel: f"{rel}\n".encode() * (5 + 3 * i) for i, rel in enumerate(names)})
+  pipe = corpus / "d1" / "pipe.txt"
+  os.mkfifo(pipe)   # no regular file: skipped, never opened
+  expected = set(names) if form == "dir" else set(names[:-1])
+  path = {"dir": f"{corpus}", "glob": f"{corpus}/d*/sub*/*.txt",
+          "recursive_glob": f"{corpus}/**/*.txt"}[form]
+  root, relative = data.text_files(path)
+  parts = data.file_split_bytes(root, relative)
+  seen = []
+  for part in parts:
+    pieces = split_by_separator(part)
+    found = [p.split(b"\n")[0].decode() for p in pieces]
+    assert [(corpus / n).read_bytes() for n in found] == pieces   # whole files
+    assert found == sorted(found)
+    seen.append(set(found))
+  assert seen[0] and seen[1] and seen[2]
+  assert not (seen[0] & seen[1] or seen[0] & seen[2] or seen[1] & seen[2])
+  assert seen[0] | seen[1] | seen[2] == expected
+  # load serves the train and validation parts, windowed from their starts.
+  load = lambda: data.load(f"text:{path}", seq_len=16)
+  load.fifos = [pipe]
+  d = run_with_timeout(load)
+  for ds, part in ((d.train, parts[0]), (d.validation, parts[1])):
+    x, y = as_arrays(ds)
+    rejoined = np.concatenate([x, y[:, -1:]], 1).ravel()
+    assert len(rejoined) == len(part) // 17 * 17
+    np.testing.assert_array_equal(rejoined, part[:len(rejoined)])
+
+
+def test_text_collection_of_one_file_splits_by_position(tmp_path):
+  raw = (np.arange(1000) % 251).astype(np.uint8).tobytes()
+  (tmp_path / "only.txt").write_bytes(raw)
+  for spec in (f"text:{tmp_path}", f"text:{tmp_path}/*.txt"):
+    d = data.load(spec, seq_len=9)
+    assert (d.num_train_examples, d.num_validation_examples) == (90, 5)
+    vx, _ = as_arrays(d.validation)
+    np.testing.assert_array_equal(vx, np.frombuffer(raw, np.uint8)[900:950].reshape(5, 10)[:, :-1])
+
+
+def test_text_collection_errors(tmp_path):
+  (tmp_path / "empty").mkdir()
+  (tmp_path / "empty" / "sub").mkdir()
+  with pytest.raises(data.DataError, match=f"text directory {tmp_path / 'empty'} holds no "
+                     "regular files"):
+    data.load(f"text:{tmp_path / 'empty'}", seq_len=8)
+  with pytest.raises(data.DataError, match="no regular files match the text glob .*nothing"):
+    data.load(f"text:{tmp_path}/nothing*.txt", seq_len=8)
+  with pytest.raises(data.DataError, match="no regular files match"):   # only folders match
+    data.load(f"text:{tmp_path}/emp*", seq_len=8)
+  write_tree(tmp_path / "two", {"a.txt": b"a" * 100, "b.txt": b"b" * 100})
+  with pytest.raises(data.DataError, match="the 2 files of text:.*validation part is too short, "
+                     "0 bytes.*more files or a smaller --seq_len"):
+    data.load(f"text:{tmp_path / 'two'}", seq_len=8)
+  if os.geteuid() != 0:   # root reads anything
+    (tmp_path / "two" / "b.txt").chmod(0)
+    with pytest.raises(data.DataError, match=f"cannot read file {tmp_path / 'two' / 'b.txt'}"):
+      data.load(f"text:{tmp_path / 'two'}", seq_len=8)
+
+
 def test_enwik8_split_is_papers():
   assert data.split_bounds(100_000_000) == (90_000_000, 95_000_000)
 
 
 @pytest.mark.parametrize("spec,seq_len,match", [
     ("pydoc", 1, "at least 2"),
-    ("imagenet", None, "unknown dataset 'imagenet'.*pydoc, text:PATH, digits, tfds:NAME, wav:DIR"),
+    ("imagenet", None,
+     "unknown dataset 'imagenet'.*pydoc, pystdlib, text:PATH, digits, tfds:NAME, wav:DIR"),
     ("text:", None, "unknown dataset"),
     ("tfds:svhn_cropped", None, "unsupported tfds dataset 'svhn_cropped'.*tfds:cifar10"),
 ])
