@@ -13,10 +13,10 @@
 // lists (col_offsets/col_blocks) instead of scattering from the rows.
 #include "custom_ops/cuda/blocksparse_gpu.h"
 
-#ifdef SPARSE_ATTENTION_CUDA_EMULATION
-// CPU emulation, for checks on machines without a GPU (gpu_harness/emulate_check.cc).
-#include "custom_ops/gpu_harness/cuda_emulation.h"
-#else
+// A CPU emulation of CUDA (gpu_harness/emulate_check.cc, for checks on
+// machines without a GPU) defines SPARSE_ATTENTION_CUDA_EMULATION and what
+// the CUDA headers would before including this file.
+#ifndef SPARSE_ATTENTION_CUDA_EMULATION
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>

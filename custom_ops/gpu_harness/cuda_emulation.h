@@ -1,7 +1,8 @@
 // A tiny CPU emulation of the CUDA features custom_ops/cuda/blocksparse_gpu.cu
 // uses, so that its kernels can run (slowly) on machines without a GPU:
-// emulate_check.cc includes the .cu file with SPARSE_ATTENTION_CUDA_EMULATION
-// defined and compares every kernel with the float64 reference.
+// emulate_check.cc includes this header (which defines
+// SPARSE_ATTENTION_CUDA_EMULATION), then the .cu file, and compares every
+// kernel with the float64 reference. The .cu file never includes this header.
 //
 // Thread blocks run one at a time on blockDim.x std::threads: __syncthreads is a
 // barrier of the block (__syncthreads_or one that also ORs a vote),
@@ -16,6 +17,8 @@
 // (the emulated barriers are stricter than the hardware's), performance.
 #ifndef SPARSE_ATTENTION_TF_GPU_HARNESS_CUDA_EMULATION_H_
 #define SPARSE_ATTENTION_TF_GPU_HARNESS_CUDA_EMULATION_H_
+
+#define SPARSE_ATTENTION_CUDA_EMULATION 1
 
 #include <barrier>
 #include <cmath>

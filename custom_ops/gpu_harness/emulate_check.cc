@@ -5,7 +5,9 @@
 // failure.
 //   g++ -std=c++20 -O1 -pthread -I. custom_ops/gpu_harness/emulate_check.cc -o emulate_check
 //   ./emulate_check [NAME_SUBSTRING]
-#define SPARSE_ATTENTION_CUDA_EMULATION 1
+// The emulation first (it defines SPARSE_ATTENTION_CUDA_EMULATION), so that
+// the kernels see it instead of the CUDA headers.
+#include "custom_ops/gpu_harness/cuda_emulation.h"
 #include "custom_ops/cuda/blocksparse_gpu.cu"  // NOLINT: the kernels themselves
 
 #include <cstdio>
