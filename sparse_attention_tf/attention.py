@@ -152,8 +152,8 @@ def _fused_attention(q, k, v, part, scale, key_padding_mask):
   t = _table_tensors(part)
   if key_padding_mask is None:
     key_padding_mask = tf.ones(tf.shape(q)[:2], tf.bool)                  # (B, N)
-  out, _ = ops_lib.attention(q, k, v, *t.all_tables, t.mask_index, t.masks, key_padding_mask,
-                             scale=scale, block_size=t.block_size)      # (B, N, H, Dv)
+  out, _ = ops_lib.attention(q, k, v, *t.fused_tables, key_padding_mask, scale=scale,
+                             block_size=t.block_size)                   # (B, N, H, Dv)
   return out
 
 

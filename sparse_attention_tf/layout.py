@@ -19,7 +19,19 @@ Tables (all int32 except `masks`), computed once per (pattern, seq_len, block):
   col_offsets [Hl*Nb+1]   column (h, J) lists col_blocks[col_offsets[h*Nb+J]:...+1]
   col_blocks  [Z]         block indices, sorted by (h, J, I)
   mask_index  [Z]         -1 for a full tile, else an index into masks
-  masks       [M, b, b]   bool, the distinct partial tiles
+  masks       [M, b, b]   bool, the distinct partial tiles, at [query i, key j]
+
+and what the fused kernels compute of each partial tile (`mask_tables`), in
+groups of 16 keys g = 0 .. ceil(b/16) - 1 (keys 16g .. 16g + 15); every lo and
+hi is a multiple of 16 in [0, b]:
+  mask_key_range   [M, 2]             the keys [lo, hi) that some query sees;
+                                      (0, 0) for a tile no query sees anything of
+  mask_query_range [M, ceil(b/16), 2] per key group, the queries [lo, hi) that
+                                      see any of its keys; (0, 0) where none does
+  mask_split       [M]                bool, true if a seen group's query range is
+                                      narrower than [0, b): the kernels then
+                                      compute the tile group by group, each on
+                                      its queries only (a causal diagonal tile)
 """
 
 from __future__ import annotations
@@ -52,6 +64,9 @@ class BlockTables:
   col_blocks: np.ndarray
   mask_index: np.ndarray
   masks: np.ndarray
+  mask_key_range: np.ndarray
+  mask_query_range: np.ndarray
+  mask_split: np.ndarray
 
   @property
   def num_blocks(self) -> int:
@@ -88,6 +103,35 @@ class BlockTables:
     return self.element_mask().any(axis=-1)
 
 
+def mask_tables(masks: np.ndarray):
+  """The fused kernels' ranges of tile masks (see the module docstring).
+
+  Args:
+    masks: bool `[M, b, b]` at [query i, key j].
+
+  Returns:
+    (mask_key_range int32 `[M, 2]`, mask_query_range int32 `[M, ceil(b/16), 2]`,
+    mask_split bool `[M]`).
+  """
+  m, b, _ = masks.shape
+  g = -(-b // 16)
+  keys = np.zeros((m, b, g * 16), bool)
+  keys[:, :, :b] = masks
+  sees = keys.reshape(m, b, g, 16).any(axis=3)                  # (M, b, G) query i sees group g
+  seen = sees.any(axis=1)                                       # (M, G)
+  up = lambda x: np.minimum((x + 15) // 16 * 16, b)             # round up to 16, at most b
+  q_lo = np.argmax(sees, axis=1) // 16 * 16                     # (M, G) first query, rounded down
+  q_hi = up(b - np.argmax(sees[:, ::-1], axis=1))               # (M, G) one past the last
+  query_range = np.where(seen[..., None], np.stack([q_lo, q_hi], axis=-1), 0)
+  any_seen = seen.any(axis=1)                                   # (M,)
+  k_lo = 16 * np.argmax(seen, axis=1)                           # (M,) first seen group
+  k_hi = up(16 * (g - np.argmax(seen[:, ::-1], axis=1)))        # (M,) past the last one
+  key_range = np.where(any_seen[:, None], np.stack([k_lo, k_hi], axis=-1), 0)
+  split = (seen & (q_hi - q_lo < b)).any(axis=1)
+  return (key_range.astype(np.int32).reshape(m, 2),
+          query_range.astype(np.int32).reshape(m, g, 2), split.reshape(m))
+
+
 def tables_from_layout(layout: np.ndarray, tiles: np.ndarray, tile_of_block: np.ndarray,
                        block_size: int) -> BlockTables:
   """Builds tables from a kept-block layout and the element tile of each kept block.
@@ -118,10 +162,13 @@ def tables_from_layout(layout: np.ndarray, tiles: np.ndarray, tile_of_block: np.
     masks = tiles[np.nonzero(partial)[0][first]]
     tile_class[partial] = inverse.reshape(-1)
   mask_index = tile_class[tile_of_block].astype(np.int32)        # (Z,)
+  masks = np.ascontiguousarray(masks)                            # (M, b, b)
+  key_range, query_range, split = mask_tables(masks)
   return BlockTables(
       seq_len=nb * block_size, block_size=block_size, num_layout_heads=hl,
       blocks=blocks, row_offsets=row_offsets, col_offsets=col_offsets,
-      col_blocks=col_blocks, mask_index=mask_index, masks=np.ascontiguousarray(masks))
+      col_blocks=col_blocks, mask_index=mask_index, masks=masks, mask_key_range=key_range,
+      mask_query_range=query_range, mask_split=split)
 
 
 def _tiles(keep: KeepFn, h: int, bi: np.ndarray, bj: np.ndarray, b: int) -> np.ndarray:

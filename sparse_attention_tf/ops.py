@@ -141,6 +141,23 @@ def simd_isa() -> str:
   return _ops().sparse_attention_simd_isa().numpy().decode()
 
 
+def cpu_engines() -> dict:
+  """The fused attention's CPU dispatch, chosen once when the library loads.
+
+  Returns {"float32": engine, "bfloat16": engine or None (bfloat16 inputs are
+  converted to float32), "available": the engines this CPU runs, best first,
+  "requested": $SPARSE_ATTENTION_TF_ISA or ""}. Engines: "amx" (bf16 on AMX
+  tiles), "avx512_bf16" (bf16 pair products), "avx512", "avx2", "baseline"
+  (float32), and "amx_emulated" (tests only). `$SPARSE_ATTENTION_TF_ISA`
+  names the highest engine allowed; one this CPU lacks raises
+  `tf.errors.FailedPreconditionError` here and in every fused op.
+  """
+  f32, bf16, available, requested = (
+      s.decode() for s in _ops().sparse_attention_cpu_engines().numpy())
+  return {"float32": f32, "bfloat16": bf16 or None,
+          "available": [e for e in available.split(", ") if e], "requested": requested}
+
+
 def _ops():
   module = load_library()
   if module is None:
@@ -161,10 +178,20 @@ class TableTensors:
     self.col_blocks = tf.constant(tables.col_blocks, tf.int32)
     self.mask_index = tf.constant(tables.mask_index, tf.int32)
     self.masks = tf.constant(tables.masks, tf.bool)
+    self.mask_key_range = tf.constant(tables.mask_key_range, tf.int32)
+    self.mask_query_range = tf.constant(tables.mask_query_range, tf.int32)
+    self.mask_split = tf.constant(tables.mask_split, tf.bool)
 
   @property
   def all_tables(self):
+    """The tables of the products (sdd, dsd, dsd_t), in their argument order."""
     return (self.blocks, self.row_offsets, self.col_offsets, self.col_blocks)
+
+  @property
+  def fused_tables(self):
+    """The tables of `attention` / `attention_grad`, in their argument order."""
+    return self.all_tables + (self.mask_index, self.masks, self.mask_key_range,
+                              self.mask_query_range, self.mask_split)
 
 
 # --- raw ops ------------------------------------------------------------------
@@ -206,10 +233,13 @@ def softmax_grad(y, dy, row_offsets, scale: float):
 
 @tf.autograph.experimental.do_not_convert
 def attention(q, k, v, blocks, row_offsets, col_offsets, col_blocks, mask_index, masks,
-              key_padding_mask, scale: float, block_size: int):
+              mask_key_range, mask_query_range, mask_split, key_padding_mask, scale: float,
+              block_size: int):
   """Fused block-sparse attention: (out [B,N,H,Dv], lse [B,H,N] float32).
 
-  key_padding_mask: bool [B, N], True for real keys. `lse` (log-sum-exp of each
+  The tables are a `TableTensors`' `fused_tables` (see layout.py; the op
+  checks each, and that the mask ranges cover every visible element of
+  `masks`). key_padding_mask: bool [B, N], True for real keys. `lse` (log-sum-exp of each
   row's visible scaled scores, -inf for rows that see no key, NaN for rows
   that see a NaN) is what the gradient recomputes the probabilities from; it
   is not differentiable. `block_size` must be one of 16, 32, 64, 128 (else an
@@ -224,17 +254,19 @@ def attention(q, k, v, blocks, row_offsets, col_offsets, col_blocks, mask_index,
   that see it), as in dense attention, where it reaches every row.
   """
   return _ops().sparse_attention_blocksparse_attention(
-      q, k, v, blocks, row_offsets, col_offsets, col_blocks, mask_index, masks,
-      key_padding_mask, scale=scale, block_size=block_size)
+      q, k, v, blocks, row_offsets, col_offsets, col_blocks, mask_index, masks, mask_key_range,
+      mask_query_range, mask_split, key_padding_mask, scale=scale, block_size=block_size)
 
 
 @tf.autograph.experimental.do_not_convert
 def attention_grad(q, k, v, out, lse, dout, blocks, row_offsets, col_offsets, col_blocks,
-                   mask_index, masks, key_padding_mask, scale: float, block_size: int):
+                   mask_index, masks, mask_key_range, mask_query_range, mask_split,
+                   key_padding_mask, scale: float, block_size: int):
   """(dq, dk, dv) of `attention` for the output gradient dout."""
   return _ops().sparse_attention_blocksparse_attention_grad(
       q, k, v, out, lse, dout, blocks, row_offsets, col_offsets, col_blocks, mask_index,
-      masks, key_padding_mask, scale=scale, block_size=block_size)
+      masks, mask_key_range, mask_query_range, mask_split, key_padding_mask, scale=scale,
+      block_size=block_size)
 
 
 # --- gradients ------------------------------------------------------------------

@@ -105,14 +105,18 @@ SIGNATURES = {
                 ("scale",)),
     "softmax_grad": (("y", "dy", "row_offsets"), ("scale",)),
     "attention": (("q", "k", "v", "blocks", "row_offsets", "col_offsets", "col_blocks",
-                   "mask_index", "masks", "key_padding_mask"), ("scale", "block_size")),
+                   "mask_index", "masks", "mask_key_range", "mask_query_range", "mask_split",
+                   "key_padding_mask"), ("scale", "block_size")),
     "attention_grad": (("q", "k", "v", "out", "lse", "dout", "blocks", "row_offsets",
-                        "col_offsets", "col_blocks", "mask_index", "masks", "key_padding_mask"),
+                        "col_offsets", "col_blocks", "mask_index", "masks", "mask_key_range",
+                        "mask_query_range", "mask_split", "key_padding_mask"),
                        ("scale", "block_size")),
 }
 OPS = tuple(SIGNATURES)
 TAPE_OPS = ("sdd", "dsd", "dsd_t", "softmax", "attention")  # forward ops with a registered gradient
-TABLE_NAMES = ("blocks", "row_offsets", "col_offsets", "col_blocks", "mask_index")
+TABLE_NAMES = ("blocks", "row_offsets", "col_offsets", "col_blocks", "mask_index",
+               "mask_key_range", "mask_query_range")
+BOOL_NAMES = ("masks", "mask_split", "key_padding_mask")
 HUGE_SEQ = 131072
 FUSED_BLOCKS = (16, 32, 64, 128)   # ops.attention: else an InvalidArgumentError
 
@@ -167,9 +171,28 @@ def _masks_problem(mi, masks, z, block) -> Optional[str]:
   return None
 
 
+def _mask_tables_problem(x, block) -> Optional[str]:
+  """Why the fused ops' mask tables do not fit (or cover) the masks, or None."""
+  masks, kr, qr, split = (x[n] for n in ("masks", "mask_key_range", "mask_query_range",
+                                         "mask_split"))
+  m, g = masks.shape[0], block // 16
+  if kr.shape != (m, 2) or qr.shape != (m, g, 2) or split.shape != (m,):
+    return "mask table shapes"
+  for r in (kr, qr.reshape(-1, 2)):
+    if r.size and (r.min() < 0 or r.max() > block or (r % 16).any() or (r[:, 0] > r[:, 1]).any()):
+      return "a mask table range is not [lo, hi) of multiples of 16 in [0, b]"
+  mi, i, j = np.nonzero(masks)                                  # every visible element
+  if ((j < kr[mi, 0]) | (j >= kr[mi, 1])).any():
+    return "mask_key_range does not cover a visible key"
+  q = qr[mi, j // 16]
+  if (split[mi] & ((i < q[:, 0]) | (i >= q[:, 1]))).any():
+    return "mask_query_range does not cover a visible query of a split tile"
+  return None
+
+
 def contract_problem(op, x: dict, attrs: dict) -> Optional[str]:
   """Why the inputs break the op's documented contract (None: valid, a reference exists)."""
-  floats = [x[n] for n in SIGNATURES[op][0] if n not in TABLE_NAMES + ("masks", "key_padding_mask")]
+  floats = [x[n] for n in SIGNATURES[op][0] if n not in TABLE_NAMES + BOOL_NAMES]
   dtypes = {str(a.dtype) for a in floats if a is not x.get("lse")}
   if len(dtypes) != 1 or dtypes.pop() not in FLOAT_DTYPES:
     return "float operands must share one of float32, bfloat16, float16"
@@ -178,7 +201,7 @@ def contract_problem(op, x: dict, attrs: dict) -> Optional[str]:
   for n in TABLE_NAMES:
     if n in x and x[n].dtype != np.int32:
       return f"{n} must be int32"
-  for n in ("masks", "key_padding_mask"):
+  for n in BOOL_NAMES:
     if n in x and x[n].dtype != bool:
       return f"{n} must be bool"
   if op == "softmax_grad":
@@ -234,7 +257,8 @@ def contract_problem(op, x: dict, attrs: dict) -> Optional[str]:
     return f"the fused ops take block sizes {FUSED_BLOCKS}"
   if not np.isfinite(attrs["scale"]):
     return "the fused ops take a finite scale"
-  problem = _masks_problem(x["mask_index"], x["masks"], z, block)
+  problem = (_masks_problem(x["mask_index"], x["masks"], z, block) or
+             _mask_tables_problem(x, block))
   if problem:
     return problem
   if x["key_padding_mask"].shape != q.shape[:2]:
@@ -706,9 +730,10 @@ def random_layout_tables(rng, hl, nb, block):
   z = int(lay.sum())
   if z == 0:  # no kept block (tables_from_layout cannot build that one)
     zeros = np.zeros(hl * nb + 1, np.int32)
+    masks = np.zeros((0, block, block), bool)
     return layout_lib.BlockTables(nb * block, block, hl, np.zeros((0, 3), np.int32), zeros, zeros,
-                                  np.zeros(0, np.int32), np.zeros(0, np.int32),
-                                  np.zeros((0, block, block), bool))
+                                  np.zeros(0, np.int32), np.zeros(0, np.int32), masks,
+                                  *layout_lib.mask_tables(masks))
   tiles = np.ones((z, block, block), bool)
   for t in range(z):
     kind = rng.integers(4)
@@ -759,7 +784,9 @@ def _strategies():
     tabs = {"blocks": table(t.blocks), "row_offsets": table(t.row_offsets),
             "col_offsets": table(t.col_offsets), "col_blocks": table(t.col_blocks),
             "mask_index": table(t.mask_index), "masks": table(t.masks, "bool"),
-            "key_padding_mask": table(kp, "bool")}
+            "mask_key_range": table(t.mask_key_range),
+            "mask_query_range": table(t.mask_query_range),
+            "mask_split": table(t.mask_split, "bool"), "key_padding_mask": table(kp, "bool")}
     names, attr_names = SIGNATURES[op]
     inputs = [[n, floats[n] if n in floats else tabs[n]] for n in names]
     return {"kind": kind, "op": op, "dtype": dtype, "mode": mode, "upstream": upstream_seed,
@@ -854,7 +881,7 @@ def _strategies():
       if name in TABLE_NAMES:
         spec = {"shape": shape, "values": draw(st.lists(any_int, min_size=1, max_size=16)),
                 "dtype": "int32"}
-      elif name in ("masks", "key_padding_mask"):
+      elif name in BOOL_NAMES:
         spec = {"shape": shape, "values": draw(st.lists(st.booleans(), min_size=1, max_size=16)),
                 "dtype": "bool"}
       else:
@@ -875,7 +902,10 @@ def _strategies():
     dims = {"B": 1, "N": n, "H": 1, "D": 1, "Dv": 1, "G": 1, "Z": 0, "b": min(bs, 2**30)}
     t = _Tables(blocks=np.zeros((0, 3), np.int32), row_offsets=np.zeros(nb + 1, np.int32),
                 col_offsets=np.zeros(nb + 1, np.int32), col_blocks=np.zeros(0, np.int32),
-                mask_index=np.zeros(0, np.int32), masks=np.zeros((0, dims["b"], dims["b"]), bool))
+                mask_index=np.zeros(0, np.int32), masks=np.zeros((0, dims["b"], dims["b"]), bool),
+                mask_key_range=np.zeros((0, 2), np.int32),
+                mask_query_range=np.zeros((0, dims["b"] // 16, 2), np.int32),
+                mask_split=np.zeros(0, bool))
     dtype = pick(draw, list(FLOAT_DTYPES))
     floats = float_inputs(draw, op, dims, dtype, False)
     attrs = {"block_size": bs, "scale": 0.5}
@@ -894,6 +924,9 @@ class _Tables:
   col_blocks: np.ndarray
   mask_index: np.ndarray
   masks: np.ndarray
+  mask_key_range: np.ndarray
+  mask_query_range: np.ndarray
+  mask_split: np.ndarray
 
 
 # --- running one case -------------------------------------------------------------------

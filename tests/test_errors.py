@@ -65,8 +65,9 @@ def _base(op: str) -> dict:
   if op == "softmax_grad":
     return dict(y=sparse(), dy=sparse(), row_offsets=t.row_offsets.copy(), scale=0.5)
   fused = dict(q=dense(), k=dense(), v=dense(), **tables, mask_index=t.mask_index.copy(),
-               masks=t.masks.copy(), key_padding_mask=np.ones((B, N), bool), scale=0.5,
-               block_size=BS)
+               masks=t.masks.copy(), mask_key_range=t.mask_key_range.copy(),
+               mask_query_range=t.mask_query_range.copy(), mask_split=t.mask_split.copy(),
+               key_padding_mask=np.ones((B, N), bool), scale=0.5, block_size=BS)
   if op == "attention":
     return fused
   if op == "attention_grad":
@@ -82,9 +83,11 @@ _ORDER = {
     "softmax": ("x", "blocks", "row_offsets", "mask_index", "masks", "key_padding_mask"),
     "softmax_grad": ("y", "dy", "row_offsets"),
     "attention": ("q", "k", "v", "blocks", "row_offsets", "col_offsets", "col_blocks",
-                  "mask_index", "masks", "key_padding_mask"),
+                  "mask_index", "masks", "mask_key_range", "mask_query_range", "mask_split",
+                  "key_padding_mask"),
     "attention_grad": ("q", "k", "v", "out", "lse", "dout", "blocks", "row_offsets",
-                       "col_offsets", "col_blocks", "mask_index", "masks", "key_padding_mask"),
+                       "col_offsets", "col_blocks", "mask_index", "masks", "mask_key_range",
+                       "mask_query_range", "mask_split", "key_padding_mask"),
 }
 _ATTRS = {"sdd": ("block_size",), "softmax": ("scale",), "softmax_grad": ("scale",),
           "attention": ("scale", "block_size"), "attention_grad": ("scale", "block_size")}
@@ -402,6 +405,84 @@ def test_fused_attention_rejects_bad_operands(ops, op, case):
   _assert_invalid(ops, op, args, pattern)
 
 
+# The mask tables (layout.mask_tables): shapes, values, and coverage of the
+# masks. At block 16 every mask has one key group, so mask_query_range is
+# [M, 1, 2] and every derived range is [0, 16) or (0, 0).
+_MV = int(np.argmax(TABLES.masks.any(axis=(1, 2))))   # a mask that shows something
+_VISIBLE = np.argwhere(TABLES.masks[_MV])             # the (query, key) pairs it shows
+_SEEN_KEY = _VISIBLE[:, 1].min()
+
+
+def _split_without_queries(args):
+  """masks[_MV] computed group by group, on no query."""
+  out = dict(args, mask_split=args["mask_split"].copy(),
+             mask_query_range=args["mask_query_range"].copy())
+  out["mask_split"][_MV] = True
+  out["mask_query_range"][_MV, 0] = (0, 0)
+  return out
+
+
+MASK_TABLE_CASES = [
+    ("key_range_rank1", _set(mask_key_range=lambda a: a.reshape(-1)),
+     rf"mask_key_range must have shape \[{M}, 2\] \(num_masks, \[lo, hi\)\), got \[{2 * M}\]"),
+    ("key_range_one_short", _set(mask_key_range=lambda a: a[:-1]),
+     rf"mask_key_range must have shape \[{M}, 2\]"),
+    ("query_range_two_groups", _set(mask_query_range=lambda a: np.concatenate([a, a], 1)),
+     rf"mask_query_range must have shape \[{M}, 1, 2\] \(num_masks, block_size / 16, \[lo, hi\)\), "
+     rf"got \[{M},2,2\]"),
+    ("query_range_rank2", _set(mask_query_range=lambda a: a[:, 0]),
+     rf"mask_query_range must have shape \[{M}, 1, 2\]"),
+    ("split_one_long", _set(mask_split=lambda a: np.append(a, False)),
+     rf"mask_split must have shape \[{M}\] \(num_masks\), got \[{M + 1}\]"),
+    ("key_range_past_block", _entry("mask_key_range", 0, (0, 32)),
+     r"invalid mask tables: mask_key_range\[0\] = \[0, 32\) is out of \[0, 16\]"),
+    ("key_range_negative", _entry("mask_key_range", -1, (-16, 16)),
+     rf"mask_key_range\[{M - 1}\] = \[-16, 16\) is out of \[0, 16\]"),
+    ("key_range_int32_min", _entry("mask_key_range", 0, (I32_MIN, 0)),
+     r"mask_key_range\[0\] = \[-2147483648, 0\) is out of \[0, 16\]"),
+    ("key_range_not_multiple_of_16", _entry("mask_key_range", 0, (0, 8)),
+     r"mask_key_range\[0\] = \[0, 8\) is not made of multiples of 16"),
+    ("key_range_lo_above_hi", _entry("mask_key_range", 0, (16, 0)),
+     r"mask_key_range\[0\] = \[16, 0\) has lo > hi"),
+    ("query_range_past_block", _entry("mask_query_range", (0, 0), (0, I32_MAX)),
+     r"mask_query_range\[0, 0\] = \[0, 2147483647\) is out of \[0, 16\]"),
+    ("query_range_not_multiple_of_16", _entry("mask_query_range", (-1, 0), (4, 16)),
+     rf"mask_query_range\[{M - 1}, 0\] = \[4, 16\) is not made of multiples of 16"),
+    ("query_range_lo_above_hi", _entry("mask_query_range", (0, 0), (16, 0)),
+     r"mask_query_range\[0, 0\] = \[16, 0\) has lo > hi"),
+    ("key_range_misses_keys", _entry("mask_key_range", _MV, (16, 16)),
+     rf"invalid mask tables: mask_key_range\[{_MV}\] = \[16, 16\) does not cover key {_SEEN_KEY} "
+     rf"of masks\[{_MV}\], which query \d+ sees"),
+    ("split_query_range_misses_queries", _split_without_queries,
+     rf"invalid mask tables: mask_query_range\[{_MV}, 0\] = \[0, 0\) does not cover query "
+     rf"{_VISIBLE[0, 0]}, which sees key {_VISIBLE[0, 1]} of masks\[{_MV}\] "
+     rf"\(mask_split\[{_MV}\] is true\)"),
+]
+
+
+@pytest.mark.parametrize("op", ["attention", "attention_grad"])
+@pytest.mark.parametrize("case", MASK_TABLE_CASES, ids=lambda c: c[0])
+def test_fused_attention_rejects_bad_mask_tables(ops, op, case):
+  _, mutate, pattern = case
+  _assert_invalid(ops, op, mutate(_base(op)), pattern)
+
+
+@pytest.mark.parametrize("op", ["attention", "attention_grad"])
+def test_fused_attention_takes_wider_mask_tables(ops, op):
+  """Ranges wider than derived only cost time; a query range is read only where split."""
+  base = _base(op)
+  want = [np.asarray(o) for o in tf.nest.flatten(_call(ops, op, base))]
+  wide = dict(base, mask_key_range=np.tile(np.int32([0, BS]), (M, 1)),
+              mask_query_range=np.tile(np.int32([0, BS]), (M, 1, 1)),
+              mask_split=np.ones(M, bool))
+  unsplit_empty = dict(base, mask_query_range=np.zeros_like(base["mask_query_range"]),
+                       mask_split=np.zeros(M, bool))
+  for args in (wide, unsplit_empty):
+    got = [np.asarray(o) for o in tf.nest.flatten(_call(ops, op, args))]
+    for g, w in zip(got, want):
+      np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("case", GRAD_CASES, ids=lambda c: c[0])
 def test_fused_attention_grad_rejects_bad_operands(ops, case):
   _, mutate, pattern = case
@@ -503,6 +584,10 @@ GRAPH_CASES = [
     ("attention_masks_rank2", "attention", _set(masks=lambda a: a[0]),
      r"masks must have rank 3|Shape must be rank 3 but is rank 2"),
     ("attention_mask_index_out_of_range", "attention", _entry("mask_index", 0, M), r"mask_index\[0\]"),
+    ("attention_mask_key_range_second_dim", "attention", _set(mask_key_range=lambda a: a[:, :1]),
+     r"mask_key_range must have shape|Dimension must be 2 but is 1"),
+    ("attention_grad_mask_key_range_coverage", "attention_grad",
+     _entry("mask_key_range", _MV, (0, 0)), rf"mask_key_range\[{_MV}\] = \[0, 0\) does not cover key"),
     ("attention_grad_lse_rank", "attention_grad", _set(lse=lambda a: a[0]),
      r"lse must have shape|Shape must be rank 3 but is rank 2"),
     ("attention_grad_dout", "attention_grad", _set(dout=lambda a: a[:1]),

@@ -4,6 +4,7 @@ Accuracy over every pattern, block size and padding mask is in test_attention.py
 (`implementation="custom_op"` is the fused op); error paths in test_errors.py.
 """
 
+import dataclasses
 import os
 import pathlib
 import subprocess
@@ -29,8 +30,7 @@ def _tables(pattern, n, block):
 
 
 def _fused(q, k, v, t, kp, scale):
-  return ops_lib.attention(q, k, v, *t.all_tables, t.mask_index, t.masks, kp, scale=scale,
-                           block_size=t.block_size)
+  return ops_lib.attention(q, k, v, *t.fused_tables, kp, scale=scale, block_size=t.block_size)
 
 
 def _np_lse(q, k, mask, scale, kp):
@@ -141,6 +141,37 @@ def test_tiles_with_per_group_query_ranges(ops, rng, block):
                                    kp, dout)
   for x, r in zip([out, *grads], [ref, *ref_grads]):
     assert npref.rel_err(x, r) <= 1e-5
+
+
+@pytest.mark.parametrize("block", [32, 64, 128])
+def test_wider_mask_tables_give_the_same_result(ops, rng, block):
+  """Conservative mask tables (every key, every query; split or not) only cost time:
+  forward and gradients equal those of the derived tables, which split tiles."""
+  n = 256
+  nb = n // block
+  layout = np.tril(np.ones((1, nb, nb), bool))
+  tiles = _group_tiles(rng, block)
+  tables = layout_lib.tables_from_layout(layout, tiles, rng.integers(0, len(tiles), int(layout.sum())),
+                                         block)
+  assert tables.mask_split.any()
+  m, g = tables.masks.shape[0], block // 16
+  whole = dict(mask_key_range=np.tile(np.int32([0, block]), (m, 1)),
+               mask_query_range=np.tile(np.int32([0, block]), (m, g, 1)))
+  variants = [tables,
+              dataclasses.replace(tables, **whole, mask_split=np.zeros(m, bool)),
+              dataclasses.replace(tables, **whole, mask_split=np.ones(m, bool))]
+  q, k, v = (tf.constant(rng.standard_normal((1, n, 2, 16)), tf.float32) for _ in range(3))
+  kp = tf.constant(rng.random((1, n)) > 0.1)
+  dout = tf.constant(rng.standard_normal((1, n, 2, 16)), tf.float32)
+  results = []
+  for t in variants:
+    with tf.GradientTape() as tape:
+      tape.watch([q, k, v])
+      out, lse = _fused(q, k, v, ops_lib.TableTensors(t), kp, 0.3)
+    results.append([out, lse] + tape.gradient(out, [q, k, v], output_gradients=dout))
+  for other in results[1:]:
+    for x, y in zip(results[0], other):
+      np.testing.assert_allclose(x.numpy(), y.numpy(), rtol=1e-5, atol=1e-6)
 
 
 def test_fused_matches_unfused_tightly(ops, rng):

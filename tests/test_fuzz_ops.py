@@ -59,13 +59,14 @@ def _case(op, dtype="float32", mode="eager", scale=0.5):
             "softmax_grad": {"y": (2, 2, t.nnz, 16, 16), "dy": (2, 2, t.nnz, 16, 16)},
             "attention": {"q": (2, 64, 4, 5), "k": (2, 64, 4, 5), "v": (2, 64, 4, 3)}}[op]
   tabs = {"blocks": t.blocks, "row_offsets": t.row_offsets, "col_offsets": t.col_offsets,
-          "col_blocks": t.col_blocks, "mask_index": t.mask_index}
+          "col_blocks": t.col_blocks, "mask_index": t.mask_index,
+          "mask_key_range": t.mask_key_range, "mask_query_range": t.mask_query_range}
   inputs = []
   for k, name in enumerate(fuzz.SIGNATURES[op][0]):
     if name in floats:
       inputs.append([name, fuzz.normal(floats[name], k, dtype)])
-    elif name == "masks":
-      inputs.append([name, fuzz.table(t.masks, "bool")])
+    elif name in ("masks", "mask_split"):
+      inputs.append([name, fuzz.table(getattr(t, name), "bool")])
     elif name == "key_padding_mask":
       inputs.append([name, fuzz.table(np.arange(64)[None].repeat(2, 0) < [[64], [50]], "bool")])
     else:

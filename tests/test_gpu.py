@@ -16,6 +16,7 @@ GPU against the same op on the CPU, forward and gradients, in each dtype.
 
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 
@@ -105,6 +106,15 @@ def test_cuda_sources_compile(tmp_path):
   env = dict(os.environ, NVCC=nvcc, CUDA_ARCHS="80 90", BUILD_DIR=str(tmp_path))
   _run(["bash", str(HARNESS / "run.sh"), "--build-only"], timeout=600, env=env)
   assert (tmp_path / "harness").exists()
+
+
+def test_production_sources_include_no_harness_header():
+  """The CUDA kernels and the TF kernels never include a header of the test harness."""
+  for folder in ("cuda", "cc"):
+    for path in (ROOT / "custom_ops" / folder).rglob("*"):
+      if path.suffix in (".cu", ".cc", ".h"):
+        includes = re.findall(r'^\s*#\s*include\s+"([^"]+)"', path.read_text(), re.M)
+        assert not [i for i in includes if "gpu_harness/" in i], path
 
 
 def test_gpu_registrations_compile():
@@ -201,13 +211,18 @@ def _table_tensors(t):
   return [tf.constant(a) for a in (t.blocks, t.row_offsets, t.col_offsets, t.col_blocks)]
 
 
+def _fused_tables(t):
+  from sparse_attention_tf import ops as ops_lib
+  return list(ops_lib.TableTensors(t).fused_tables)
+
+
 @requires_gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.name)
 @pytest.mark.parametrize("case", _cases(), ids=lambda c: c[0])
 def test_fused_attention_gpu_matches_cpu(raw_ops, case, dtype):
   _, t, batch, heads, d, dv = case
   q, k, v, dout, kpm = _inputs(t, batch, heads, d, dv, dtype, 1)
-  tabs = _table_tensors(t) + [tf.constant(t.mask_index), tf.constant(t.masks)]
+  tabs = _fused_tables(t)
   scale = d**-0.5
   fwd = lambda q, k, v: raw_ops.sparse_attention_blocksparse_attention(
       q, k, v, *tabs, kpm, scale=scale, block_size=t.block_size)
@@ -268,13 +283,27 @@ def test_three_op_path_gpu_matches_cpu(raw_ops, case, dtype):
 def test_gpu_rejects_bad_tables_like_cpu(raw_ops):
   t = patterns.Fixed(128, 32).plan(256, 64).parts[0].tables
   q, k, v, _, kpm = _inputs(t, 1, 2, 32, 32, tf.float32, 3)
-  good = _table_tensors(t) + [tf.constant(t.mask_index), tf.constant(t.masks)]
+  good = _fused_tables(t)
   fwd = lambda *tabs: raw_ops.sparse_attention_blocksparse_attention(
       q, k, v, *tabs, kpm, scale=0.1, block_size=t.block_size)
+  grad = lambda *tabs: raw_ops.sparse_attention_blocksparse_attention_grad(
+      q, k, v, v, tf.zeros([1, 2, t.seq_len]), v, *tabs, kpm, scale=0.1,
+      block_size=t.block_size)
   _on("/GPU:0", fwd, *good)  # skips if the library has no GPU kernels
   bad = t.blocks.copy()
   bad[0, 2] = 99
-  tabs = [tf.constant(bad)] + _table_tensors(t)[1:] + [tf.constant(t.mask_index),
-                                                       tf.constant(t.masks)]
   with tf.device("/GPU:0"), pytest.raises(tf.errors.InvalidArgumentError, match="blocks"):
-    fwd(*tabs)
+    fwd(tf.constant(bad), *good[1:])
+  # The same checks as the CPU's (one op class): the column lists, in the
+  # forward too, and the mask tables' coverage of the masks.
+  cols = t.col_blocks[::-1].copy()
+  split = t.mask_split.copy()
+  query_range = t.mask_query_range.copy()
+  query_range[split, :, 1] = query_range[split, :, 0]     # covers no query
+  for fn in (fwd, grad):
+    for i, bad, message in ((3, cols, "col_blocks"),
+                            (8, query_range, "does not cover query")):
+      tabs = list(good)
+      tabs[i] = tf.constant(bad)
+      with tf.device("/GPU:0"), pytest.raises(tf.errors.InvalidArgumentError, match=message):
+        fn(*tabs)

@@ -170,7 +170,8 @@ _RAW_FUSED = textwrap.dedent("""
       i32 = lambda x: tf.constant(x, tf.int32)
       b = max(block, 0) if block < 1 << 20 else 0
       tables = (i32(np.zeros((1, 3))), i32([0, 1]), i32([0, 1]), i32([0]), i32([-1]),
-                tf.zeros([0, b, b], tf.bool), tf.ones([1, n], tf.bool))
+                tf.zeros([0, b, b], tf.bool), i32(np.zeros((0, 2))),
+                i32(np.zeros((0, b // 16, 2))), tf.zeros([0], tf.bool), tf.ones([1, n], tf.bool))
       fwd = lambda: ops.attention(q, q, q, *tables, scale=1.0, block_size=block)
       bwd = lambda: ops.attention_grad(q, q, q, q, tf.zeros([1, 1, n]), q, *tables, scale=1.0,
                                        block_size=block)
@@ -219,7 +220,8 @@ def test_fused_ops_reject_nonfinite_scale(ops, scale):
   q = tf.zeros([1, n, 1, 2])
   i32 = lambda x: tf.constant(x, tf.int32)
   tables = (i32([[0, 0, 0]]), i32([0, 1]), i32([0, 1]), i32([0]), i32([-1]),
-            tf.zeros([0, n, n], tf.bool), tf.ones([1, n], tf.bool))
+            tf.zeros([0, n, n], tf.bool), i32(np.zeros((0, 2))), i32(np.zeros((0, n // 16, 2))),
+            tf.zeros([0], tf.bool), tf.ones([1, n], tf.bool))
   pattern = f"scale must be finite for the fused attention kernels, got {str(scale).lower()}"
   with pytest.raises(tf.errors.InvalidArgumentError, match=pattern.replace("-", r"\-")):
     ops.attention(q, q, q, *tables, scale=float(scale), block_size=n)

@@ -306,6 +306,44 @@ def _heads_of(part, num_heads):
 # ---------------------------------------------------------------------------
 # Table checks.
 # ---------------------------------------------------------------------------
+def loop_mask_tables(masks, b):
+  """The fused kernels' mask ranges from their definition (layout.py), by loops.
+
+  Per mask: the groups of 16 keys some query sees give the key range; each
+  seen group, the first and last query that sees it, widened to multiples of
+  16; split when a seen group's query range is narrower than the tile.
+  """
+  groups = b // 16
+  key_range = np.zeros((len(masks), 2), np.int64)
+  query_range = np.zeros((len(masks), groups, 2), np.int64)
+  split = np.zeros(len(masks), bool)
+  for m, tile in enumerate(masks):
+    seen = []
+    for g in range(groups):
+      queries = [i for i in range(b) for j in range(16 * g, 16 * g + 16) if tile[i, j]]
+      if not queries:
+        continue
+      seen.append(g)
+      lo, hi = min(queries) // 16 * 16, (max(queries) + 16) // 16 * 16
+      query_range[m, g] = (lo, hi)
+      split[m] |= hi - lo < b
+    if seen:
+      key_range[m] = (16 * seen[0], 16 * seen[-1] + 16)
+  return key_range, query_range, split
+
+
+def check_mask_tables(t):
+  """t's mask_key_range, mask_query_range, mask_split against loop_mask_tables."""
+  b, m = t.block_size, t.masks.shape[0]
+  key_range, query_range, split = loop_mask_tables(t.masks, b)
+  assert t.mask_key_range.dtype == np.int32 and t.mask_key_range.shape == (m, 2)
+  assert t.mask_query_range.dtype == np.int32 and t.mask_query_range.shape == (m, b // 16, 2)
+  assert t.mask_split.dtype == bool and t.mask_split.shape == (m,)
+  np.testing.assert_array_equal(t.mask_key_range, key_range)
+  np.testing.assert_array_equal(t.mask_query_range, query_range)
+  np.testing.assert_array_equal(t.mask_split, split)
+
+
 def check_tables(t, ref, b):
   """Checks BlockTables `t` against the reference element mask `ref` [Hl, N, N]."""
   hl, n = ref.shape[0], ref.shape[1]
@@ -361,6 +399,7 @@ def check_tables(t, ref, b):
   for name in ("blocks", "row_offsets", "col_offsets", "col_blocks", "mask_index"):
     assert np.asarray(getattr(t, name)).dtype == np.int32, name
 
+  check_mask_tables(t)
   expanded = t.element_mask()
   assert expanded.shape == (hl, n, n)
   assert np.array_equal(expanded, ref)
@@ -369,6 +408,32 @@ def check_tables(t, ref, b):
 # ---------------------------------------------------------------------------
 # Tests.
 # ---------------------------------------------------------------------------
+@pytest.mark.parametrize("block", [16, 32, 64, 128])
+def test_mask_tables_of_random_tiles(block):
+  """tables_from_layout's mask ranges on random tiles, fresh each run: scattered
+  elements, causal and banded tiles, empty groups between seen ones, empty tiles."""
+  rng = np.random.default_rng()
+  nb = 3
+  layout = rng.random((2, nb, nb)) < 0.7
+  layout[:, 0, 0] = True
+  z = int(layout.sum())
+  i, j = np.meshgrid(np.arange(block), np.arange(block), indexing="ij")
+  kinds = [lambda: rng.random((block, block)) < rng.uniform(0.01, 0.5),
+           lambda: j <= i,
+           lambda: (abs(i - j) < rng.integers(1, block)) & (rng.random((block, block)) < 0.9),
+           lambda: (j // 16 % 2 == 0) & (i >= rng.integers(0, block)),
+           lambda: np.zeros((block, block), bool),
+           lambda: np.ones((block, block), bool)]
+  tiles = np.stack([kinds[rng.integers(len(kinds))]() for _ in range(z)])
+  t = layout_lib.tables_from_layout(layout, tiles, np.arange(z), block)
+  assert t.masks.shape[0] >= 1
+  check_mask_tables(t)
+  full = layout_lib.tables_from_layout(layout, np.ones((z, block, block), bool), np.arange(z),
+                                       block)
+  assert full.masks.shape == (0, block, block)     # no partial tile: empty mask tables
+  check_mask_tables(full)
+
+
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_mask_matches_reference(case):
   ref = reference(case)

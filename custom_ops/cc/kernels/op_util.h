@@ -1,5 +1,6 @@
-// Shared pieces of the TF CPU kernels: error messages, the thread-pool split,
-// float32 views of inputs/outputs, and the shape and table checks.
+// Shared pieces of the TF kernels: the device tags, error messages, the
+// thread-pool split and float32 views of the CPU launchers, and the shape and
+// table checks every device's op class runs.
 #ifndef SPARSE_ATTENTION_TF_KERNELS_OP_UTIL_H_
 #define SPARSE_ATTENTION_TF_KERNELS_OP_UTIL_H_
 
@@ -9,8 +10,11 @@
 #include <atomic>
 #include <functional>
 #include <string>
+#include <type_traits>
+#include <vector>
 
 #include "custom_ops/cc/kernels/blocksparse_cpu.h"
+#include "custom_ops/cc/kernels/mask_tables.h"
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/register_types.h"
 #include "tensorflow/core/framework/tensor.h"
@@ -28,6 +32,13 @@ using Status = ::absl::Status;
 using ::tensorflow::Tensor;
 using ::tensorflow::TensorShape;
 using CPUDevice = Eigen::ThreadPoolDevice;
+// The GPU launchers' device tag (blocksparse_ops_gpu.cc). Not Eigen::GpuDevice:
+// that needs the CUDA headers, which TF's pip package does not ship.
+struct GPUDevice {};
+
+// Whether an op's inputs that are not HostMemory can be read on the host.
+template <typename Device>
+constexpr bool kInputsOnHost = std::is_same<Device, CPUDevice>::value;
 
 
 // InvalidArgument with a message built from the arguments.
@@ -37,6 +48,11 @@ inline Status Invalid(const Args&... args) {
 }
 
 inline std::string ShapeString(const Tensor& t) { return t.shape().DebugString(); }
+
+inline std::vector<int64_t> DimSizes(const Tensor& t) {
+  const auto d = t.shape().dim_sizes();
+  return std::vector<int64_t>(d.begin(), d.end());
+}
 
 // Runs fn(begin, end) over [0, units) on TF's intra-op thread pool, in fixed
 // chunks of about 1/16 of a thread's share: rows of a pattern differ a lot in
@@ -303,9 +319,17 @@ inline Status FillSoftmaxProblem(const Tensor& x, const Tensor& blocks, const Te
   return absl::OkStatus();
 }
 
+// The fused attention ops' inputs from the first table: blocks, row_offsets,
+// col_offsets, col_blocks, mask_index, masks, mask_key_range,
+// mask_query_range, mask_split, key_padding_mask.
+enum AttentionTable {
+  kBlocks = 0, kRowOffsets, kColOffsets, kColBlocks, kMaskIndex, kMasks, kMaskKeyRange,
+  kMaskQueryRange, kMaskSplit, kKeyPadding
+};
+
 // The shapes of the fused attention's operands: q, k [B, N, H, D],
-// v [B, N, H, Dv], then from input first_table the four tables, mask_index,
-// masks and key_padding_mask [B, N]. Fills p and m without reading the tables.
+// v [B, N, H, Dv], then from input first_table the tables (AttentionTable)
+// with key_padding_mask [B, N]. Fills p and m without reading the tables.
 inline Status CheckAttentionShapes(OpKernelContext* ctx, int first_table, int64_t block,
                                    Problem* p, SoftmaxMasks* m) {
   const Tensor& q = ctx->input(0);
@@ -321,17 +345,38 @@ inline Status CheckAttentionShapes(OpKernelContext* ctx, int first_table, int64_
       v.dim_size(2) != q.dim_size(2))
     return Invalid("v must agree with q on [batch, seq, heads], got ", ShapeString(v), " and ",
                    ShapeString(q));
-  const int i = first_table;
+  auto in = [&](AttentionTable t) -> const Tensor& { return ctx->input(first_table + t); };
   TF_RETURN_IF_ERROR(FillProblem(q.dim_size(0), q.dim_size(1), q.dim_size(2), q.dim_size(3),
-                                 block, ctx->input(i), ctx->input(i + 1), &ctx->input(i + 2),
-                                 &ctx->input(i + 3), p));
-  TF_RETURN_IF_ERROR(CheckMaskShapes(ctx->input(i + 4), ctx->input(i + 5), *p, m));
-  const Tensor& key_padding = ctx->input(i + 6);
+                                 block, in(kBlocks), in(kRowOffsets), &in(kColOffsets),
+                                 &in(kColBlocks), p));
+  TF_RETURN_IF_ERROR(CheckMaskShapes(in(kMaskIndex), in(kMasks), *p, m));
+  const std::string err = ValidateMaskTableShapes(
+      m->num_masks, block, DimSizes(in(kMaskKeyRange)), DimSizes(in(kMaskQueryRange)),
+      DimSizes(in(kMaskSplit)));
+  if (!err.empty()) return Invalid(err);
+  const Tensor& key_padding = in(kKeyPadding);
   if (key_padding.dims() != 2 || key_padding.dim_size(0) != p->batch ||
       key_padding.dim_size(1) != p->seq)
     return Invalid("key_padding_mask must have shape [", p->batch, ", ", p->seq,
                    "] (batch, seq), got ", ShapeString(key_padding));
   return absl::OkStatus();
+}
+
+// The contents of the mask tables (host memory) against the masks.
+inline Status ValidateMaskTablesOf(OpKernelContext* ctx, int first_table, const Problem& p,
+                                   const SoftmaxMasks& m) {
+  auto in = [&](AttentionTable t) -> const Tensor& { return ctx->input(first_table + t); };
+  const std::string err = ValidateMaskTables(
+      m.masks, m.num_masks, p.block, in(kMaskKeyRange).flat<int32_t>().data(),
+      in(kMaskQueryRange).flat<int32_t>().data(), in(kMaskSplit).flat<bool>().data());
+  if (!err.empty()) return Invalid("invalid mask tables: ", err);
+  return absl::OkStatus();
+}
+
+// An all-true key padding mask hides nothing: null, so that no kernel reads
+// it per element. Host memory only.
+inline const bool* KeyPaddingOrNull(const bool* kp, int64_t n) {
+  return std::all_of(kp, kp + n, [](bool x) { return x; }) ? nullptr : kp;
 }
 
 // Average flops of one row unit, as the thread pool's cost hint.

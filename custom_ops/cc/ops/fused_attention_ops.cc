@@ -18,7 +18,8 @@ namespace {
 
 // q, k [B, N, H, D] and v [B, N, H, Dv]; the tables from input `first`:
 // blocks [Z, 3], row_offsets, col_offsets, col_blocks, mask_index (rank 1),
-// masks (rank 3), key_padding_mask (rank 2). Sets *v to v's shape.
+// masks (rank 3), mask_key_range [M, 2], mask_query_range (rank 3),
+// mask_split (rank 1), key_padding_mask (rank 2). Sets *v to v's shape.
 Status CheckAttentionInputs(InferenceContext* c, int first, ShapeHandle* qk, ShapeHandle* v) {
   ShapeHandle k, s;
   TF_RETURN_IF_ERROR(c->WithRank(c->input(0), 4, qk));
@@ -34,7 +35,13 @@ Status CheckAttentionInputs(InferenceContext* c, int first, ShapeHandle* qk, Sha
   TF_RETURN_IF_ERROR(c->WithValue(c->Dim(s, 1), 3, &three));
   for (int i = 1; i <= 4; ++i) TF_RETURN_IF_ERROR(c->WithRank(c->input(first + i), 1, &s));
   TF_RETURN_IF_ERROR(c->WithRank(c->input(first + 5), 3, &s));
-  return c->WithRank(c->input(first + 6), 2, &s);
+  TF_RETURN_IF_ERROR(c->WithRank(c->input(first + 6), 2, &s));
+  DimensionHandle two;
+  TF_RETURN_IF_ERROR(c->WithValue(c->Dim(s, 1), 2, &two));
+  TF_RETURN_IF_ERROR(c->WithRank(c->input(first + 7), 3, &s));
+  TF_RETURN_IF_ERROR(c->WithValue(c->Dim(s, 2), 2, &two));
+  TF_RETURN_IF_ERROR(c->WithRank(c->input(first + 8), 1, &s));
+  return c->WithRank(c->input(first + 9), 2, &s);
 }
 
 }  // namespace
@@ -49,6 +56,9 @@ REGISTER_OP("SparseAttention>BlocksparseAttention")
     .Input("col_blocks: int32")
     .Input("mask_index: int32")
     .Input("masks: bool")
+    .Input("mask_key_range: int32")
+    .Input("mask_query_range: int32")
+    .Input("mask_split: bool")
     .Input("key_padding_mask: bool")
     .Output("out: T")
     .Output("lse: float")
@@ -74,6 +84,15 @@ v: [B, N, H, Dv].
 blocks, row_offsets, col_offsets, col_blocks: the lookup tables (see BlocksparseSdd).
 mask_index: [Z] -1 for a full tile, else an index into masks.
 masks: [M, b, b] tile masks (true: keep) at [query row, key column].
+mask_key_range: [M, 2] per tile mask the key columns [lo, hi) that some query
+  sees, multiples of 16 in [0, b]; (0, 0) for a mask no query sees anything of.
+mask_query_range: [M, b/16, 2] per tile mask and group g of 16 keys (keys
+  16g..16g+15) the queries [lo, hi) that see any of them, multiples of 16 in
+  [0, b]; (0, 0) where none does.
+mask_split: [M] true if the kernels compute the tile group by group on the
+  queries of mask_query_range only. The three tables are built once per
+  pattern (sparse_attention_tf/layout.py); they must cover every visible
+  element of masks (checked), and wider ranges are valid (only slower).
 key_padding_mask: [B, N] (true: real key, false: padding).
 out: [B, N, H, Dv].
 lse: [B, H, N] float32 log-sum-exp of each row's visible scaled scores, -inf
@@ -94,6 +113,9 @@ REGISTER_OP("SparseAttention>BlocksparseAttentionGrad")
     .Input("col_blocks: int32")
     .Input("mask_index: int32")
     .Input("masks: bool")
+    .Input("mask_key_range: int32")
+    .Input("mask_query_range: int32")
+    .Input("mask_split: bool")
     .Input("key_padding_mask: bool")
     .Output("dq: T")
     .Output("dk: T")
