@@ -125,3 +125,48 @@ def plot_pattern(pattern: patterns_lib.Pattern, seq_len: int, path: Optional[str
     fig.savefig(path, dpi=dpi)
     plt.close(fig)
   return fig
+
+
+def plot_curves(panels: Sequence[tuple], ylabel: str, title: str, path: Optional[str] = None,
+                log2_x: bool = False, dpi: int = 100):
+  """Line plots side by side, one line per named series (learning curves, scaling plots).
+
+      plot_curves([("step", {"dense": (steps, bits), "fixed": (steps, bits2)}),
+                   ("seconds", {"dense": (secs, bits), "fixed": (secs2, bits2)})],
+                  "validation bits/byte", "pystdlib, seq_len 4096", "curves.png")
+
+  Args:
+    panels: `(x label, {name: (xs, ys)})` per panel; a name keeps its colour in
+      every panel.
+    ylabel: the y axis of every panel.
+    title: the figure's title.
+    path: output file (PNG); None to only return the figure.
+    log2_x: a base-2 logarithmic x axis (e.g. context lengths 256 ... 16384).
+    dpi: resolution of the saved file.
+
+  Returns:
+    The matplotlib Figure.
+  """
+  import matplotlib
+  matplotlib.use("Agg", force=False)
+  import matplotlib.pyplot as plt
+
+  names = list(dict.fromkeys(name for _, series in panels for name in series))
+  colours = {name: f"C{i}" for i, name in enumerate(names)}
+  fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.8), squeeze=False,
+                           layout="constrained")
+  for ax, (xlabel, series) in zip(axes[0], panels):
+    for name, (xs, ys) in series.items():
+      ax.plot(xs, ys, marker="o", markersize=3, label=name, color=colours[name])
+    if log2_x:
+      ax.set_xscale("log", base=2)
+    ax.set_xlabel(xlabel, fontsize=9)
+    ax.set_ylabel(ylabel, fontsize=9)
+    ax.tick_params(labelsize=8)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+  fig.suptitle(title, fontsize=TITLE_FONTSIZE)
+  if path is not None:
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+  return fig
