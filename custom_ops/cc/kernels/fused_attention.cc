@@ -61,44 +61,6 @@ void SegmentRows(const Tables& t, int64_t segments, int32_t* rows) {
   }
 }
 
-void BuildMaskTables(const bool* masks, int64_t num_masks, int64_t block, const MaskTables& t) {
-  const float kNegInf = -std::numeric_limits<float>::infinity();
-  const int64_t groups = block / 16;
-  std::fill(t.key_range, t.key_range + 2 * num_masks, 0);
-  std::fill(t.query_range, t.query_range + 2 * num_masks * groups, 0);
-  std::fill(t.split_tile, t.split_tile + num_masks, 0);
-  for (int64_t m = 0; m < num_masks; ++m) {
-    const bool* tile = masks + m * block * block;  // [query i][key j]
-    for (int64_t i = 0; i < block; ++i)
-      for (int64_t j = 0; j < block; ++j)
-        t.bias_t[(m * block + j) * block + i] = tile[i * block + j] ? 0.f : kNegInf;
-    int64_t first = groups, last = -1;  // the key groups some query sees
-    for (int64_t g = 0; g < groups; ++g) {
-      int64_t lo = block, hi = 0;
-      for (int64_t i = 0; i < block; ++i)
-        for (int64_t j = 16 * g; j < 16 * g + 16; ++j)
-          if (tile[i * block + j]) lo = std::min(lo, i), hi = std::max(hi, i + 1);
-      if (hi <= lo) continue;  // no query sees the group: (0, 0)
-      first = std::min(first, g), last = g;
-      lo = lo / 16 * 16, hi = (hi + 15) / 16 * 16;
-      t.query_range[2 * (m * groups + g)] = static_cast<int32_t>(lo);
-      t.query_range[2 * (m * groups + g) + 1] = static_cast<int32_t>(hi);
-      if (hi - lo < block) t.split_tile[m] = 1;
-    }
-    if (last >= 0) {  // else an empty tile: (0, 0), nothing to compute
-      t.key_range[2 * m] = static_cast<int32_t>(16 * first);
-      t.key_range[2 * m + 1] = static_cast<int32_t>(16 * (last + 1));
-    }
-  }
-}
-
-void MaskTables::Attach(AttentionProblem* a) const {
-  a->bias_t = bias_t;
-  a->key_range = key_range;
-  a->query_range = query_range;
-  a->split_tile = split_tile;
-}
-
 std::string ValidateBlockSize(int64_t block) {
   for (int64_t b : kSupportedBlockSizes)
     if (block == b) return "";

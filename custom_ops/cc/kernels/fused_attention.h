@@ -31,12 +31,14 @@ struct AttentionProblem {
   float scale = 1.f;                   // multiplies q . k
   const int32_t* mask_index = nullptr; // [Z] -1 (full tile) or index into bias_t
   const float* bias_t = nullptr;       // [M, b, b] transposed tile masks: 0 or -inf at [key j][query i]
+  // The mask tables of layout.py (inputs of the op, checked against masks
+  // by ValidateMaskTables; wider ranges are valid, they only cost time):
   const int32_t* key_range = nullptr;  // [M, 2] key columns [lo, hi) of each tile mask
                                        // that any query sees (multiples of 16), or null
   const int32_t* query_range = nullptr; // [M, b/16, 2] per tile mask and group of 16
                                        // keys: the queries [lo, hi) that see any of
                                        // them (multiples of 16), or null
-  const uint8_t* split_tile = nullptr;  // [M] 1 if some group of the mask's key range
+  const bool* split_tile = nullptr;     // [M] true if some group of the mask's key range
                                         // is seen by fewer than all b queries
   const bool* key_padding = nullptr;   // [B, N] true = real key, or null (all real)
   int64_t segments = 1;                // backward: block-row segments per head
@@ -165,26 +167,6 @@ void PackHeads(const Src* x, int64_t batch, int64_t seq, int64_t heads, int64_t 
 // Splits each layout head's block rows into `segments` contiguous ranges of
 // about equal kept-block count: rows [Hl, segments + 1] (memory of the caller).
 void SegmentRows(const Tables& t, int64_t segments, int32_t* rows);
-
-// What the fused kernels derive from the tile masks [M, b, b] (true:
-// visible at [query i][key j]), in memory of the caller (the op allocates
-// it through TF's allocator: 4 bytes per mask element at most).
-struct MaskTables {
-  float* bias_t;         // [M, b, b] at [key j][query i]: 0 visible, -inf hidden
-  int32_t* key_range;    // [M, 2] the keys [lo, hi) some query sees
-  int32_t* query_range;  // [M, b/16, 2] per group of 16 keys, the queries that
-                         // see any of them ((0, 0): none)
-  uint8_t* split_tile;   // [M] 1 if a group is seen by fewer than all queries
-  // Points the problem's bias_t, key_range, query_range and split_tile here.
-  void Attach(AttentionProblem* a) const;
-};
-
-// Fills t from the masks. All ranges are widened to multiples of 16. Tiles
-// compute only the keys of key_range (a pattern's tile can be half empty,
-// e.g. Fixed's summary columns at b=64), and a split tile (a causal diagonal
-// one: keys 16g.. are seen from query 16g on) computes each key group's
-// products on its queries only.
-void BuildMaskTables(const bool* masks, int64_t num_masks, int64_t block, const MaskTables& t);
 
 // The block sizes the fused kernels take (those of patterns.py): multiples
 // of 16 (a tile row is whole vectors of 16 queries), at most 128 (which

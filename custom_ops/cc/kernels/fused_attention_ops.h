@@ -43,8 +43,7 @@ Status MakeAttentionProblem(OpKernelContext* ctx, int first_table, int64_t block
   a->mask_index = m.mask_index;
   a->key_range = key_range.flat<int32_t>().data();
   a->query_range = query_range.flat<int32_t>().data();
-  // TODO(lead): split_tile becomes const bool*; until then the bool bytes as uint8_t.
-  a->split_tile = reinterpret_cast<const uint8_t*>(split.flat<bool>().data());
+  a->split_tile = split.flat<bool>().data();
   a->key_padding = key_padding.flat<bool>().data();
   if constexpr (kInputsOnHost<Device>) {
     TF_RETURN_IF_ERROR(ctx->allocate_temp(tensorflow::DT_FLOAT,
