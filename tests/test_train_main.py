@@ -136,7 +136,11 @@ BAD_INPUTS = {
                             ["WAV file {tmp}/wav_fifo/b.wav is a FIFO"]),
     "wav_random_bytes": (["--dataset=wav:{tmp}/wav_noise"],
                          ["cannot decode {tmp}/wav_noise/b.wav: not a WAV file"]),
-    "text_is_a_directory": (["--dataset=text:{tmp}"], ["text file {tmp} is a directory"]),
+    # text: takes a folder or a glob of files; one without files is refused
+    "text_directory_without_files": (["--dataset=text:{tmp}/empty_tfds"],
+                                     ["text directory {tmp}/empty_tfds holds no regular files"]),
+    "text_glob_matches_nothing": (["--dataset=text:{tmp}/no_such_*.txt"],
+                                  ["no regular files match the text glob {tmp}/no_such_*.txt"]),
     # fails after the output folder is made (the pattern is built after it)
     "fails_after_making_output_dir": (["--output_dir={fresh}/a/out", "--summary=32"],
                                       ["summary * head_groups (32 * 1) must be <= stride (16)"]),
