@@ -334,11 +334,11 @@ def estimate(configs: list, args) -> list:
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--out", default="runs/quality", help="results.json and the PNGs")
-  parser.add_argument("--steps", type=int, default=300, help="training steps per configuration")
-  parser.add_argument("--tokens_per_step", type=int, default=8192,
+  parser.add_argument("--steps", type=int, default=200, help="training steps per configuration")
+  parser.add_argument("--tokens_per_step", type=int, default=4096,
                       help="tokens per training step (batch size = this / seq_len)")
-  parser.add_argument("--eval_every", type=int, default=50, help="steps between validations")
-  parser.add_argument("--eval_tokens", type=int, default=65536,
+  parser.add_argument("--eval_every", type=int, default=40, help="steps between validations")
+  parser.add_argument("--eval_tokens", type=int, default=32768,
                       help="held-out tokens per validation (a multiple of every seq_len)")
   parser.add_argument("--text_seq_lens", type=int, nargs="+", default=[2048, 4096])
   parser.add_argument("--context_seq_lens", type=int, nargs="+", default=[256, 1024, 4096])
@@ -353,7 +353,7 @@ def main(argv=None):
   parser.add_argument("--digits_size", type=int, default=DIGITS_SIZE,
                       help="digits upsampled to this many pixels a side")
   parser.add_argument("--learning_rate", type=float, default=1e-3)
-  parser.add_argument("--warmup_steps", type=int, default=30)
+  parser.add_argument("--warmup_steps", type=int, default=20)
   parser.add_argument("--timing_steps", type=int, default=3,
                       help="extra steps after training whose median is the s/step (0: fit's "
                            "seconds / steps, tracing and validations included)")
